@@ -1,0 +1,147 @@
+"""The memory-managed KV cache.
+
+Each layer stores keys and values as [B, H_kv, S, D] like transformers' DynamicLayer, plus
+what eviction per head needs:
+  valid     [B, H_kv, S] bool   False for evicted-but-padded slots and left padding
+  positions [B, H_kv, S] long   absolute RoPE position of the token in each slot
+  columns   [B, H_kv, S] long   processing step (column of the padded batch) it arrived at
+  aux       {name: [B, H_kv, S, ...]}  per-token statistics of the policy
+After an eviction the layer is compacted to the longest kept row, so the tensors really
+shrink; heads that keep fewer tokens carry invalid slots that attention masks out.
+"""
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class MemoryLayer(CacheLayerMixin):
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, sliding_window: Optional[int] = None):
+        super().__init__()
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.valid: Optional[torch.Tensor] = None
+        self.positions: Optional[torch.Tensor] = None
+        self.columns: Optional[torch.Tensor] = None
+        self.aux: dict[str, torch.Tensor] = {}
+
+    # --- transformers' layer interface -------------------------------------------------
+    def lazy_initialization(self, key_states, value_states):
+        B, H, _, D = key_states.shape
+        dev = key_states.device
+        self.keys = key_states.new_zeros(B, H, 0, D)
+        self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
+        self.valid = torch.zeros(B, H, 0, dtype=torch.bool, device=dev)
+        self.positions = torch.zeros(B, H, 0, dtype=torch.long, device=dev)
+        self.columns = torch.zeros(B, H, 0, dtype=torch.long, device=dev)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise RuntimeError("MemoryLayer is filled through MemoryCache.update")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.valid = self.positions = self.columns = None
+        self.aux = {}
+        self.is_initialized = False
+
+    # --- memory operations -------------------------------------------------------------
+    def append(self, key_states, value_states, positions, valid, columns, aux_shapes):
+        """Append a chunk: key/value [B, H, Q, D]; positions, valid, columns [B, Q]."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        B, H, Q, _ = key_states.shape
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        expand = lambda t: t.unsqueeze(1).expand(B, H, Q)  # noqa: E731
+        self.valid = torch.cat([self.valid, expand(valid)], dim=-1)
+        self.positions = torch.cat([self.positions, expand(positions)], dim=-1)
+        self.columns = torch.cat([self.columns, expand(columns)], dim=-1)
+        for name, trailing in aux_shapes.items():
+            if name not in self.aux:
+                self.aux[name] = torch.zeros(B, H, 0, *trailing, device=key_states.device)
+            current = self.aux[name]
+            pad = current.new_zeros(B, H, Q, *current.shape[3:])
+            self.aux[name] = torch.cat([current, pad], dim=2)
+        return self.keys, self.values
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keep the slots where keep [B, H, S] is True; shrink to the longest kept row."""
+        keep = keep & self.valid
+        S = keep.shape[-1]
+        length = int(keep.sum(-1).max()) if S else 0
+        # kept slots first, each row in its original (position) order
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :length]
+        gather = lambda t: t.gather(2, order.view(*order.shape, *([1] * (t.dim() - 3))).expand(  # noqa: E731
+            *order.shape, *t.shape[3:]))
+        self.keys, self.values = gather(self.keys), gather(self.values)
+        self.valid = keep.gather(2, order)
+        self.positions = self.positions.gather(2, order)
+        self.columns = self.columns.gather(2, order)
+        self.aux = {name: gather(t) for name, t in self.aux.items()}
+
+    def kv_bytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+class MemoryCache(Cache):
+    """A transformers Cache whose layers can evict per head. One per generation."""
+
+    def __init__(self, config, aux_shapes: Optional[dict] = None):
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        n_layers = text_config.num_hidden_layers
+        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * n_layers
+        window = getattr(text_config, "sliding_window", None)
+        layers = [MemoryLayer(window if kind == "sliding_attention" else None) for kind in layer_types[:n_layers]]
+        super().__init__(layers=layers)
+        self.aux_shapes = dict(aux_shapes or {})
+        # set by the generation loop before each forward
+        self.chunk_positions: Optional[torch.Tensor] = None
+        self.chunk_valid: Optional[torch.Tensor] = None
+        self.chunk_columns: Optional[torch.Tensor] = None
+        # observer(layer_idx, layer, attn [B, H_kv, Q, S] float32) receives the attention the
+        # chunk's queries paid to the cache; None keeps attention on the fast sdpa path
+        self.observer = None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self.layers[layer_idx].append(
+            key_states, value_states, self.chunk_positions, self.chunk_valid, self.chunk_columns, self.aux_shapes)
+
+    def set_chunk(self, positions, valid, columns) -> None:
+        self.chunk_positions, self.chunk_valid, self.chunk_columns = positions, valid, columns
+
+    def kv_bytes(self) -> int:
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+    @contextmanager
+    def active(self):
+        """Route the memory attention function to this cache during a forward."""
+        token = _ACTIVE_CACHE.set(self)
+        try:
+            yield self
+        finally:
+            _ACTIVE_CACHE.reset(token)
+
+
+_ACTIVE_CACHE: contextvars.ContextVar[Optional[MemoryCache]] = contextvars.ContextVar("namm_active_cache", default=None)
+
+
+def active_cache() -> Optional[MemoryCache]:
+    return _ACTIVE_CACHE.get()

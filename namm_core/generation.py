@@ -1,0 +1,215 @@
+"""Memory-managed inference: chunked prefill and a greedy decode loop that own the cache.
+
+`model.generate()` cannot continue from a compacted cache, so the loop is ours. Every
+forward passes explicit absolute `position_ids`: after evictions the cache length no longer
+says where a sequence is, and RoPE must keep counting from the true position.
+The policy runs every `update_every` columns of absolute length, in prefill (chunks are cut
+at those boundaries) and in decoding alike.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import attention
+from .cache import MemoryCache
+from .policies import FullCache, MemoryPolicy, StepInfo
+
+
+@dataclass
+class MemoryStats:
+    """What one generation cost and kept."""
+    tokens_seen: list[int] = field(default_factory=list)          # per sequence
+    kept_per_layer_head: Optional[torch.Tensor] = None            # [L, B, H] tokens kept at the end
+    peak_kv_bytes: int = 0
+    final_kv_bytes: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    policy_seconds: float = 0.0
+    updates: int = 0
+
+    @property
+    def retention_per_layer(self) -> torch.Tensor:
+        """[L] mean over batch and heads of kept / seen."""
+        seen = torch.tensor(self.tokens_seen, dtype=torch.float32).view(1, -1, 1)
+        return (self.kept_per_layer_head.float() / seen.clamp(min=1)).mean(dim=(1, 2))
+
+    @property
+    def mean_retention(self) -> float:
+        return float(self.retention_per_layer.mean())
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+    def as_dict(self) -> dict:
+        return {
+            "tokens_seen": float(sum(self.tokens_seen) / max(len(self.tokens_seen), 1)),
+            "mean_retention": self.mean_retention,
+            "peak_kv_bytes": self.peak_kv_bytes,
+            "final_kv_bytes": self.final_kv_bytes,
+            "prefill_seconds": self.prefill_seconds,
+            "decode_seconds": self.decode_seconds,
+            "policy_seconds": self.policy_seconds,
+            "updates": self.updates,
+        }
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor          # [B, n_new] generated ids (pad after EOS)
+    stats: MemoryStats
+    logits: Optional[torch.Tensor] = None  # prefill logits when asked for
+
+
+def check_supported(model) -> None:
+    """Fail early, with the reason, for a model the memory cannot serve."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "get_decoder") and not hasattr(model, "model"):
+        raise TypeError(f"{type(model).__name__} is not a Hugging Face causal LM")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(model, "_supports_attention_backend", False):
+        raise TypeError(
+            f"{type(model).__name__} does not route attention through transformers' attention interface; "
+            "the memory serves models that do (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, ...)")
+    if any(t not in ("full_attention", "sliding_attention") for t in (getattr(text, "layer_types", None) or [])):
+        raise TypeError(f"{type(model).__name__} has non-attention layers ({set(text.layer_types)}); "
+                        "the memory serves pure attention decoders")
+
+
+class MemoryManagedLM:
+    """A causal LM whose KV cache is managed by a memory policy.
+
+    >>> lm = MemoryManagedLM(model, policy=NAMM.from_pretrained("namms/smollm2"))
+    >>> out = lm.generate(input_ids, max_new_tokens=32)
+    """
+
+    def __init__(self, model, policy: Optional[MemoryPolicy] = None, update_every: int = 512,
+                 chunk_size: int = 512):
+        check_supported(model)
+        if update_every <= 0 or chunk_size <= 0:
+            raise ValueError(f"update_every ({update_every}) and chunk_size ({chunk_size}) must be positive")
+        self.model = model
+        self.policy = policy or FullCache()
+        self.update_every = update_every
+        self.chunk_size = chunk_size
+        model.set_attn_implementation(attention.register())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 32, eos_token_id=None, pad_token_id: int = 0,
+                 return_logits: bool = False, progress=None) -> GenerationOutput:
+        """Greedy generation. input_ids [B, T], left-padded where attention_mask is 0."""
+        input_ids = input_ids.to(self.device)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device).bool()
+        if T == 0 or not attention_mask[:, -1].all():
+            raise ValueError("prompts must be non-empty and left-padded (the last column real for every row)")
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+
+        cache = MemoryCache(self.model.config, aux_shapes=getattr(self.policy, "aux_shapes", {}))
+        self.policy.new_sequence()
+        state = _LoopState(positions=attention_mask.long().cumsum(-1) - 1, mask=attention_mask,
+                           next_update=self.update_every)
+        stats = MemoryStats()
+
+        t0 = time.perf_counter()
+        logits_all = []
+        start = 0
+        last_logits = None
+        while start < T:
+            end = min(start + self.chunk_size, state.next_update, T)
+            logits = self._forward(cache, input_ids[:, start:end], state.positions[:, start:end].clamp(min=0),
+                                   attention_mask[:, start:end], start, state, stats, keep_all=return_logits)
+            if return_logits:
+                logits_all.append(logits)
+            last_logits = logits[:, -1]
+            if progress is not None:
+                progress(end - start)
+            start = end
+        stats.prefill_seconds = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        generated = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=self.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        next_pos = state.positions[:, -1] + 1
+        for i in range(max_new_tokens):
+            token = last_logits.argmax(-1)
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            generated[:, i] = token
+            if eos:
+                finished |= torch.isin(token, torch.tensor(sorted(eos), device=self.device))
+            if finished.all() or i == max_new_tokens - 1:
+                break
+            real = torch.ones(B, 1, dtype=torch.bool, device=self.device)
+            logits = self._forward(cache, token.view(B, 1), next_pos.view(B, 1), real, T + i, state, stats)
+            last_logits = logits[:, -1]
+            next_pos = next_pos + 1
+        stats.decode_seconds = time.perf_counter() - t1
+
+        stats.tokens_seen = state.seen.tolist()
+        stats.kept_per_layer_head = torch.stack([layer.valid.sum(-1).cpu() for layer in cache.layers])
+        stats.final_kv_bytes = cache.kv_bytes()
+        return GenerationOutput(sequences=generated, stats=stats,
+                                logits=torch.cat(logits_all, dim=1) if return_logits else None)
+
+    def prefill_logits(self, input_ids, attention_mask=None) -> GenerationOutput:
+        """Logits for every prompt position under the memory (for fidelity and perplexity)."""
+        return self.generate(input_ids, attention_mask, max_new_tokens=1, return_logits=True)
+
+    # ------------------------------------------------------------------------------------
+    def _forward(self, cache, ids, positions, real, first_column, state, stats, keep_all=False):
+        B, Q = ids.shape
+        columns = torch.arange(first_column, first_column + Q, device=self.device).expand(B, Q)
+        cache.set_chunk(positions, real, columns)
+        state.seen = state.seen + real.sum(-1)
+        processed = first_column + Q
+        step = StepInfo(seen=state.seen, processed=processed, query_positions=positions,
+                        query_valid=real, next_update=state.next_update)
+        policy = self.policy
+        cache.observer = None
+        if policy.needs_attention:
+            def observer(layer_idx, layer, attn):
+                tp = time.perf_counter()
+                policy.observe(layer_idx, layer, attn, step)
+                stats.policy_seconds += time.perf_counter() - tp
+            cache.observer = observer
+        with cache.active():
+            out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                             logits_to_keep=0 if keep_all else 1)
+        stats.peak_kv_bytes = max(stats.peak_kv_bytes, cache.kv_bytes())
+        if processed == state.next_update:
+            tp = time.perf_counter()
+            for layer_idx, layer in enumerate(cache.layers):
+                keep = policy.select(layer_idx, layer, step)
+                if layer.sliding_window is not None:
+                    newest = (layer.positions.masked_fill(~layer.valid, -1)).amax(-1, keepdim=True)
+                    in_window = layer.positions > newest - layer.sliding_window
+                    keep = in_window if keep is None else keep & in_window
+                if keep is not None:
+                    layer.compact(keep)
+            stats.policy_seconds += time.perf_counter() - tp
+            stats.updates += 1
+            state.next_update += self.update_every
+        return out.logits
+
+
+@dataclass
+class _LoopState:
+    positions: torch.Tensor
+    mask: torch.Tensor
+    next_update: int
+    seen: torch.Tensor = None
+
+    def __post_init__(self):
+        self.seen = torch.zeros(self.mask.shape[0], dtype=torch.long, device=self.mask.device)

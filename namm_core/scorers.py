@@ -1,0 +1,90 @@
+"""Scoring networks: map each cached token's 25 features to one score.
+
+Both scorers are shared by every layer and KV head, start at zero (score 0 everywhere:
+nothing is evicted), and expose their weights as one flat vector for evolution.
+
+- BAM (backward attention memory, the paper's scorer): one attention head in which a
+  token attends only to itself and *newer* tokens, so it can tell whether it has been
+  superseded; its output modulates the features (x <- x * (1 + mult) + res) before a
+  linear read-out. 4,172 parameters with 25 features and head dim 32.
+- MLP: a per-token feed-forward network, the paper's ablation without token mixing.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FlatParams(nn.Module):
+    """Mixin: the module's parameters as one flat float32 vector."""
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def get_flat(self) -> torch.Tensor:
+        return torch.nn.utils.parameters_to_vector(self.parameters()).detach().float().cpu()
+
+    def set_flat(self, vector) -> None:
+        vec = torch.as_tensor(vector, dtype=torch.float32).flatten()
+        if vec.numel() != self.num_params:
+            raise ValueError(
+                f"parameter vector has {vec.numel()} values; this scorer needs {self.num_params}")
+        if not torch.isfinite(vec).all():
+            bad = int((~torch.isfinite(vec)).sum())
+            raise ValueError(f"parameter vector has {bad} non-finite values (NaN or inf)")
+        ref = next(self.parameters())
+        torch.nn.utils.vector_to_parameters(vec.to(ref.device, ref.dtype), self.parameters())
+
+
+class BAMScorer(FlatParams):
+    def __init__(self, in_dim: int = 25, head_dim: int = 32):
+        super().__init__()
+        self.in_dim, self.head_dim = in_dim, head_dim
+        self.qkv = nn.Linear(in_dim, 3 * head_dim)
+        self.modulation = nn.Linear(head_dim, 2 * in_dim)  # -> (res, mult)
+        self.readout = nn.Linear(in_dim, 1)
+        for p in self.parameters():
+            nn.init.zeros_(p)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """x [N, S, in_dim], positions [N, S], valid [N, S] bool -> scores [N, S]."""
+        q, k, v = self.qkv(x).split(self.head_dim, dim=-1)
+        # backward mask: token i sees token j iff j is valid and not older than i
+        mask = (positions.unsqueeze(-1) <= positions.unsqueeze(-2)) & valid.unsqueeze(-2)
+        # a padded (invalid) row must still see something to avoid NaN; it is discarded anyway
+        mask = mask | torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
+        attended = F.scaled_dot_product_attention(
+            q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask=mask.unsqueeze(1),
+            scale=1.0 / math.sqrt(self.head_dim)).squeeze(1)
+        res, mult = self.modulation(attended).split(self.in_dim, dim=-1)
+        return self.readout(x * (1.0 + mult) + res).squeeze(-1)
+
+
+class MLPScorer(FlatParams):
+    def __init__(self, in_dim: int = 25, hidden: tuple[int, ...] = (32,)):
+        super().__init__()
+        self.in_dim, self.hidden = in_dim, tuple(hidden)
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in self.hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            d = h
+        layers.append(nn.Linear(d, 1))
+        self.net = nn.Sequential(*layers)
+        for p in self.parameters():
+            nn.init.zeros_(p)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+def build_scorer(kind: str, in_dim: int, **kwargs) -> FlatParams:
+    if kind == "bam":
+        return BAMScorer(in_dim=in_dim, head_dim=int(kwargs.get("head_dim", 32)))
+    if kind == "mlp":
+        return MLPScorer(in_dim=in_dim, hidden=tuple(kwargs.get("hidden", (32,))))
+    raise ValueError(f"unknown scorer kind {kind!r}: expected 'bam' or 'mlp'")
