@@ -48,19 +48,19 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
             enable_gqa=n_rep > 1)
         return out.transpose(1, 2).contiguous(), None
 
-    # eager path: the probabilities are needed (or softcapping is)
-    k = key.repeat_interleave(n_rep, dim=1) if n_rep > 1 else key
-    v = value.repeat_interleave(n_rep, dim=1) if n_rep > 1 else value
-    scores = torch.matmul(query, k.transpose(-1, -2)) * scaling
+    # eager path: the probabilities are needed (or softcapping is). Query heads are grouped
+    # by their KV head, so keys are never copied per query head.
+    B, Hq, Q, D = query.shape
+    Hkv, S = key.shape[1], key.shape[2]
+    grouped = query.reshape(B, Hkv, n_rep * Q, D)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).mul_(scaling).view(B, Hkv, n_rep, Q, S)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask.repeat_interleave(n_rep, dim=1), float("-inf"))
+    scores = scores.masked_fill_(~mask.unsqueeze(2), float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    out = torch.matmul(probs.to(v.dtype), v)
+    out = torch.matmul(probs.view(B, Hkv, n_rep * Q, S).to(value.dtype), value).view(B, Hq, Q, -1)
     if cache.observer is not None:
-        B, Hq, Q, S = probs.shape
-        per_kv_head = probs.view(B, Hq // n_rep, n_rep, Q, S).mean(dim=2)
-        per_kv_head = per_kv_head * cache.chunk_valid[:, None, :, None]  # padding queries observe nothing
+        per_kv_head = probs.mean(dim=2) * cache.chunk_valid[:, None, :, None]  # padding queries observe nothing
         cache.observer(module.layer_idx, layer, per_kv_head)
     return out.transpose(1, 2).contiguous(), None
 
