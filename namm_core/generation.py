@@ -62,7 +62,7 @@ class MemoryStats:
 class GenerationOutput:
     sequences: torch.Tensor          # [B, n_new] generated ids (pad after EOS)
     stats: MemoryStats
-    logits: Optional[torch.Tensor] = None  # prefill logits when asked for
+    logits: Optional[torch.Tensor] = None  # [B, T + n_new - 1, V] every position's logits, when asked for
 
 
 def check_supported(model) -> None:
@@ -153,6 +153,8 @@ class MemoryManagedLM:
                 break
             real = torch.ones(B, 1, dtype=torch.bool, device=self.device)
             logits = self._forward(cache, token.view(B, 1), next_pos.view(B, 1), real, T + i, state, stats)
+            if return_logits:
+                logits_all.append(logits)
             last_logits = logits[:, -1]
             next_pos = next_pos + 1
         stats.decode_seconds = time.perf_counter() - t1

@@ -1,0 +1,46 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_config(kind: str = "llama", **overrides):
+    """A tiny random model config of the given architecture (milliseconds to build)."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    common.update(overrides)
+    if kind == "llama":
+        return LlamaConfig(**common)
+    if kind == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if kind == "qwen2":
+        return Qwen2Config(**common)
+    if kind == "gemma3":
+        return Gemma3TextConfig(**{**common, "num_hidden_layers": 4, "head_dim": 8}, sliding_window=24,
+                                sliding_window_pattern=2, query_pre_attn_scalar=8)
+    raise ValueError(kind)
+
+
+def tiny_model(kind: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(kind, **overrides), dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded default model (real weights). Converted once into $NAMM_CACHE."""
+    from namm_core.models import load_model
+
+    return load_model("smollm2", device="cpu", dtype="float32")

@@ -1,0 +1,162 @@
+"""The memory changes nothing it should not: a zero NAMM equals the full cache, and any
+eviction equals full attention with the evicted tokens masked out."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from conftest import tiny_model
+from namm_core.generation import MemoryManagedLM
+from namm_core.namm import NAMM
+from namm_core.policies import FullCache, MemoryPolicy
+
+
+class RandomKeep(MemoryPolicy):
+    """Evicts a random subset at every update, different per layer, batch row and head,
+    and records when each (layer, batch, head, position) was evicted."""
+    name = "random"
+
+    def __init__(self, keep_prob=0.6, seed=0):
+        self.keep_prob, self.seed = keep_prob, seed
+        self.evicted = []  # (layer, b, h, position, column at which it stopped being visible)
+
+    def new_sequence(self):
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.evicted = []
+
+    def select(self, layer_idx, layer, step):
+        keep = torch.rand(layer.valid.shape, generator=self.gen) < self.keep_prob
+        newly = layer.valid & ~keep
+        for b, h, s in newly.nonzero().tolist():
+            self.evicted.append((layer_idx, b, h, int(layer.positions[b, h, s]), step.processed))
+        return keep
+
+
+_REFERENCE_MASKS = {}
+
+
+def _masked_reference_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    mask = _REFERENCE_MASKS[module.layer_idx]                      # [B, H_kv, T, T]
+    n_rep = query.shape[1] // key.shape[1]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask.repeat_interleave(n_rep, 1),
+                                         scale=scaling, enable_gqa=n_rep > 1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("masked_reference", _masked_reference_attention)
+AttentionMaskInterface.register("masked_reference", sdpa_mask)
+
+
+def reference_logits(model, ids, attention_mask, evicted, n_layers, n_kv, sliding=None):
+    """Full forward in which each layer/head hides a token from every query processed at or
+    after the column where the memory evicted it."""
+    B, T = ids.shape
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    pad_offset = T - attention_mask.sum(-1)                       # column = position + pad_offset
+    q_col = torch.arange(T).view(1, T, 1)
+    k_col = torch.arange(T).view(1, 1, T)
+    base = (k_col <= q_col) & attention_mask.bool().view(B, 1, T)
+    for layer in range(n_layers):
+        m = base.unsqueeze(1).repeat(1, n_kv, 1, 1)
+        if sliding and sliding[layer]:
+            m &= (positions.view(B, 1, 1, T) > positions.view(B, 1, T, 1) - sliding[layer])
+        _REFERENCE_MASKS[layer] = m
+    for layer, b, h, pos, column in evicted:
+        k = pos + int(pad_offset[b])
+        _REFERENCE_MASKS[layer][b, h, column:, k] = False
+    for layer in range(n_layers):  # padding query rows: anything finite
+        _REFERENCE_MASKS[layer] |= ~attention_mask.bool().view(B, 1, T, 1)
+    model.set_attn_implementation("masked_reference")
+    try:
+        return model(input_ids=ids, position_ids=positions).logits
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_zero_namm_equals_full_cache_tiny(kind):
+    model = tiny_model(kind)
+    ids = torch.randint(0, 97, (1, 150), generator=torch.Generator().manual_seed(1))
+    ref = model(ids).logits
+    ref_tokens = model.generate(ids, max_new_tokens=12, do_sample=False)[:, ids.shape[1]:]
+    lm = MemoryManagedLM(model, NAMM(), update_every=32, chunk_size=20)
+    out = lm.prefill_logits(ids)
+    assert torch.allclose(out.logits, ref, atol=1e-4)
+    gen = lm.generate(ids, max_new_tokens=12)
+    assert torch.equal(gen.sequences, ref_tokens)
+    assert gen.stats.mean_retention == 1.0 and gen.stats.updates > 0
+
+
+@pytest.mark.parametrize("batch,left_pad", [(1, False), (2, True)])
+@pytest.mark.parametrize("chunk,update", [(16, 16), (10, 32)])
+def test_random_eviction_equals_masked_full_attention(batch, left_pad, chunk, update):
+    model = tiny_model("llama", num_hidden_layers=3)
+    T = 100
+    ids = torch.randint(0, 97, (batch, T), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(batch, T, dtype=torch.long)
+    if left_pad:
+        mask[1, :23] = 0
+        ids[1, :23] = 0
+    policy = RandomKeep(keep_prob=0.6, seed=3)
+    lm = MemoryManagedLM(model, policy, update_every=update, chunk_size=chunk)
+    out = lm.generate(ids, attention_mask=mask, max_new_tokens=20, return_logits=True)
+    # teacher-force the generated tokens through the masked reference
+    full_ids = torch.cat([ids, out.sequences[:, :-1]], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, :-1])], dim=1)
+    ref = reference_logits(model, full_ids, full_mask, policy.evicted, 3, 2)
+    real = full_mask.bool()
+    assert len(policy.evicted) > 50, "the test must actually evict"
+    assert out.stats.mean_retention < 0.9
+    assert torch.allclose(out.logits[real], ref[real], atol=1e-4), (out.logits[real] - ref[real]).abs().max()
+    # and the cache really shrank below the tokens seen
+    assert out.stats.final_kv_bytes < out.stats.peak_kv_bytes or out.stats.updates == 0
+
+
+def test_eviction_equivalence_on_sliding_window_layers():
+    """Gemma 3: sliding layers evict outside their window, and random eviction on top."""
+    model = tiny_model("gemma3")
+    ids = torch.randint(0, 97, (2, 90), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    policy = RandomKeep(keep_prob=0.7, seed=5)
+    lm = MemoryManagedLM(model, policy, update_every=16, chunk_size=16)
+    out = lm.generate(ids, attention_mask=mask, max_new_tokens=10, return_logits=True)
+    full_ids = torch.cat([ids, out.sequences[:, :-1]], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, :-1])], dim=1)
+    sliding = [24 if t == "sliding_attention" else None for t in model.config.layer_types]
+    ref = reference_logits(model, full_ids, full_mask, policy.evicted, 4, 2, sliding=sliding)
+    real = full_mask.bool()
+    assert torch.allclose(out.logits[real], ref[real], atol=1e-4), (out.logits[real] - ref[real]).abs().max()
+    # sliding layers hold no more than window + tokens since the last update
+    kept = out.stats.kept_per_layer_head
+    for layer, w in enumerate(sliding):
+        if w:
+            assert int(kept[layer].max()) <= w + 16
+
+
+def test_full_cache_matches_model_generate_with_batch_and_left_padding():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    ids[1, :9] = 0
+    lm = MemoryManagedLM(model, FullCache(), update_every=16, chunk_size=16)
+    out = lm.generate(ids, attention_mask=mask, max_new_tokens=8)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(out.sequences, ref[:, 40:])
+
+
+@pytest.mark.slow
+def test_zero_namm_equals_full_cache_smollm2(smollm2):
+    model, tok = smollm2
+    text = " ".join(f"Item {i} is a {['red', 'blue', 'green'][i % 3]} box." for i in range(120))
+    ids = tok(text, return_tensors="pt").input_ids[:, :700]
+    with torch.inference_mode():
+        ref = model(ids).logits
+        ref_tokens = model.generate(ids, max_new_tokens=8, do_sample=False)[:, ids.shape[1]:]
+    lm = MemoryManagedLM(model, NAMM(), update_every=256, chunk_size=256)
+    out = lm.prefill_logits(ids)
+    assert (out.logits - ref).abs().max() < 1e-4
+    gen = lm.generate(ids, max_new_tokens=8)
+    assert torch.equal(gen.sequences, ref_tokens)
