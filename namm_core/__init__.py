@@ -1,0 +1,20 @@
+"""namm_core: Neural Attention Memory Models and baseline KV-cache memories for Hugging Face
+causal LMs. torch + transformers only (no Ray, no MLflow).
+
+    from namm_core import load_model, MemoryManagedLM, NAMM, parse_policy
+    model, tok = load_model("smollm2")
+    lm = MemoryManagedLM(model, parse_policy("h2o:0.25"))
+    out = lm.generate(tok("...", return_tensors="pt").input_ids, max_new_tokens=32)
+"""
+from .features import SpectrogramConfig
+from .generation import GenerationOutput, MemoryManagedLM, MemoryStats
+from .models import DEFAULT_MODEL, load_model
+from .namm import NAMM, NAMMConfig
+from .policies import H2O, TOVA, BASELINES, Budget, FullCache, L2Norm, MemoryPolicy, SnapKV, StreamingLLM
+from .registry import DEFAULT_NAMM_DIR, POLICY_HELP, parse_policy
+
+__all__ = [
+    "SpectrogramConfig", "GenerationOutput", "MemoryManagedLM", "MemoryStats", "DEFAULT_MODEL", "load_model",
+    "NAMM", "NAMMConfig", "H2O", "TOVA", "BASELINES", "Budget", "FullCache", "L2Norm", "MemoryPolicy",
+    "SnapKV", "StreamingLLM", "DEFAULT_NAMM_DIR", "POLICY_HELP", "parse_policy",
+]

@@ -1,0 +1,40 @@
+"""Policy specs as users write them: `full`, `h2o:0.25`, `snapkv:1024`, `namm:PATH`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .namm import NAMM
+from .policies import BASELINES, MemoryPolicy
+
+# The NAMM shipped with the project (evolved on the embedded model), used by `namm` alone.
+DEFAULT_NAMM_DIR = Path(__file__).resolve().parent.parent / "namms" / "smollm2"
+
+POLICY_HELP = (
+    "full | streamingllm:B | h2o:B | l2:B | snapkv:B | tova:B | namm[:DIR]  "
+    "(B = a fraction of the tokens seen, e.g. 0.25, or a token count, e.g. 1024)"
+)
+
+
+def parse_policy(spec: str) -> MemoryPolicy:
+    """Build a memory policy from its spec string; errors name the spec and the fix."""
+    spec = spec.strip()
+    name, _, arg = spec.partition(":")
+    name = name.lower()
+    if name == "namm":
+        directory = Path(arg) if arg else DEFAULT_NAMM_DIR
+        if not directory.exists():
+            raise ValueError(f"policy {spec!r}: NAMM directory {directory} does not exist")
+        return NAMM.from_pretrained(directory)
+    if name not in BASELINES:
+        raise ValueError(f"unknown policy {spec!r}: expected {POLICY_HELP}")
+    cls = BASELINES[name]
+    if name == "full":
+        if arg:
+            raise ValueError(f"policy {spec!r}: the full cache takes no budget")
+        return cls()
+    if not arg:
+        raise ValueError(f"policy {spec!r} needs a budget, e.g. {name}:0.25 or {name}:1024")
+    try:
+        return cls(arg)
+    except ValueError as e:
+        raise ValueError(f"policy {spec!r}: {e}") from None

@@ -1,0 +1,157 @@
+"""The NAMM as published: features, scorer, parameter vector, persistence, bad input."""
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from namm_core.cache import MemoryLayer
+from namm_core.features import SpectrogramConfig, recency_embedding, reference_ema_features
+from namm_core.generation import MemoryManagedLM
+from namm_core.namm import NAMM, NAMMConfig
+from namm_core.policies import StepInfo
+from namm_core.scorers import BAMScorer
+
+
+def _stream_features(attn, chunks, namm):
+    """Feed attention rows [Q, S] (key s arrives at row s) through NAMM.observe in chunks."""
+    layer, pos = MemoryLayer(), 0
+    for c in chunks:
+        kv = torch.zeros(1, 1, c, 4)
+        cols = torch.arange(pos, pos + c).view(1, c)
+        layer.append(kv, kv, cols, torch.ones(1, c, dtype=torch.bool), cols, namm.aux_shapes)
+        rows = attn[pos:pos + c, :pos + c].reshape(1, 1, c, pos + c)
+        namm.observe(0, layer, rows, StepInfo(seen=torch.tensor([pos + c]), processed=pos + c,
+                                              query_positions=cols, query_valid=torch.ones(1, c, dtype=torch.bool),
+                                              next_update=10**9))
+        pos += c
+    return layer
+
+
+@pytest.mark.parametrize("chunks", [[64, 64], [16] * 8, [24, 24, 40, 7, 9, 1, 1, 1, 1, 1, 1, 4, 14], [128]])
+def test_streaming_spectrogram_ema_equals_plain_stft(chunks):
+    torch.manual_seed(0)
+    Q = sum(chunks)
+    attn = torch.rand(Q, Q).tril()
+    attn = attn / attn.sum(-1, keepdim=True)
+    namm = NAMM()
+    layer = _stream_features(attn, chunks, namm)
+    done = (Q // 16) * 16  # rows short of a full hop are still pending
+    expected = reference_ema_features(attn[:done, :], torch.arange(Q), namm.spec)
+    assert torch.allclose(layer.aux["namm_ema"][0, 0], expected, atol=1e-5)
+    assert expected[:done].abs().max() > 1e-3  # non-trivial
+
+
+def test_recency_embedding_values():
+    cfg = SpectrogramConfig()
+    emb = recency_embedding(torch.tensor([0, 7, 1000]), cfg)
+    assert emb.shape == (3, 8)
+    for i in range(4):
+        w = 50000.0 ** (-2 * i / 8)
+        assert torch.allclose(emb[:, 2 * i], torch.sin(torch.tensor([0.0, 7.0, 1000.0]) * w), atol=1e-5)
+        assert torch.allclose(emb[:, 2 * i + 1], torch.cos(torch.tensor([0.0, 7.0, 1000.0]) * w), atol=1e-5)
+
+
+def test_paper_configuration_has_4172_parameters_and_starts_at_zero():
+    namm = NAMM()
+    assert namm.num_params == 4172
+    assert torch.count_nonzero(namm.get_params()) == 0
+    assert NAMM(NAMMConfig(scorer="mlp", mlp_hidden=[16])).num_params == 25 * 16 + 16 + 16 + 1
+
+
+def test_bam_backward_mask_matches_dense_reference():
+    torch.manual_seed(1)
+    scorer = BAMScorer()
+    scorer.set_flat(torch.randn(scorer.num_params) * 0.3)
+    x = torch.randn(3, 40, 25)
+    positions = torch.arange(40).expand(3, 40)
+    valid = torch.rand(3, 40) > 0.3
+    fast, ref = scorer(x, positions, valid), scorer.reference_forward(x, positions, valid)
+    assert torch.allclose(fast[valid], ref[valid], rtol=1e-4, atol=1e-3)
+    # backward mask: changing the oldest token cannot change the newest token's score
+    x2 = x.clone()
+    x2[:, 0] += 5.0
+    valid_all = torch.ones(3, 40, dtype=torch.bool)
+    assert torch.allclose(scorer(x, positions, valid_all)[:, -1], scorer(x2, positions, valid_all)[:, -1], atol=1e-5)
+    assert not torch.allclose(scorer(x, positions, valid_all)[:, 0], scorer(x2, positions, valid_all)[:, 0])
+
+
+def test_flat_parameter_vector_round_trip_and_errors():
+    namm = NAMM()
+    vec = torch.randn(namm.num_params)
+    namm.set_params(vec)
+    assert torch.equal(namm.get_params(), vec)
+    with pytest.raises(ValueError, match="4171 values"):
+        namm.set_params(torch.zeros(4171))
+    bad = vec.clone()
+    bad[5] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        namm.set_params(bad)
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    torch.manual_seed(2)
+    namm = NAMM()
+    namm.set_params(torch.randn(namm.num_params))
+    namm.norm_mean, namm.norm_var = torch.rand(17), torch.rand(17) + 0.5
+    namm.save_pretrained(tmp_path / "n", metadata={"note": "test"})
+    assert not list(tmp_path.glob(".n.*")), "no temporary directory left behind"
+    loaded = NAMM.from_pretrained(tmp_path / "n")
+    assert torch.equal(loaded.get_params(), namm.get_params())
+    assert torch.equal(loaded.norm_mean, namm.norm_mean) and torch.equal(loaded.norm_var, namm.norm_var)
+    assert loaded.metadata == {"note": "test"}
+    # same decisions on a model
+    model = tiny_model("llama")
+    ids = torch.randint(0, 97, (1, 80), generator=torch.Generator().manual_seed(3))
+    a = MemoryManagedLM(model, namm, update_every=16).generate(ids, max_new_tokens=4)
+    b = MemoryManagedLM(model, loaded, update_every=16).generate(ids, max_new_tokens=4)
+    assert torch.equal(a.stats.kept_per_layer_head, b.stats.kept_per_layer_head)
+    assert torch.equal(a.sequences, b.sequences)
+    # saving again over an existing directory replaces it atomically
+    namm.save_pretrained(tmp_path / "n")
+    assert NAMM.from_pretrained(tmp_path / "n").num_params == 4172
+
+
+def test_corrupt_namm_directory_errors_name_the_file(tmp_path):
+    NAMM().save_pretrained(tmp_path / "n")
+    with pytest.raises(FileNotFoundError, match="namm.safetensors"):
+        (tmp_path / "n" / "namm.safetensors").rename(tmp_path / "moved")
+        NAMM.from_pretrained(tmp_path / "n")
+    (tmp_path / "moved").rename(tmp_path / "n" / "namm.safetensors")
+    weights = tmp_path / "n" / "namm.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt NAMM weights"):
+        NAMM.from_pretrained(tmp_path / "n")
+    NAMM().save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "namm_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt NAMM config"):
+        NAMM.from_pretrained(tmp_path / "m")
+    NAMM().save_pretrained(tmp_path / "k")
+    cfg = json.loads((tmp_path / "k" / "namm_config.json").read_text())
+    cfg["head_dim"] = 16
+    (tmp_path / "k" / "namm_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="do not match its config"):
+        NAMM.from_pretrained(tmp_path / "k")
+
+
+def test_normalisation_statistics_collected_then_frozen():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 97, (1, 96), generator=torch.Generator().manual_seed(4))
+    namm = NAMM()
+    lm = MemoryManagedLM(model, namm, update_every=32)
+    with namm.collecting_statistics():
+        lm.generate(ids, max_new_tokens=2)
+    assert namm.norm_count > 0 and not torch.equal(namm.norm_mean, torch.zeros(17))
+    frozen = namm.norm_mean.clone()
+    lm.generate(ids[:, :50], max_new_tokens=2)
+    assert torch.equal(namm.norm_mean, frozen)
+
+
+def test_random_namm_evicts_and_newest_token_is_kept():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 97, (1, 128), generator=torch.Generator().manual_seed(5))
+    namm = NAMM()
+    namm.set_params(torch.randn(namm.num_params, generator=torch.Generator().manual_seed(6)))
+    out = MemoryManagedLM(model, namm, update_every=32).generate(ids, max_new_tokens=1)
+    assert out.stats.mean_retention < 1.0
+    assert int(out.stats.kept_per_layer_head.min()) >= 1
