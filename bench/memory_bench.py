@@ -1,0 +1,86 @@
+"""Speed and KV memory of every policy on the embedded model, as ratios to the full cache.
+
+    .venv/bin/python bench/memory_bench.py                 # 2k, 4k, 8k tokens (~20 min on 2 CPU cores)
+    .venv/bin/python bench/memory_bench.py --lengths 2048  # quicker
+
+Each run is a prefill of N tokens plus 32 greedy decoded tokens. Writes a markdown table to
+bench/results/memory.md. The NAMM row uses a zero NAMM (keeps everything): the worst case
+for its own overhead (features + scoring), reported as a share of the forward time.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from namm_core import NAMM, MemoryManagedLM, load_model, parse_policy  # noqa: E402
+
+
+def make_ids(tokenizer, n_tokens: int, seed: int = 0) -> torch.Tensor:
+    rng = random.Random(seed)
+    words = ("the river carried stone lamps past a garden where a window opened on the market and a letter "
+             "of silver light waited for morning at the harbor").split()
+    text = " ".join(rng.choice(words) for _ in range(n_tokens * 2))
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :n_tokens]
+    assert ids.shape[1] == n_tokens
+    return ids
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
+    p.add_argument("--budgets", nargs="+", default=["0.25", "0.5"])
+    p.add_argument("--policies", nargs="+", default=["streamingllm", "h2o", "l2", "snapkv", "tova"])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.md")
+    args = p.parse_args(argv)
+
+    model, tok = load_model(args.model)
+    runs = [("full", parse_policy("full"))]
+    runs += [(f"{name}:{b}", parse_policy(f"{name}:{b}")) for name in args.policies for b in args.budgets]
+    runs.append(("namm (zero)", NAMM()))
+    rows = []
+    bar = tqdm(total=len(args.lengths) * len(runs), desc="bench")
+    for n in args.lengths:
+        ids = make_ids(tok, n)
+        results = {}
+        for label, policy in runs:
+            lm = MemoryManagedLM(model, policy)
+            t = time.perf_counter()
+            out = lm.generate(ids, max_new_tokens=args.new_tokens)
+            wall = time.perf_counter() - t
+            results[label] = (wall, out.stats)
+            bar.update(1)
+        full_wall, full_stats = results["full"]
+        for label, (wall, s) in results.items():
+            overhead = s.policy_seconds / max(wall - s.policy_seconds, 1e-9)
+            rows.append((n, label, f"{s.mean_retention:.3f}", f"{wall:.1f}", f"{wall / full_wall:.2f}",
+                         f"{s.peak_kv_bytes / 2**20:.1f}", f"{s.peak_kv_bytes / full_stats.peak_kv_bytes:.2f}",
+                         f"{s.final_kv_bytes / full_stats.final_kv_bytes:.2f}", f"{100 * overhead:.1f}%"))
+    bar.close()
+    header = ("tokens", "policy", "retention", "seconds", "time / full", "peak KV MiB", "peak KV / full",
+              "final KV / full", "policy overhead")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    device = next(model.parameters()).device
+    table = (f"Model `{args.model}`, {device}, {torch.get_num_threads()} threads; prefill + {args.new_tokens} "
+             f"decoded tokens; memory update every 512 tokens.\n"
+             "`policy overhead` = time in the policy's own code (features, scoring, selection) / the rest.\n\n"
+             + "\n".join(lines) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The public API's edges: loading, policy specs, unsupported models, other architectures."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from namm_core import MemoryManagedLM, NAMM, load_model, parse_policy
+from namm_core.models import pick_dtype, resolve_model_path
+
+
+def test_namm_core_imports_neither_ray_nor_mlflow():
+    code = "import sys, namm_core; print(any(m.split('.')[0] in ('ray', 'mlflow') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("h2o", "needs a budget"),
+    ("h2o:0", "must be positive"),
+    ("h2o:-3", "must be positive"),
+    ("snapkv:1.5", "above 1"),
+    ("l2:abc", "not a number"),
+    ("tova:10.5", "above 1"),
+    ("full:0.5", "takes no budget"),
+    ("magic:0.5", "unknown policy"),
+    ("namm:/definitely/not/here", "does not exist"),
+])
+def test_bad_policy_specs_name_the_problem(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_policy(spec)
+
+
+def test_policy_specs_build_the_right_policies():
+    assert parse_policy("full").describe() == "full"
+    assert parse_policy("h2o:0.25").describe() == "h2o:0.25"
+    assert parse_policy("SnapKV:1024").describe() == "snapkv:1024"
+    assert parse_policy("streamingllm:0.5").sinks == 4
+
+
+def test_model_without_attention_interface_is_refused():
+    from transformers import AutoModelForCausalLM, MambaConfig
+
+    mamba = AutoModelForCausalLM.from_config(MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                         state_size=4))
+    with pytest.raises(TypeError, match="attention interface"):
+        MemoryManagedLM(mamba)
+    with pytest.raises(TypeError, match="not a Hugging Face causal LM"):
+        MemoryManagedLM(torch.nn.Linear(2, 2))
+
+
+def test_bad_generation_arguments(tiny_llama):
+    with pytest.raises(ValueError, match="must be positive"):
+        MemoryManagedLM(tiny_llama, update_every=0)
+    lm = MemoryManagedLM(tiny_llama)
+    ids = torch.randint(0, 97, (2, 10))
+    right_padded = torch.ones_like(ids)
+    right_padded[0, -2:] = 0
+    with pytest.raises(ValueError, match="left-padded"):
+        lm.generate(ids, attention_mask=right_padded)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "gemma3"])
+def test_other_architectures_run_end_to_end_with_a_namm(kind):
+    model = tiny_model(kind)
+    namm = NAMM()
+    namm.set_params(torch.randn(namm.num_params, generator=torch.Generator().manual_seed(0)))
+    ids = torch.randint(0, 97, (2, 120), generator=torch.Generator().manual_seed(1))
+    out = MemoryManagedLM(model, namm, update_every=32, chunk_size=32).generate(ids, max_new_tokens=6)
+    assert out.sequences.shape == (2, 6)
+    assert out.stats.updates >= 3 and 0 < out.stats.mean_retention < 1
+    assert out.stats.kept_per_layer_head.shape == (model.config.num_hidden_layers, 2, 2)
+
+
+def test_load_model_from_a_local_directory(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    vocab = {f"w{i}": i for i in range(97)}
+    vocab["[UNK]"] = 0
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="w1").save_pretrained(tmp_path)
+    loaded, tok = load_model(str(tmp_path), device="cpu")
+    assert loaded.dtype == torch.float32 and not loaded.training
+    assert tok.pad_token is not None and tok.padding_side == "left"
+    ids = torch.randint(0, 97, (1, 12))
+    assert torch.allclose(loaded(ids).logits, model(ids).logits)
+
+
+def test_load_model_errors_and_dtypes(tmp_path):
+    with pytest.raises(OSError, match="cannot load model"):
+        load_model(str(tmp_path / "nothing-here"))
+    assert pick_dtype(torch.device("cpu")) == torch.float32
+    assert pick_dtype(torch.device("cuda")) == torch.bfloat16
+    assert pick_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        pick_dtype(torch.device("cpu"), "float8")
+    assert resolve_model_path("some/hub-id") == "some/hub-id"
+
+
+@pytest.mark.slow
+def test_embedded_model_loads_and_is_cached(smollm2):
+    model, tok = smollm2
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    from pathlib import Path
+    assert (Path(resolve_model_path("smollm2")) / "model.safetensors").is_file()
