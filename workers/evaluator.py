@@ -1,0 +1,159 @@
+"""The Evaluator: model + tasks + memory policy -> per-prompt scores.
+
+Used by `namm eval` and by the evolution workers. Prompts go through the model's chat
+template when it has one; a context longer than the model's window is cropped in the middle
+(first half + last half of its tokens, as LongBench does) and the crop is reported.
+Full-cache reference scores are computed once per prompt and cached, since evolution divides
+every candidate's score by them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from namm_core import FullCache, MemoryManagedLM, MemoryPolicy
+
+from .metrics import score_prediction
+from .prompts import encode_prompt
+from .tasks.base import Sample
+
+log = logging.getLogger(__name__)
+FIDELITY_METRIC = "fidelity"
+
+
+@dataclass
+class SampleResult:
+    sample_id: str
+    task: str
+    policy: str
+    score: float
+    prediction: str
+    retention: float
+    peak_kv_bytes: int
+    final_kv_bytes: int
+    seconds: float
+    prompt_tokens: int
+    cropped_tokens: int = 0
+    retention_per_layer: list[float] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)   # fidelity: kl, perplexity, reference perplexity
+
+    def to_row(self) -> dict:
+        row = asdict(self)
+        extra = row.pop("extra")
+        for k in ("kl", "perplexity", "reference_perplexity"):
+            row[k] = extra.get(k, math.nan)
+        return row
+
+
+class Evaluator:
+    def __init__(self, model, tokenizer, update_every: int = 512, chunk_size: int = 512, chat: bool = True,
+                 max_context: Optional[int] = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.update_every, self.chunk_size, self.chat = update_every, chunk_size, chat
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.max_context = max_context or int(getattr(text_config, "max_position_embeddings", 8192))
+        self._encoded: dict[str, tuple[torch.Tensor, int]] = {}
+        self._reference: dict[str, SampleResult] = {}
+
+    # --- prompts -----------------------------------------------------------------------
+    def encode(self, sample: Sample) -> tuple[torch.Tensor, int]:
+        """[1, T] input ids for the sample, and how many context tokens were cropped."""
+        key = sample.sample_id
+        if key in self._encoded:
+            return self._encoded[key]
+        ids = self._encode_text(sample, sample.prompt())
+        budget = self.max_context - sample.max_new_tokens
+        cropped = 0
+        if sample.metric != FIDELITY_METRIC and ids.shape[1] > budget:
+            # crop the raw prompt in the middle so the templated prompt fits
+            raw = self.tokenizer(sample.prompt(), add_special_tokens=False).input_ids
+            overhead = ids.shape[1] - len(raw)
+            keep = budget - overhead
+            half = keep // 2
+            text = self.tokenizer.decode(raw[:half]) + self.tokenizer.decode(raw[len(raw) - (keep - half):])
+            cropped = len(raw) - keep
+            ids = self._encode_text(sample, text, raw=True)
+            log.warning("prompt %s: %d tokens over the model window (%d); cropped %d tokens in the middle",
+                        sample.sample_id, cropped, self.max_context, cropped)
+        self._encoded[key] = (ids, cropped)
+        return ids, cropped
+
+    def _encode_text(self, sample: Sample, text: str, raw: bool = False) -> torch.Tensor:
+        if sample.metric == FIDELITY_METRIC:  # plain text: no template
+            return self.tokenizer(sample.context, return_tensors="pt").input_ids
+        return encode_prompt(self.tokenizer, text, chat=self.chat)
+
+    # --- evaluation --------------------------------------------------------------------
+    def run_sample(self, sample: Sample, policy: MemoryPolicy) -> SampleResult:
+        ids, cropped = self.encode(sample)
+        lm = MemoryManagedLM(self.model, policy, update_every=self.update_every, chunk_size=self.chunk_size)
+        t = time.perf_counter()
+        if sample.metric == FIDELITY_METRIC:
+            return self._run_fidelity(sample, lm, ids, t)
+        out = lm.generate(ids, max_new_tokens=sample.max_new_tokens, eos_token_id=self._eos_ids(),
+                          pad_token_id=self.tokenizer.pad_token_id or 0)
+        prediction = self.tokenizer.decode(out.sequences[0], skip_special_tokens=True).strip()
+        score = score_prediction(prediction, sample.answers, sample.metric, sample.all_classes,
+                                 dataset=sample.meta.get("dataset"))
+        return self._result(sample, policy, score, prediction, out.stats, time.perf_counter() - t, ids, cropped)
+
+    def evaluate(self, samples: Iterable[Sample], policy: MemoryPolicy,
+                 progress: Optional[Callable[[SampleResult], None]] = None) -> list[SampleResult]:
+        results = []
+        for sample in samples:
+            result = self.run_sample(sample, policy)
+            results.append(result)
+            if progress:
+                progress(result)
+        return results
+
+    def reference(self, samples: Iterable[Sample],
+                  progress: Optional[Callable[[SampleResult], None]] = None) -> dict[str, SampleResult]:
+        """Full-cache results, computed once per prompt and cached."""
+        out = {}
+        for sample in samples:
+            if sample.sample_id not in self._reference:
+                self._reference[sample.sample_id] = self.run_sample(sample, FullCache())
+                if progress:
+                    progress(self._reference[sample.sample_id])
+            out[sample.sample_id] = self._reference[sample.sample_id]
+        return out
+
+    # --- helpers -----------------------------------------------------------------------
+    def _eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+        return sorted(i for i in ids if i is not None)
+
+    def _result(self, sample, policy, score, prediction, stats, seconds, ids, cropped, extra=None):
+        return SampleResult(
+            sample_id=sample.sample_id, task=sample.task, policy=policy.describe(), score=float(score),
+            prediction=prediction, retention=stats.mean_retention, peak_kv_bytes=stats.peak_kv_bytes,
+            final_kv_bytes=stats.final_kv_bytes, seconds=seconds, prompt_tokens=int(ids.shape[1]),
+            cropped_tokens=cropped, retention_per_layer=[float(x) for x in stats.retention_per_layer],
+            extra=extra or {})
+
+    @torch.inference_mode()
+    def _run_fidelity(self, sample, lm, ids, t0) -> SampleResult:
+        """Next-token agreement with the full cache, KL(full || memory), and perplexities."""
+        ids = ids[:, : self.max_context]
+        out = lm.prefill_logits(ids)
+        full = MemoryManagedLM(self.model, FullCache(), update_every=self.update_every,
+                               chunk_size=self.chunk_size).prefill_logits(ids)
+        logp = F.log_softmax(out.logits[0, :-1].float(), -1)
+        ref_logp = F.log_softmax(full.logits[0, :-1].float(), -1)
+        target = ids[0, 1:].to(logp.device)
+        agreement = (logp.argmax(-1) == ref_logp.argmax(-1)).float().mean().item()
+        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
+        nll = -logp.gather(-1, target[:, None]).mean().item()
+        ref_nll = -ref_logp.gather(-1, target[:, None]).mean().item()
+        extra = {"kl": kl, "perplexity": math.exp(nll), "reference_perplexity": math.exp(ref_nll)}
+        return self._result(sample, lm.policy, agreement, "", out.stats, time.perf_counter() - t0, ids, 0, extra)
