@@ -5,9 +5,9 @@ import argparse
 import logging
 import sys
 
-from . import cmd_generate
+from . import cmd_eval, cmd_evolve, cmd_export, cmd_generate
 
-COMMANDS = [cmd_generate]
+COMMANDS = [cmd_evolve, cmd_eval, cmd_export, cmd_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, OSError, TypeError) as e:
+    except (ValueError, OSError, TypeError, RuntimeError) as e:
         print(f"namm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

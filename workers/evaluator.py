@@ -53,13 +53,15 @@ class SampleResult:
 
 class Evaluator:
     def __init__(self, model, tokenizer, update_every: int = 512, chunk_size: int = 512, chat: bool = True,
-                 max_context: Optional[int] = None):
+                 max_context: Optional[int] = None, fidelity_kl: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.update_every, self.chunk_size, self.chat = update_every, chunk_size, chat
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.max_context = max_context or int(getattr(text_config, "max_position_embeddings", 8192))
         self._encoded: dict[str, tuple[torch.Tensor, int]] = {}
         self._reference: dict[str, SampleResult] = {}
+        self._fidelity_reference: dict[str, tuple[torch.Tensor, float]] = {}
+        self.fidelity_kl = fidelity_kl
 
     # --- prompts -----------------------------------------------------------------------
     def encode(self, sample: Sample) -> tuple[torch.Tensor, int]:
@@ -143,17 +145,25 @@ class Evaluator:
 
     @torch.inference_mode()
     def _run_fidelity(self, sample, lm, ids, t0) -> SampleResult:
-        """Next-token agreement with the full cache, KL(full || memory), and perplexities."""
+        """Next-token agreement with the full cache; with `fidelity_kl`, also KL(full || memory).
+
+        The full cache's greedy predictions and perplexity are cached per prompt; the KL needs
+        its whole distribution, so it costs a second forward and is skipped during evolution.
+        """
         ids = ids[:, : self.max_context]
         out = lm.prefill_logits(ids)
-        full = MemoryManagedLM(self.model, FullCache(), update_every=self.update_every,
-                               chunk_size=self.chunk_size).prefill_logits(ids)
         logp = F.log_softmax(out.logits[0, :-1].float(), -1)
-        ref_logp = F.log_softmax(full.logits[0, :-1].float(), -1)
         target = ids[0, 1:].to(logp.device)
-        agreement = (logp.argmax(-1) == ref_logp.argmax(-1)).float().mean().item()
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
-        nll = -logp.gather(-1, target[:, None]).mean().item()
-        ref_nll = -ref_logp.gather(-1, target[:, None]).mean().item()
-        extra = {"kl": kl, "perplexity": math.exp(nll), "reference_perplexity": math.exp(ref_nll)}
+        extra = {"perplexity": math.exp(-logp.gather(-1, target[:, None]).mean().item())}
+        ref_logp = None
+        if sample.sample_id not in self._fidelity_reference or self.fidelity_kl:
+            full = MemoryManagedLM(self.model, FullCache(), update_every=self.update_every,
+                                   chunk_size=self.chunk_size).prefill_logits(ids)
+            ref_logp = F.log_softmax(full.logits[0, :-1].float(), -1)
+            ref_ppl = math.exp(-ref_logp.gather(-1, target[:, None]).mean().item())
+            self._fidelity_reference[sample.sample_id] = (ref_logp.argmax(-1), ref_ppl)
+        ref_argmax, extra["reference_perplexity"] = self._fidelity_reference[sample.sample_id]
+        agreement = (logp.argmax(-1) == ref_argmax).float().mean().item()
+        if ref_logp is not None and self.fidelity_kl:
+            extra["kl"] = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
         return self._result(sample, lm.policy, agreement, "", out.stats, time.perf_counter() - t0, ids, 0, extra)

@@ -1,0 +1,55 @@
+"""Task suites: synthetic RULER-style tasks, LongBench-format files, and the fidelity task."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from .base import Sample
+
+
+def task_names() -> list[str]:
+    from .synthetic import TASKS
+
+    return sorted(TASKS) + ["fidelity"]
+
+
+def load_tasks(specs: list[str], tokenizer, num_prompts: int, context_length: int, seed: int,
+               templates_file: Optional[str] = None) -> list[Sample]:
+    """Samples for each spec: a synthetic task name, `fidelity`, or a .jsonl/.parquet file
+    (LongBench format, or a suite saved by `namm tasks`); at most num_prompts per spec."""
+    from .fidelity import fidelity_samples
+    from .files import load_task_file
+    from .synthetic import TASKS, generate_samples, load_samples
+
+    if num_prompts <= 0:
+        raise ValueError(f"--num-prompts must be positive, got {num_prompts}")
+    samples: list[Sample] = []
+    for spec in specs:
+        spec = spec.strip()
+        if not spec:
+            continue
+        if spec in TASKS:
+            samples += generate_samples(spec, tokenizer, n=num_prompts, length=context_length, seed=seed)
+        elif spec == "fidelity":
+            samples += fidelity_samples(tokenizer, n=num_prompts, length=context_length, seed=seed)
+        elif spec.endswith((".jsonl", ".json", ".parquet")):
+            path = Path(spec)
+            if path.suffix == ".parquet" and _is_saved_suite(path):
+                samples += load_samples(path)[:num_prompts]
+            else:
+                samples += load_task_file(path, templates_file=templates_file, limit=num_prompts)
+        else:
+            raise ValueError(f"unknown task {spec!r}: expected one of {task_names()} or a .jsonl/.parquet file")
+    ids = [s.sample_id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two tasks produced the same sample ids: list each task or file once")
+    return samples
+
+
+def _is_saved_suite(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} does not exist")
+    names = set(pq.read_schema(path).names)
+    return {"sample_id", "metric", "template"} <= names

@@ -1,0 +1,54 @@
+"""`namm evolve CONFIG`: run (or resume) an evolution described by a YAML job file."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "evolve a NAMM with CMA-ES on Ray workers, tracked in MLflow, resumable from checkpoints"
+EPILOG = """Resuming: re-running the same command continues the run from its newest valid
+checkpoint in <checkpoint.root>/<name>/checkpoints (a corrupt newest checkpoint is reported and
+the previous one used). --resume makes that explicit and fails if there is nothing to resume.
+
+Ray: with RAY_ADDRESS set (a cluster, or inside `ray job submit`) the driver joins that cluster;
+otherwise it starts a private local Ray. MLflow: tracking.tracking_uri, else $MLFLOW_TRACKING_URI,
+else sqlite:///<run dir>/mlflow.db. $NAMM_RUN_ROOT overrides checkpoint.root.
+
+examples:
+  namm evolve jobs/smoke.yaml
+  namm evolve jobs/local.yaml                   # ~20 min on 2 CPU cores
+  ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python -m orchestrator evolve jobs/evolve.yaml
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("evolve", help=HELP, description=HELP + ".", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", type=Path, help="YAML job file (see jobs/)")
+    p.add_argument("--resume", action="store_true", help="require an existing checkpoint to continue from")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config differs from the checkpointed run's")
+    p.add_argument("--stop-after", type=int, default=None, metavar="G",
+                   help="stop cleanly once G generations are done (resume later)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from . import checkpoint
+    from .config import load_config
+    from .driver import EvolutionRun, init_ray
+
+    cfg = load_config(args.config)
+    if args.resume and not checkpoint.list_checkpoints(cfg.run_dir / "checkpoints"):
+        raise ValueError(f"--resume: no checkpoint in {cfg.run_dir / 'checkpoints'}")
+    init_ray(args.num_cpus)
+    summary = EvolutionRun(cfg, stop_after=args.stop_after, allow_config_change=args.allow_config_change).run()
+    best = summary["best_validation"]
+    print(f"{'stopped' if summary['stopped'] else 'finished'} after {summary['generations']} generations; "
+          f"run dir {summary['run_dir']}")
+    if best:
+        print(f"best validated CMA mean: fitness {best['fitness']:.4f} at generation {best['generation']}, "
+              f"retention {best['retention']:.3f} -> {summary['run_dir']}/artifacts/namm_best")
+    print(f"MLflow: {summary['tracking_uri']} (run {summary['mlflow_parent']}); "
+          f"`mlflow ui --backend-store-uri {summary['tracking_uri']}`")
+    return 0

@@ -1,0 +1,51 @@
+"""`namm export CHECKPOINT OUT_DIR`: a checkpoint's CMA mean (or best) as a NAMM directory."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "write the CMA mean (or the best candidate / best validated mean) of a checkpoint as a NAMM directory"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help=HELP, description=HELP + ".",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="a .ckpt file, or a run's checkpoints directory (newest valid)")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--which", choices=["mean", "best", "best-validated"], default="mean")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from namm_core import NAMMConfig
+
+    from . import checkpoint
+    from .driver import _namm
+    from .es import EvolutionStrategy
+
+    if args.checkpoint.is_dir():
+        found = checkpoint.load_latest(args.checkpoint)
+        if found is None:
+            raise FileNotFoundError(f"no valid checkpoint in {args.checkpoint}")
+        path, state = found
+    else:
+        if not args.checkpoint.is_file():
+            raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+        path, state = args.checkpoint, checkpoint.read_checkpoint(args.checkpoint)
+    es = EvolutionStrategy.loads(state["es"])
+    if args.which == "mean":
+        vector = es.mean
+    else:
+        entry = state["best"] if args.which == "best" else state["best_validation"]
+        if entry is None:
+            raise ValueError(f"{path}: no {args.which} candidate recorded yet")
+        vector = entry["vector"]
+    spec = state["namm_spec"]
+    namm = _namm(NAMMConfig(scorer=spec["scorer"], head_dim=spec["head_dim"], mlp_hidden=list(spec["mlp_hidden"])),
+                 np.asarray(vector), state["norm"])
+    namm.save_pretrained(args.out_dir, metadata={"checkpoint": str(path), "which": args.which,
+                                                 "generation": state["global_generation"]})
+    print(f"wrote {args.out_dir} ({namm.num_params} parameters, {args.which} of {path.name})")
+    return 0

@@ -1,0 +1,269 @@
+"""Run configuration: YAML validated once, at the edge, into typed dataclasses.
+
+Every error names the offending field by its path (e.g. `stages[1].tasks[0].context_length`).
+Relative paths in the file (task files, checkpoint root) are resolved against the config
+file's directory, so a job behaves the same from any working directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2"                 # 'smollm2', 'gemma3-270m', a hub id or a local path
+    dtype: str = "auto"                   # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"
+    rope_scaling: Optional[dict] = None   # e.g. {rope_type: dynamic, factor: 4.0} (NTK) for 32k Llama-3
+    max_position_embeddings: Optional[int] = None
+    tiny_random: Optional[dict] = None    # a tiny randomly initialised model (tests, smoke runs): config kwargs
+
+
+@dataclass
+class MemoryConfig:
+    update_every: int = 512
+    chunk_size: int = 512
+
+
+@dataclass
+class NAMMSpec:
+    scorer: str = "bam"
+    head_dim: int = 32
+    mlp_hidden: list = field(default_factory=lambda: [32])
+    stats_prompts: int = 8                # prompts of the first stage used to collect normalisation statistics
+
+
+@dataclass
+class ESConfig:
+    population: int = 32
+    sigma0: float = 0.065
+    elite_ratio: float = 0.5
+    seed: int = 0
+    diagonal: bool = False                # CMA_diagonal: cheaper updates, for very large scorers
+
+
+@dataclass
+class WorkersConfig:
+    num_actors: int = 2                   # CPU actors; on a GPU cluster, the number of GPU actors
+    gpus_per_actor: Union[str, float] = "auto"   # auto: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1
+    torch_threads: int = 1
+    max_retries: int = 2                  # per candidate, on other actors, before it is told as NaN
+    timeout_seconds: float = 1800
+
+
+@dataclass
+class TaskSpec:
+    task: Optional[str] = None            # a synthetic task name (see `namm eval --list-tasks`)
+    file: Optional[str] = None            # or a LongBench-format .jsonl/.parquet file
+    context_length: int = 2048            # synthetic prompt length in model tokens
+    pool_size: int = 64                   # prompts in the task's pool
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        if self.file:
+            return f"file:{Path(self.file).name}"
+        return f"{self.task}@{self.context_length}"
+
+
+@dataclass
+class StageConfig:
+    name: str
+    generations: int
+    tasks: list
+    prompts_per_task: int = 8             # resampled each generation from each task's pool
+    validation_every: int = 10
+    validation_prompts: int = 16          # per task, a fixed set (the first of the pool)
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: Optional[str] = None    # default: $MLFLOW_TRACKING_URI, else sqlite:///<run root>/mlflow.db
+    experiment: str = "namm-evolution"
+
+
+@dataclass
+class CheckpointConfig:
+    root: str = "runs"                    # the run directory is <root>/<name>
+    keep: int = 3
+
+
+@dataclass
+class RunConfig:
+    name: str
+    stages: list
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    namm: NAMMSpec = field(default_factory=NAMMSpec)
+    es: ESConfig = field(default_factory=ESConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.checkpoint.root) / self.name
+
+    @property
+    def total_generations(self) -> int:
+        return sum(s.generations for s in self.stages)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_NESTED = {"stages": StageConfig, "tasks": TaskSpec}
+
+
+def _build(cls, data: Any, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{path + '.' if path else ''}{unknown[0]}: unknown field (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        where = f"{path}.{name}" if path else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: required field is missing")
+            continue
+        kwargs[name] = _convert(hints[name], data[name], where, name)
+    return cls(**kwargs)
+
+
+def _convert(hint, value, where: str, name: str):
+    if name in _NESTED:
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"{where}: expected a non-empty list")
+        return [_build(_NESTED[name], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, where, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} has the wrong type")
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if hint in (dict, list) or origin in (dict, list):
+        expected = origin or hint
+        if not isinstance(value, expected):
+            raise ConfigError(f"{where}: expected a {expected.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover
+
+
+def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunConfig:
+    from namm_core.policies import BASELINES  # noqa: F401  (namm_core is importable: no Ray/MLflow)
+    from workers.tasks import task_names
+
+    def positive(value, where):
+        if value <= 0:
+            raise ConfigError(f"{where}: must be positive, got {value}")
+
+    positive(cfg.es.population, "es.population")
+    if cfg.es.population < 2:
+        raise ConfigError("es.population: CMA-ES needs at least 2 candidates")
+    positive(cfg.es.sigma0, "es.sigma0")
+    if not 0 < cfg.es.elite_ratio <= 1:
+        raise ConfigError(f"es.elite_ratio: must be in (0, 1], got {cfg.es.elite_ratio}")
+    positive(cfg.memory.update_every, "memory.update_every")
+    positive(cfg.memory.chunk_size, "memory.chunk_size")
+    positive(cfg.workers.num_actors, "workers.num_actors")
+    positive(cfg.workers.timeout_seconds, "workers.timeout_seconds")
+    positive(cfg.checkpoint.keep, "checkpoint.keep")
+    if cfg.workers.max_retries < 0:
+        raise ConfigError("workers.max_retries: must be 0 or more")
+    if isinstance(cfg.workers.gpus_per_actor, str) and cfg.workers.gpus_per_actor != "auto":
+        raise ConfigError(f"workers.gpus_per_actor: expected 'auto' or a number, got {cfg.workers.gpus_per_actor!r}")
+    if cfg.namm.scorer not in ("bam", "mlp"):
+        raise ConfigError(f"namm.scorer: expected 'bam' or 'mlp', got {cfg.namm.scorer!r}")
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"name: must be a non-empty name without '/', got {cfg.name!r}")
+    for i, stage in enumerate(cfg.stages):
+        where = f"stages[{i}]"
+        positive(stage.generations, f"{where}.generations")
+        positive(stage.prompts_per_task, f"{where}.prompts_per_task")
+        positive(stage.validation_every, f"{where}.validation_every")
+        positive(stage.validation_prompts, f"{where}.validation_prompts")
+        for j, task in enumerate(stage.tasks):
+            tw = f"{where}.tasks[{j}]"
+            if bool(task.task) == bool(task.file):
+                raise ConfigError(f"{tw}: give exactly one of 'task' (a synthetic task) or 'file'")
+            if task.task and task.task not in task_names():
+                raise ConfigError(f"{tw}.task: unknown task {task.task!r}; known: {task_names()}")
+            if task.file:
+                path = Path(task.file)
+                if not path.is_absolute():
+                    path = (base_dir / path).resolve()
+                if check_files and not path.is_file():
+                    raise ConfigError(f"{tw}.file: {path} does not exist")
+                task.file = str(path)
+            positive(task.context_length, f"{tw}.context_length")
+            positive(task.pool_size, f"{tw}.pool_size")
+            if stage.prompts_per_task > task.pool_size:
+                raise ConfigError(f"{tw}.pool_size: {task.pool_size} is smaller than "
+                                  f"{where}.prompts_per_task ({stage.prompts_per_task})")
+    # `ray job submit --working-dir` runs the driver in a temporary copy of the repo: the run
+    # root (and the MLflow URI) must then come from the environment as absolute paths
+    root = Path(os.environ.get("NAMM_RUN_ROOT") or cfg.checkpoint.root)
+    cfg.checkpoint.root = str(root)
+    if not root.is_absolute():
+        cfg.checkpoint.root = str((base_dir / root).resolve())
+    return cfg
+
+
+def load_config(path, check_files: bool = True) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        cfg = _build(RunConfig, data, "")
+        return _validate(cfg, path.resolve().parent, check_files)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def config_from_dict(data: dict, base_dir: Union[str, Path] = ".") -> RunConfig:
+    return _validate(_build(RunConfig, data, ""), Path(base_dir).resolve())

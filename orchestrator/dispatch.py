@@ -1,0 +1,108 @@
+"""Dispatching jobs to a pool of long-lived Ray actors with retries and timeouts.
+
+Not ray.util.ActorPool: it drops the job of an actor that dies. Here every job is tracked
+until it has a result: a job whose actor dies, raises, or runs past the timeout is retried on
+another actor (the failed actor is restarted by Ray, or killed and restarted on a timeout);
+after `max_retries` retries it is reported as failed (None) and the run goes on.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    method: str
+    args: tuple
+    label: str = ""
+
+
+@dataclass
+class _InFlight:
+    job_index: int
+    actor_index: int
+    started: float
+
+
+class ActorPool:
+    def __init__(self, make_actor: Callable[[int], Any], size: int, max_retries: int = 2,
+                 timeout_seconds: float = 1800.0, poll_seconds: float = 0.5):
+        self.make_actor = make_actor
+        self.actors = [make_actor(i) for i in range(size)]
+        self.max_retries, self.timeout, self.poll = max_retries, timeout_seconds, poll_seconds
+        self.failures: list[str] = []       # what went wrong, for logs and MLflow
+        self.restarts = 0
+
+    def wait_ready(self, timeout: float = 900.0) -> list[int]:
+        """Block until every actor has started (and loaded its model); returns their PIDs."""
+        return ray.get([a.pid.remote() for a in self.actors], timeout=timeout)
+
+    def call_all(self, method: str, *args, timeout: float = 900.0) -> list:
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=timeout)
+
+    def run(self, jobs: list[Job], on_result: Optional[Callable[[int, Any], None]] = None) -> list:
+        """Results in job order; None for a job that failed every attempt."""
+        results: list = [None] * len(jobs)
+        attempts = [0] * len(jobs)
+        last_actor: dict[int, int] = {}
+        queue = list(range(len(jobs)))
+        idle = list(range(len(self.actors)))
+        in_flight: dict[ray.ObjectRef, _InFlight] = {}
+        while queue or in_flight:
+            while queue and idle:
+                j = queue.pop(0)
+                # retry on another actor than the one that failed it, when there is a choice
+                choice = next((a for a in idle if a != last_actor.get(j)), idle[0])
+                idle.remove(choice)
+                ref = getattr(self.actors[choice], jobs[j].method).remote(*jobs[j].args)
+                in_flight[ref] = _InFlight(j, choice, time.monotonic())
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.poll)
+            for ref in ready:
+                flight = in_flight.pop(ref)
+                try:
+                    results[flight.job_index] = ray.get(ref)
+                    if on_result:
+                        on_result(flight.job_index, results[flight.job_index])
+                except Exception as e:  # actor died, task raised, object lost: retry elsewhere
+                    self._failed(jobs, flight, attempts, last_actor, queue, f"{type(e).__name__}: {_short(e)}")
+                idle.append(flight.actor_index)
+            now = time.monotonic()
+            for ref, flight in list(in_flight.items()):
+                if now - flight.started > self.timeout:
+                    in_flight.pop(ref)
+                    ray.kill(self.actors[flight.actor_index], no_restart=False)  # Ray restarts it
+                    self.restarts += 1
+                    self._failed(jobs, flight, attempts, last_actor, queue, f"timed out after {self.timeout:.0f}s")
+                    idle.append(flight.actor_index)
+        return results
+
+    def _failed(self, jobs, flight, attempts, last_actor, queue, reason: str) -> None:
+        j = flight.job_index
+        attempts[j] += 1
+        last_actor[j] = flight.actor_index
+        message = f"{jobs[j].label or jobs[j].method} on actor {flight.actor_index}: {reason}"
+        self.failures.append(message)
+        if attempts[j] <= self.max_retries:
+            log.warning("%s; retrying (%d/%d)", message, attempts[j], self.max_retries)
+            queue.insert(0, j)
+        else:
+            log.error("%s; giving up after %d retries", message, self.max_retries)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already gone
+                pass
+
+
+def _short(e: Exception, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()
+    return (text[-1] if text else "")[:limit]

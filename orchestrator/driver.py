@@ -1,0 +1,415 @@
+"""The evolution driver: owns the CMA-ES state and the incremental schedule, dispatches
+candidates to worker actors, computes fitness, logs to MLflow and checkpoints after every tell.
+
+It never loads a model. Per generation:
+  sample prompts (seeded) -> full-cache references for new prompts (once, cached)
+  -> es.ask() -> one job per candidate on the actor pool -> fitness -> es.tell()
+  -> checkpoint (atomic) -> MLflow metrics + parquet history -> every k: validate the mean.
+Fitness of a candidate: the mean over the stage's tasks of
+  (mean score + eps) / (mean full-cache score + eps)      on the same prompts,
+so 1.0 means "as good as the full cache", and a task on which the full cache scores 0 stays
+defined (1.0 for a candidate that also scores 0, more if it does better).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import RunConfig
+from .dispatch import ActorPool, Job
+from .es import EvolutionStrategy
+from .tracking import Tracker, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+FITNESS_EPS = 0.05
+VALIDATION_SEED_OFFSET = 1_000_003
+
+
+def config_hash(cfg: RunConfig) -> str:
+    data = cfg.to_dict()
+    data["stages"] = [{k: v for k, v in s.items()} for s in data["stages"]]
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def task_payload(task, validation: bool = False, size: Optional[int] = None) -> dict:
+    d = asdict(task)
+    d["key"] = task.key + ("#val" if validation else "")
+    if validation:
+        d["seed"] = task.seed + VALIDATION_SEED_OFFSET
+        d["pool_size"] = size
+    return d
+
+
+def task_fitness(scores: list[float], references: list[float]) -> float:
+    return (float(np.mean(scores)) + FITNESS_EPS) / (float(np.mean(references)) + FITNESS_EPS)
+
+
+class EvolutionRun:
+    def __init__(self, cfg: RunConfig, pool_factory=None, stop_after: Optional[int] = None,
+                 allow_config_change: bool = False):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.pool_factory = pool_factory or default_pool_factory
+        self.stop_after = stop_after
+        self.allow_config_change = allow_config_change
+        self.state: dict = {}
+
+    # ------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        pool = self.pool_factory(cfg)
+        try:
+            num_params = pool.call_all("num_params")[0]
+            self._load_or_init(num_params)
+            self.tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri, self.run_dir), cfg.tracking.experiment)
+            st = self.state
+            st["mlflow"]["parent"] = self.tracker.parent_run(st["mlflow"].get("parent"), cfg.name, cfg.to_dict())
+            self._relog_last_generation()
+            if st["norm"] is None:
+                st["norm"] = self._collect_statistics(pool)
+            bar = tqdm(total=cfg.total_generations, initial=st["global_generation"], desc=f"evolve {cfg.name}",
+                       unit="gen", dynamic_ncols=True)
+            while st["stage"] < len(cfg.stages):
+                stage = cfg.stages[st["stage"]]
+                stage_key = str(st["stage"])
+                st["mlflow"]["stages"][stage_key] = self.tracker.stage_run(
+                    st["mlflow"]["stages"].get(stage_key), st["mlflow"]["parent"],
+                    f"stage {st['stage']}: {stage.name}", asdict(stage))
+                while st["stage_generation"] < stage.generations:
+                    if self.stop_after is not None and st["global_generation"] >= self.stop_after:
+                        bar.close()
+                        return self._summary(stopped=True)
+                    metrics = self._generation(pool, stage)
+                    bar.update(1)
+                    bar.set_postfix_str(f"best {metrics['fitness_best']:.3f} mean {metrics['fitness_mean']:.3f} "
+                                        f"sigma {metrics['sigma']:.4f} {metrics['generation_seconds']:.1f}s/gen")
+                self.tracker.finish(st["mlflow"]["stages"][stage_key])
+                st["stage"] += 1
+                st["stage_generation"] = 0
+                self._checkpoint()
+            bar.close()
+            self._export_artifacts(final=True)
+            self.tracker.finish(st["mlflow"]["parent"])
+            return self._summary(stopped=False)
+        finally:
+            pool.shutdown()
+
+    # ------------------------------------------------------------------------------------
+    def _load_or_init(self, num_params: int) -> None:
+        found = ckpt.load_latest(self.ckpt_dir)
+        digest = config_hash(self.cfg)
+        if found is not None:
+            path, state = found
+            if state["config_hash"] != digest and not self.allow_config_change:
+                raise ValueError(
+                    f"{self.run_dir} holds a run with a different config; resume it with the same config, "
+                    f"pass --allow-config-change, or choose another run name")
+            state["es"] = EvolutionStrategy.loads(state["es"])
+            state["sampler"] = _rng_from_state(state["sampler"])
+            self.state = state
+            log.info("resuming %s from %s (generation %d)", self.cfg.name, path.name, state["global_generation"])
+            return
+        self.state = {
+            "version": 1, "config_hash": digest, "num_params": num_params,
+            "namm_spec": asdict(self.cfg.namm), "model": self.cfg.model.name,
+            "es": EvolutionStrategy(num_params, self.cfg.es),
+            "sampler": np.random.RandomState(self.cfg.es.seed + 17),
+            "stage": 0, "stage_generation": 0, "global_generation": 0,
+            "norm": None, "references": {}, "history": [], "validation": [],
+            "best": None, "best_validation": None, "last_metrics": None,
+            "mlflow": {"parent": None, "stages": {}},
+        }
+
+    def _checkpoint(self) -> Path:
+        st = dict(self.state)
+        st["es"] = self.state["es"].dumps()
+        st["sampler"] = self.state["sampler"].get_state()
+        return ckpt.write_checkpoint(self.ckpt_dir, self.state["global_generation"], st, keep=self.cfg.checkpoint.keep)
+
+    # ------------------------------------------------------------------------------------
+    def _collect_statistics(self, pool: ActorPool) -> dict:
+        """Normalisation moments of the zero NAMM on the first stage's prompts, merged over actors."""
+        stage = self.cfg.stages[0]
+        tasks = [task_payload(t) for t in stage.tasks]
+        n = self.cfg.namm.stats_prompts
+        requests = [(t["key"], i) for t in tasks for i in range(min(n, t["pool_size"]))]
+        chunks = _split(requests, len(pool.actors))
+        results = pool.run([Job("collect_statistics", (c, tasks), "statistics") for c in chunks])
+        merged = None
+        for r in results:
+            if r is None:
+                raise RuntimeError("collecting normalisation statistics failed on every retry: " +
+                                   "; ".join(pool.failures[-3:]))
+            merged = r if merged is None else _merge_moments(merged, r)
+        log.info("normalisation statistics from %d feature vectors", int(merged["count"]))
+        return merged
+
+    def _ensure_references(self, pool: ActorPool, requests, tasks) -> None:
+        refs = self.state["references"]
+        missing = [r for r in dict.fromkeys(requests) if f"{r[0]}|{r[1]}" not in refs]
+        if not missing:
+            return
+        chunks = _split(missing, len(pool.actors))
+        results = pool.run([Job("reference", (c, tasks), "reference") for c in chunks])
+        for chunk, scores in zip(chunks, results):
+            if scores is None:
+                raise RuntimeError("full-cache reference failed on every retry: " + "; ".join(pool.failures[-3:]))
+            for r, s in zip(chunk, scores):
+                refs[f"{r[0]}|{r[1]}"] = float(s)
+
+    def _sample_prompts(self, stage) -> tuple[list, list]:
+        tasks = [task_payload(t) for t in stage.tasks]
+        rng = self.state["sampler"]
+        requests = []
+        for t in tasks:
+            idx = rng.choice(t["pool_size"], size=stage.prompts_per_task, replace=False)
+            requests += [(t["key"], int(i)) for i in sorted(idx)]
+        return requests, tasks
+
+    def _fitness(self, result: Optional[dict], requests) -> tuple[float, dict]:
+        if result is None:
+            return math.nan, {}
+        refs = self.state["references"]
+        per_task: dict[str, tuple[list, list]] = {}
+        for (key, idx), score in zip(requests, result["scores"]):
+            s, r = per_task.setdefault(key, ([], []))
+            s.append(score)
+            r.append(refs[f"{key}|{idx}"])
+        ratios = {k: task_fitness(s, r) for k, (s, r) in per_task.items()}
+        return float(np.mean(list(ratios.values()))), {k: float(np.mean(s)) for k, (s, _) in per_task.items()}
+
+    def _generation(self, pool: ActorPool, stage) -> dict:
+        st, cfg = self.state, self.cfg
+        t0 = time.perf_counter()
+        requests, tasks = self._sample_prompts(stage)
+        self._ensure_references(pool, requests, tasks)
+        es: EvolutionStrategy = st["es"]
+        t_ask = time.perf_counter()
+        candidates = es.ask()
+        ask_seconds = time.perf_counter() - t_ask
+        failures_before = len(pool.failures)
+        jobs = [Job("evaluate", (x.astype(np.float32), st["norm"], requests, tasks), f"candidate {i}")
+                for i, x in enumerate(candidates)]
+        t_eval = time.perf_counter()
+        results = pool.run(jobs)
+        eval_seconds = time.perf_counter() - t_eval
+        scored = [self._fitness(r, requests) for r in results]
+        fitness = [f for f, _ in scored]
+        t_tell = time.perf_counter()
+        es.tell(fitness)
+        tell_seconds = time.perf_counter() - t_tell
+
+        g = st["global_generation"]
+        finite = [f for f in fitness if math.isfinite(f)]
+        if not finite:
+            raise RuntimeError(f"generation {g}: every candidate failed: " + "; ".join(pool.failures[-3:]))
+        best_i = int(np.nanargmax(fitness))
+        if st["best"] is None or fitness[best_i] > st["best"]["fitness"]:
+            st["best"] = {"fitness": fitness[best_i], "vector": candidates[best_i].copy(), "generation": g}
+        task_means = {}
+        for _, per_task in scored:
+            for k, v in per_task.items():
+                task_means.setdefault(k, []).append(v)
+        ok_results = [r for r in results if r is not None]
+        metrics = {
+            "fitness_best": max(finite), "fitness_mean": float(np.mean(finite)),
+            "fitness_median": float(np.median(finite)), "fitness_worst": min(finite),
+            "sigma": es.sigma, "mean_retention": float(np.mean([np.mean(r["retention"]) for r in ok_results])),
+            "eval_seconds": eval_seconds, "generation_seconds": time.perf_counter() - t0,
+            "es_seconds": ask_seconds + tell_seconds, "failures": len(pool.failures) - failures_before,
+            "failed_candidates": sum(1 for r in results if r is None), "stage": st["stage"],
+            **{f"score/{_metric_key(k)}": float(np.mean(v)) for k, v in task_means.items()},
+        }
+        for i, (x, f, r) in enumerate(zip(candidates, fitness, results)):
+            st["history"].append({
+                "generation": g, "stage": st["stage"], "candidate": i, "fitness": f,
+                "retention": float(np.mean(r["retention"])) if r else math.nan,
+                "seconds": r["seconds"] if r else math.nan, "worker_pid": r["pid"] if r else -1,
+                "param_norm": float(np.linalg.norm(x)),
+            })
+        st["global_generation"] = g + 1
+        st["stage_generation"] += 1
+        st["last_metrics"] = {"step": g, "metrics": metrics,
+                              "retention_per_layer": results[best_i]["retention_per_layer"]}
+        stage_done = st["stage_generation"] >= stage.generations
+        if st["stage_generation"] % stage.validation_every == 0 or stage_done:
+            metrics["validation_fitness"] = self._validate(pool, stage)
+        self._checkpoint()            # the run is safe from here on
+        self._log(g, metrics)
+        self._export_artifacts(final=False)
+        return metrics
+
+    def _validate(self, pool: ActorPool, stage) -> float:
+        """Fitness of the CMA mean on a fixed validation set; export it when it is the best."""
+        st = self.state
+        tasks = [task_payload(t, validation=True, size=stage.validation_prompts) for t in stage.tasks]
+        requests = [(t["key"], i) for t in tasks for i in range(stage.validation_prompts)]
+        self._ensure_references(pool, requests, tasks)
+        mean = st["es"].mean.astype(np.float32)
+        chunks = _split(requests, len(pool.actors))
+        results = pool.run([Job("evaluate", (mean, st["norm"], c, tasks), "validation") for c in chunks])
+        if any(r is None for r in results):
+            log.error("validation failed on every retry; skipped")
+            return math.nan
+        merged = {"scores": [s for r in results for s in r["scores"]],
+                  "retention": [x for r in results for x in r["retention"]]}
+        fitness, _ = self._fitness(merged, [r for c in chunks for r in c])
+        g = st["global_generation"] - 1
+        st["validation"].append({"generation": g, "fitness": fitness,
+                                 "retention": float(np.mean(merged["retention"]))})
+        if st["best_validation"] is None or fitness > st["best_validation"]["fitness"]:
+            st["best_validation"] = {"fitness": fitness, "vector": mean.copy(), "generation": g,
+                                     "retention": float(np.mean(merged["retention"]))}
+        log.info("generation %d: validation fitness of the mean %.4f (retention %.3f)", g, fitness,
+                 float(np.mean(merged["retention"])))
+        return fitness
+
+    # ------------------------------------------------------------------------------------
+    def _log(self, step: int, metrics: dict) -> None:
+        st = self.state
+        runs = [st["mlflow"]["parent"], st["mlflow"]["stages"][str(st["stage"])]]
+        self.tracker.log_metrics(runs, metrics, step)
+
+    def _relog_last_generation(self) -> None:
+        """After a crash between a checkpoint and its MLflow logging, log that generation once."""
+        last = self.state.get("last_metrics")
+        if not last:
+            return
+        parent = self.state["mlflow"]["parent"]
+        if self.tracker.last_step(parent, "fitness_best") < last["step"]:
+            stage_key = str(last["metrics"]["stage"])
+            runs = [parent] + ([self.state["mlflow"]["stages"][stage_key]]
+                               if stage_key in self.state["mlflow"]["stages"] else [])
+            self.tracker.log_metrics(runs, last["metrics"], last["step"])
+
+    def _export_artifacts(self, final: bool) -> None:
+        """NAMMs (latest mean, best validated mean), history parquet and plots under the run dir;
+        uploaded to MLflow at validations and at the end."""
+        from namm_core import NAMM, NAMMConfig
+        from workers.report import write_parquet_atomic
+
+        from .plots import plot_evolution, plot_retention_per_layer
+
+        st, cfg = self.state, self.cfg
+        out = self.run_dir / "artifacts"
+        namm_cfg = NAMMConfig(scorer=cfg.namm.scorer, head_dim=cfg.namm.head_dim, mlp_hidden=list(cfg.namm.mlp_hidden))
+        meta = {"run": cfg.name, "model": cfg.model.name, "generation": st["global_generation"]}
+        _namm(namm_cfg, st["es"].mean, st["norm"]).save_pretrained(out / "namm_latest", metadata={**meta, "kind": "cma-mean"})
+        if st["best_validation"]:
+            bv = st["best_validation"]
+            _namm(namm_cfg, bv["vector"], st["norm"]).save_pretrained(
+                out / "namm_best", metadata={**meta, "kind": "best validated cma-mean", "generation": bv["generation"],
+                                             "validation_fitness": bv["fitness"], "retention": bv["retention"]})
+        write_parquet_atomic(st["history"], out / "history.parquet")
+        if st["validation"]:
+            write_parquet_atomic(st["validation"], out / "validation.parquet")
+        plot_evolution(st["history"], st["validation"], out / "fitness.png", title=cfg.name)
+        if st["last_metrics"] and st["last_metrics"]["retention_per_layer"]:
+            plot_retention_per_layer(st["last_metrics"]["retention_per_layer"], out / "retention_per_layer.png")
+        is_validation = bool(st["validation"]) and st["validation"][-1]["generation"] == st["global_generation"] - 1
+        if final or is_validation:
+            parent = st["mlflow"]["parent"]
+            for name in ("namm_latest", "namm_best"):
+                if (out / name).exists():
+                    self.tracker.log_artifacts(parent, out / name, name)
+            for f in ("history.parquet", "validation.parquet", "fitness.png", "retention_per_layer.png"):
+                if (out / f).exists():
+                    self.tracker.log_artifact(parent, out / f)
+
+    def _summary(self, stopped: bool) -> dict:
+        st = self.state
+        return {"generations": st["global_generation"], "stopped": stopped, "mean": st["es"].mean,
+                "best": st["best"], "best_validation": st["best_validation"], "run_dir": str(self.run_dir),
+                "mlflow_parent": st["mlflow"]["parent"], "tracking_uri": self.tracker.uri}
+
+
+# ----------------------------------------------------------------------------------------
+def default_pool_factory(cfg: RunConfig) -> ActorPool:
+    import ray
+
+    from workers.actor import EvolutionActor
+
+    gpus = cfg.workers.gpus_per_actor
+    if gpus == "auto":
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    init = dict(model=asdict(cfg.model), memory=asdict(cfg.memory), namm=asdict(cfg.namm),
+                torch_threads=cfg.workers.torch_threads)
+
+    def make(i):
+        return EvolutionActor.options(num_cpus=cfg.workers.cpus_per_actor, num_gpus=gpus,
+                                      name=None).remote(**init)
+
+    pool = ActorPool(make, cfg.workers.num_actors, cfg.workers.max_retries, cfg.workers.timeout_seconds)
+    pids = pool.wait_ready()
+    log.info("%d actors ready (pids %s), %s GPU each", len(pids), pids, gpus)
+    return pool
+
+
+def _namm(namm_cfg, vector, norm):
+    import torch
+
+    from namm_core import NAMM
+
+    n = NAMM(namm_cfg).set_params(torch.as_tensor(np.asarray(vector), dtype=torch.float32))
+    if norm is not None:
+        n.norm_mean = torch.as_tensor(norm["mean"], dtype=torch.float32)
+        n.norm_var = torch.as_tensor(norm["var"], dtype=torch.float32)
+        n.norm_count = float(norm["count"])
+    return n
+
+
+def _split(items: list, parts: int) -> list[list]:
+    parts = max(1, min(parts, len(items)))
+    return [items[i::parts] for i in range(parts)]
+
+
+def _merge_moments(a: dict, b: dict) -> dict:
+    na, nb = float(a["count"]), float(b["count"])
+    if nb == 0:
+        return a
+    if na == 0:
+        return b
+    n = na + nb
+    delta = np.asarray(b["mean"], dtype=np.float64) - np.asarray(a["mean"], dtype=np.float64)
+    mean = a["mean"] + delta * nb / n
+    m2 = np.asarray(a["var"]) * na + np.asarray(b["var"]) * nb + delta ** 2 * na * nb / n
+    return {"mean": mean.astype(np.float32), "var": (m2 / n).astype(np.float32), "count": n}
+
+
+def _rng_from_state(state) -> np.random.RandomState:
+    rng = np.random.RandomState()
+    rng.set_state(state)
+    return rng
+
+
+def _metric_key(task_key: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in task_key)
+
+
+def init_ray(num_cpus: Optional[int] = None) -> None:
+    """Join RAY_ADDRESS when set (a cluster, or inside `ray job submit`), else start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    # actors import the project from the driver's checkout (a job's working_dir does the same)
+    runtime_env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}}
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=True)

@@ -1,0 +1,91 @@
+"""What an evolution actor does, as a plain class (the Ray actor in workers/actor.py wraps it).
+
+It loads the model once and keeps it across generations, materialises each task's prompt pool
+deterministically (the driver only ever sends (task key, prompt index) pairs), and evaluates
+candidate NAMM parameter vectors on requested prompts.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from namm_core import NAMM, NAMMConfig
+
+from .evaluator import Evaluator
+from .modeling import build_model
+
+Request = tuple[str, int]  # (task key, prompt index in the task's pool)
+
+
+class EvolutionWorker:
+    def __init__(self, model: dict, memory: dict, namm: dict, torch_threads: int = 1):
+        torch.set_num_threads(max(1, int(torch_threads)))
+        self.model, self.tokenizer = build_model(**model)
+        self.evaluator = Evaluator(self.model, self.tokenizer, update_every=memory["update_every"],
+                                   chunk_size=memory["chunk_size"], fidelity_kl=False)
+        self.namm_config = NAMMConfig(scorer=namm["scorer"], head_dim=namm["head_dim"],
+                                      mlp_hidden=list(namm["mlp_hidden"]))
+        self.pools: dict[str, list] = {}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def num_params(self) -> int:
+        return NAMM(self.namm_config).num_params
+
+    def prepare(self, tasks: list[dict]) -> dict[str, int]:
+        """Build the prompt pools of these task specs (TaskSpec fields); returns their sizes."""
+        from workers.tasks import load_tasks
+
+        for spec in tasks:
+            key = spec["key"]
+            if key in self.pools:
+                continue
+            source = spec["file"] or spec["task"]
+            samples = load_tasks([source], self.tokenizer, num_prompts=spec["pool_size"],
+                                 context_length=spec["context_length"], seed=spec["seed"])
+            if not samples:
+                raise ValueError(f"task {key}: no prompts")
+            self.pools[key] = samples
+        return {spec["key"]: len(self.pools[spec["key"]]) for spec in tasks}
+
+    def _samples(self, requests: list[Request]):
+        return [self.pools[key][index % len(self.pools[key])] for key, index in requests]
+
+    def reference(self, requests: list[Request]) -> list[float]:
+        """Full-cache scores of these prompts (cached on this worker)."""
+        results = self.evaluator.reference(self._samples(requests))
+        return [results[s.sample_id].score for s in self._samples(requests)]
+
+    def collect_statistics(self, requests: list[Request]) -> dict:
+        """Normalisation moments of a zero NAMM's features over these prompts (Chan merge-able)."""
+        namm = NAMM(self.namm_config)
+        with namm.collecting_statistics():
+            for sample in self._samples(requests):
+                self.evaluator.run_sample(sample, namm)
+        return {"mean": namm.norm_mean.numpy(), "var": namm.norm_var.numpy(), "count": namm.norm_count}
+
+    def evaluate(self, vector: np.ndarray, norm: Optional[dict], requests: list[Request]) -> dict:
+        """Scores of one candidate on the requested prompts."""
+        namm = self.make_namm(vector, norm)
+        t = time.perf_counter()
+        results = [self.evaluator.run_sample(s, namm) for s in self._samples(requests)]
+        return {
+            "scores": [r.score for r in results],
+            "retention": [r.retention for r in results],
+            "retention_per_layer": np.mean([r.retention_per_layer for r in results], axis=0).tolist(),
+            "seconds": time.perf_counter() - t,
+            "pid": os.getpid(),
+        }
+
+    def make_namm(self, vector, norm: Optional[dict]) -> NAMM:
+        namm = NAMM(self.namm_config).set_params(torch.as_tensor(np.asarray(vector), dtype=torch.float32))
+        if norm is not None:
+            namm.norm_mean = torch.as_tensor(norm["mean"], dtype=torch.float32)
+            namm.norm_var = torch.as_tensor(norm["var"], dtype=torch.float32)
+            namm.norm_count = float(norm["count"])
+        return namm
