@@ -23,7 +23,9 @@ Each baseline is a small class with one scoring rule (the kvpress style):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
@@ -59,6 +61,8 @@ class Budget:
         except ValueError:
             raise ValueError(f"budget {spec!r} is not a number: give a fraction like 0.25 or a token count like 1024") from None
         is_fraction = isinstance(spec, float) or ("." in text) or ("e" in text.lower())
+        if not math.isfinite(number):
+            raise ValueError(f"budget {spec!r} must be finite")
         if not number > 0:
             raise ValueError(f"budget {spec!r} must be positive")
         if is_fraction and number > 1:
@@ -70,11 +74,16 @@ class Budget:
     def tokens(self, seen: torch.Tensor) -> torch.Tensor:
         """Budget per sequence, [B] long, given the tokens seen so far."""
         if self.is_fraction:
-            return torch.ceil(seen.to(torch.float64) * self.value).long().clamp(min=1)
+            # exact ceil(seen * fraction): float products like 0.07 * 100 = 7.000000000000001 overshoot
+            f = Fraction(self.value).limit_denominator(10**9)
+            return ((seen.long() * f.numerator + f.denominator - 1) // f.denominator).clamp(min=1)
         return torch.full_like(seen, int(self.value), dtype=torch.long)
 
     def __str__(self) -> str:
-        return f"{self.value:g}" if self.is_fraction else str(int(self.value))
+        if self.is_fraction:
+            text = f"{self.value:g}"
+            return text if ("." in text or "e" in text) else text + ".0"  # "1.0" stays a fraction when parsed back
+        return str(int(self.value))
 
 
 def keep_top(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -82,11 +91,11 @@ def keep_top(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torc
 
     scores, valid: [B, H, S]; k: [B]. Ties are broken towards the newer slot index.
     """
-    masked = scores.float().masked_fill(~valid, float("-inf"))
+    # a valid slot scored -inf still outranks every invalid slot
+    masked = scores.float().nan_to_num(neginf=torch.finfo(torch.float32).min).masked_fill(~valid, float("-inf"))
     S = masked.shape[-1]
-    # stable order: descending score, then descending slot index (newer first on ties)
-    tiebreak = torch.arange(S, device=scores.device, dtype=torch.float32) * 1e-12
-    order = torch.argsort(masked + tiebreak, dim=-1, descending=True, stable=True)
+    # descending score; a stable sort of the reversed row puts the newer slot first on ties
+    order = (S - 1) - torch.argsort(masked.flip(-1), dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(S, device=scores.device).expand_as(order))
     return (ranks < k.view(-1, 1, 1)) & valid

@@ -172,6 +172,10 @@ def rouge_score(prediction: str, ground_truth: str, all_classes: Optional[list[s
       come out of order across sentences. ``rouge-score``'s rougeL is one LCS over the whole
       token sequences.
     * Both give 0 for a prediction with no tokens (``rouge`` raises and LongBench returns 0).
+    * ``rouge`` rebuilds each LCS recursively, so a sentence pair of more than about 1000
+      words in all hits Python's recursion limit, and LongBench then scores 0. Chinese text
+      has no "." between its sentences (it uses "。"), so long dureader/vcsum answers can hit
+      this there; here they get their real score.
     """
     score = _rouge_l_scorer().score(ground_truth, prediction)["rougeL"]  # (target, prediction)
     return float(score.fmeasure)
@@ -273,7 +277,21 @@ def contains_answer(prediction: str, ground_truth: str, all_classes: Optional[li
     return float(bool(g) and g in normalize_answer(prediction))
 
 
+def recall_contained(prediction: str, required: list[str]) -> float:
+    """Share of the required values whose `normalize_answer` form occurs in the prediction's
+    (RULER's multi-value / multi-query / variable-tracking / common-words score)."""
+    if not required:
+        return 0.0
+    return sum(contains_answer(prediction, value) for value in required) / len(required)
+
+
+def recall_contained_marker(prediction: str, ground_truth: str, all_classes=None) -> float:
+    """Placeholder in METRICS: `score_prediction` scores "recall_contained" over all answers."""
+    return recall_contained(prediction, [ground_truth])
+
+
 METRICS: dict[str, Metric] = {
+    "recall_contained": recall_contained_marker,
     f.__name__: f for f in (
         qa_f1_score, qa_f1_zh_score, rouge_score, rouge_zh_score, classification_score,
         retrieval_score, retrieval_zh_score, count_score, code_sim_score, exact_match, contains_answer,
@@ -355,4 +373,6 @@ def score_prediction(prediction: str, answers: Union[str, Iterable[str]], metric
         prediction = first_line(prediction)
     if isinstance(answers, str):
         answers = [answers]
+    if fn is recall_contained_marker:  # scores the whole answer list at once
+        return recall_contained(prediction, list(answers))
     return max((float(fn(prediction, answer, all_classes=all_classes)) for answer in answers), default=0.0)
