@@ -291,12 +291,12 @@ def recall_contained_marker(prediction: str, ground_truth: str, all_classes=None
 
 
 METRICS: dict[str, Metric] = {
-    "recall_contained": recall_contained_marker,
     f.__name__: f for f in (
         qa_f1_score, qa_f1_zh_score, rouge_score, rouge_zh_score, classification_score,
         retrieval_score, retrieval_zh_score, count_score, code_sim_score, exact_match, contains_answer,
     )
 }
+METRICS["recall_contained"] = recall_contained_marker
 
 # --------------------------------------------------------------------------------------
 # LongBench datasets
