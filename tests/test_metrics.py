@@ -190,7 +190,7 @@ def test_metrics_registry():
     assert set(METRICS) == {
         "qa_f1_score", "qa_f1_zh_score", "rouge_score", "rouge_zh_score", "classification_score",
         "retrieval_score", "retrieval_zh_score", "count_score", "code_sim_score", "exact_match",
-        "contains_answer"}
+        "contains_answer", "recall_contained"}
     for name, fn in METRICS.items():
         value = fn("Paragraph 1 has 2 cats, 段落1", "Paragraph 1", all_classes=["cats"])
         assert isinstance(value, float) and 0.0 <= value <= 1.0, name
@@ -242,3 +242,10 @@ def test_first_line_post_processing():
 def test_unknown_metric():
     with pytest.raises(ValueError, match="unknown metric"):
         score_prediction("x", ["x"], "bleu")
+
+
+def test_recall_contained_scores_the_whole_answer_list():
+    # 2 of the 3 required values appear -> 2/3; the best-over-answers rule does not apply
+    assert score_prediction("values are 12 and 34", ["12", "34", "56"], "recall_contained") == pytest.approx(2 / 3)
+    assert score_prediction("nothing here", ["12"], "recall_contained") == 0.0
+    assert score_prediction("12 34 56", ["12", "34", "56"], "recall_contained") == 1.0
