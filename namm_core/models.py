@@ -10,6 +10,8 @@ HF_HUB_OFFLINE=1 only what is already on disk is used.
 """
 from __future__ import annotations
 
+import fcntl
+import importlib
 import importlib.util
 import logging
 import os
@@ -98,7 +100,12 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path in EMBEDDED:
         converted = cache_dir() / "models" / name_or_path
         if not (converted / "config.json").exists():
-            _convert_gguf(_embedded_gguf(name_or_path), converted)
+            converted.parent.mkdir(parents=True, exist_ok=True)
+            # several workers may start at once: one converts, the others wait for it
+            with open(converted.parent / f".{name_or_path}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (converted / "config.json").exists():
+                    _convert_gguf(_embedded_gguf(name_or_path), converted)
         return str(converted)
     return name_or_path
 

@@ -57,11 +57,11 @@ def task_fitness(scores: list[float], references: list[float]) -> float:
 
 class EvolutionRun:
     def __init__(self, cfg: RunConfig, pool_factory=None, stop_after: Optional[int] = None,
-                 allow_config_change: bool = False):
+                 allow_config_change: bool = False, actor_env: Optional[dict] = None):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.pool_factory = pool_factory or default_pool_factory
+        self.pool_factory = pool_factory or (lambda c: default_pool_factory(c, actor_env))
         self.stop_after = stop_after
         self.allow_config_change = allow_config_change
         self.state: dict = {}
@@ -337,7 +337,7 @@ class EvolutionRun:
 
 
 # ----------------------------------------------------------------------------------------
-def default_pool_factory(cfg: RunConfig) -> ActorPool:
+def default_pool_factory(cfg: RunConfig, actor_env: Optional[dict] = None) -> ActorPool:
     import ray
 
     from workers.actor import EvolutionActor
@@ -349,8 +349,10 @@ def default_pool_factory(cfg: RunConfig) -> ActorPool:
                 torch_threads=cfg.workers.torch_threads)
 
     def make(i):
-        return EvolutionActor.options(num_cpus=cfg.workers.cpus_per_actor, num_gpus=gpus,
-                                      name=None).remote(**init)
+        options = dict(num_cpus=cfg.workers.cpus_per_actor, num_gpus=gpus)
+        if actor_env:
+            options["runtime_env"] = {"env_vars": {k: str(v) for k, v in actor_env.items()}}
+        return EvolutionActor.options(**options).remote(**init)
 
     pool = ActorPool(make, cfg.workers.num_actors, cfg.workers.max_retries, cfg.workers.timeout_seconds)
     pids = pool.wait_ready()
@@ -396,7 +398,7 @@ def _rng_from_state(state) -> np.random.RandomState:
 
 
 def _metric_key(task_key: str) -> str:
-    return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in task_key)
+    return task_key.replace("@", ":").replace("#", ":")
 
 
 def init_ray(num_cpus: Optional[int] = None) -> None:
@@ -411,5 +413,6 @@ def init_ray(num_cpus: Optional[int] = None) -> None:
     if address:
         ray.init(address=address)
     else:
+        # a private cluster on loopback: never joins (or disturbs) another Ray on this machine
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=True)
+                 _node_ip_address="127.0.0.1")

@@ -40,7 +40,14 @@ class Tracker:
         mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        if found:
+            self.experiment_id = found.experiment_id
+        else:
+            # a local sqlite store keeps its artifacts beside the database, not in the cwd's ./mlruns
+            location = None
+            if tracking_uri.startswith("sqlite:///"):
+                location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
 
     def parent_run(self, run_id: Optional[str], name: str, params: dict) -> str:
         if run_id:  # resume: params are immutable, never re-logged

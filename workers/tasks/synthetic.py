@@ -193,23 +193,32 @@ class _Job:
 
 def _choose(counts: Sequence[int], cum: Sequence[int], want: float, tail: int, reserve: int) -> list[int]:
     """Indices of units whose estimated token counts add up to about `want`: a prefix of the stream,
-    then the last `tail` units swapped for later ones of better-fitting size."""
-    k = min(bisect.bisect_left(cum, want), len(cum) - 1)
-    if k > 0 and abs(cum[k - 1] - want) <= abs(cum[k] - want):
-        k -= 1
-    chosen = list(range(k))
-    residual = want - cum[k]
-    pool = list(range(k, min(len(counts), k + reserve)))
-    for pos in range(len(chosen) - 1, max(-1, len(chosen) - 1 - tail), -1):
-        if abs(residual) < 0.5 or not pool:
+    then the last `tail` units swapped for later ones of better-fitting size. Prefixes one unit
+    shorter or longer than the closest are tried too (the swaps may only reach the target from there)."""
+    k0 = min(bisect.bisect_left(cum, want), len(cum) - 1)
+    if k0 > 0 and abs(cum[k0 - 1] - want) <= abs(cum[k0] - want):
+        k0 -= 1
+    best = None
+    for k in (k0, k0 - 1, k0 + 1):
+        if not 0 <= k < len(cum):
+            continue
+        chosen = list(range(k))
+        residual = want - cum[k]
+        pool = list(range(k, min(len(counts), k + reserve)))
+        for pos in range(len(chosen) - 1, max(-1, len(chosen) - 1 - tail), -1):
+            if abs(residual) < 0.5 or not pool:
+                break
+            current = counts[chosen[pos]]
+            j = min(range(len(pool)), key=lambda j: abs(residual - (counts[pool[j]] - current)))
+            delta = counts[pool[j]] - current
+            if abs(residual - delta) < abs(residual):
+                chosen[pos], pool[j] = pool[j], chosen[pos]
+                residual -= delta
+        if best is None or abs(residual) < best[0] - 0.5:
+            best = (abs(residual), chosen)
+        if best[0] < 0.5:
             break
-        current = counts[chosen[pos]]
-        j = min(range(len(pool)), key=lambda j: abs(residual - (counts[pool[j]] - current)))
-        delta = counts[pool[j]] - current
-        if abs(residual - delta) < abs(residual):
-            chosen[pos], pool[j] = pool[j], chosen[pos]
-            residual -= delta
-    return chosen
+    return best[1]
 
 
 def _fit(job: _Job, build: Callable[[list[int]], Sample], counts: Sequence[int], base: int,
@@ -535,11 +544,21 @@ def _kv_retrieval(tokenizer, length: int, seed: int, index: int) -> Sample:
         raise job.too_short(base, minimum)
     n = int((job.length - base) / pair_tokens) + 1
     used = {key, value}
-    filler = [tuple(_distinct(rng, lambda: _uuid(rng), 2, avoid=used)) for _ in range(n + max(64, n // 8))]
-    used.update(x for kv in filler for x in kv)
+    # more candidate pairs than needed: UUIDs differ a little in token count, and swapping some pairs
+    # for shorter or longer ones gives the fine control that whole pairs cannot
+    spare = min(512, max(256, n))
+    filler = []
+    for _ in range(n + spare):
+        pair = tuple(_distinct(rng, lambda: _uuid(rng), 2, avoid=used))
+        used.update(pair)
+        filler.append(pair)
     counts = _batch_counts(tokenizer, [f'  "{k}": "{v}",\n' for k, v in filler])
     sample, tokens, chosen = _fit(job, lambda chosen: make(with_target(filler[i] for i in chosen)),
-                                  counts, base, tail=24)
+                                  counts, base, tail=64, reserve=spare)
+    if abs(tokens - length) > TOLERANCE * length:
+        raise ValueError(f"length {length} cannot be fitted within {TOLERANCE:.0%} for task 'kv_retrieval' with "
+                         f"this tokenizer (best {tokens} tokens): one key-value pair takes about {pair_tokens} "
+                         f"tokens; use a longer length")
     return job.finish(sample, tokens, depth=depth, num_pairs=len(chosen) + 1)
 
 

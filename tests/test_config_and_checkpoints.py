@@ -1,0 +1,151 @@
+"""Run configs fail early with the field named; checkpoints survive crashes and corruption."""
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from orchestrator import checkpoint as ckpt
+from orchestrator.config import ConfigError, config_from_dict, load_config
+from orchestrator.es import EvolutionStrategy
+from orchestrator.config import ESConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = {
+    "name": "t",
+    "stages": [{"name": "s", "generations": 2, "tasks": [{"task": "passkey", "context_length": 512, "pool_size": 4}],
+                "prompts_per_task": 2}],
+}
+
+
+def _with(path: str, value):
+    data = copy.deepcopy(BASE)
+    node = data
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
+    node[keys[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("es.populaton", 8, "es.populaton: unknown field"),
+    ("es.population", "32", "es.population: expected an integer"),
+    ("es.population", 1, "at least 2"),
+    ("es.sigma0", -0.1, "es.sigma0: must be positive"),
+    ("workers.num_actors", 0, "workers.num_actors: must be positive"),
+    ("workers.gpus_per_actor", "many", "workers.gpus_per_actor"),
+    ("memory.update_every", 1.5, "memory.update_every: expected an integer"),
+    ("namm.scorer", "transformer", "namm.scorer"),
+    ("stages.0.generations", 0, "stages[0].generations: must be positive"),
+    ("stages.0.prompts_per_task", 8, "stages[0].tasks[0].pool_size"),
+    ("stages.0.tasks", [{"task": "no_such_task"}], "stages[0].tasks[0].task: unknown task"),
+    ("stages.0.tasks", [{"file": "missing.jsonl"}], "stages[0].tasks[0].file:"),
+    ("stages.0.tasks", [{"task": "passkey", "file": "x.jsonl"}], "exactly one of"),
+    ("stages.0.tasks", [], "stages[0].tasks: expected a non-empty list"),
+    ("modell", {}, "modell: unknown field"),
+])
+def test_bad_configs_name_the_field(path, value, message, tmp_path):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config_from_dict(_with(path, value), base_dir=tmp_path)
+
+
+def test_missing_required_field_and_bad_yaml(tmp_path):
+    data = copy.deepcopy(BASE)
+    del data["stages"]
+    with pytest.raises(ConfigError, match="stages: required field is missing"):
+        config_from_dict(data)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.jsonl").write_text('{"input": "q", "context": "c", "answers": ["a"]}\n')
+    data = _with("stages.0.tasks", [{"file": "data/x.jsonl"}])
+    data["checkpoint"] = {"root": "out"}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = load_config(path)
+    assert cfg.stages[0].tasks[0].file == str(tmp_path / "data" / "x.jsonl")
+    assert cfg.run_dir == tmp_path / "out" / "t"
+
+
+@pytest.mark.parametrize("job", ["smoke.yaml", "local.yaml"])
+def test_shipped_local_jobs_validate(job):
+    cfg = load_config(ROOT / "jobs" / job)
+    assert cfg.total_generations > 0
+
+
+def test_paper_job_matches_the_paper():
+    cfg = load_config(ROOT / "jobs" / "evolve.yaml", check_files=False)
+    assert cfg.es.population == 32 and cfg.es.sigma0 == 0.065 and cfg.es.elite_ratio == 0.5
+    assert cfg.model.dtype == "bfloat16" and cfg.model.rope_scaling["factor"] == 4.0
+    assert cfg.model.max_position_embeddings == 32768 and cfg.workers.gpus_per_actor == 1
+    names = [[Path(t.file).stem for t in s.tasks] for s in cfg.stages]
+    assert names == [["passage_retrieval_en"], ["passage_retrieval_en", "dureader"],
+                     ["passage_retrieval_en", "dureader", "narrativeqa"]]
+    assert all(s.prompts_per_task == 64 and s.validation_every == 10 for s in cfg.stages)
+
+
+def test_runtime_env_and_cluster_config_have_what_ray_needs():
+    env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
+    assert Path(env["env_vars"]["NAMM_RUN_ROOT"]).is_absolute()
+    assert ".venv" in env["excludes"]
+    cluster = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    for key in ("cluster_name", "max_workers", "provider", "auth", "available_node_types", "head_node_type",
+                "setup_commands", "head_start_ray_commands", "worker_start_ray_commands", "file_mounts"):
+        assert key in cluster, key
+    types = cluster["available_node_types"]
+    assert cluster["head_node_type"] in types
+    assert types[cluster["head_node_type"]]["resources"].get("GPU", 0) == 0
+    assert any(t["resources"].get("GPU", 0) >= 1 for t in types.values())
+    assert any("pip install" in c for c in cluster["setup_commands"])
+
+
+# --- checkpoints ------------------------------------------------------------------------
+def test_checkpoint_round_trip_keeps_the_newest_k(tmp_path):
+    for g in range(5):
+        ckpt.write_checkpoint(tmp_path, g, {"g": g, "x": np.arange(g)}, keep=3)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["gen-000002.ckpt", "gen-000003.ckpt",
+                                                                "gen-000004.ckpt"]
+    path, state = ckpt.load_latest(tmp_path)
+    assert path.name == "gen-000004.ckpt" and state["g"] == 4
+    assert not list(tmp_path.glob(".ckpt.*")), "no temporary files left"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage, caplog):
+    for g in range(3):
+        ckpt.write_checkpoint(tmp_path, g, {"g": g}, keep=3)
+    newest = ckpt.checkpoint_path(tmp_path, 2)
+    data = newest.read_bytes()
+    if damage == "truncate":
+        newest.write_bytes(data[: len(data) - 5])
+    elif damage == "flip":
+        newest.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    else:
+        newest.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ckpt.CorruptCheckpoint):
+        ckpt.read_checkpoint(newest)
+    path, state = ckpt.load_latest(tmp_path)
+    assert state["g"] == 1 and path.name == "gen-000001.ckpt"
+    assert "corrupt checkpoint" in caplog.text
+
+
+def test_pickled_es_resumes_bit_identically():
+    def run(resume_at=None):
+        es = EvolutionStrategy(300, ESConfig(population=8, seed=5))
+        for g in range(6):
+            if g == resume_at:
+                es = EvolutionStrategy.loads(es.dumps())
+            xs = es.ask()
+            es.tell([-float(np.sum((x - 0.3) ** 2)) for x in xs])
+        return es.mean
+
+    assert np.array_equal(run(), run(resume_at=3))
