@@ -39,6 +39,7 @@ class ActorPool:
         self.max_retries, self.timeout, self.poll = max_retries, timeout_seconds, poll_seconds
         self.failures: list[str] = []       # what went wrong, for logs and MLflow
         self.restarts = 0
+        self._probes: dict = {}
 
     def wait_ready(self, timeout: float = 900.0) -> list[int]:
         """Block until every actor has started (and loaded its model); returns their PIDs."""
@@ -53,7 +54,9 @@ class ActorPool:
         attempts = [0] * len(jobs)
         last_actor: dict[int, int] = {}
         queue = list(range(len(jobs)))
-        idle = list(range(len(self.actors)))
+        # health checks of actors that died or were killed; they stay out of work until they answer
+        probes = self._probes
+        idle = [i for i in range(len(self.actors)) if i not in probes.values()]
         in_flight: dict[ray.ObjectRef, _InFlight] = {}
         while queue or in_flight:
             while queue and idle:
@@ -63,16 +66,23 @@ class ActorPool:
                 idle.remove(choice)
                 ref = getattr(self.actors[choice], jobs[j].method).remote(*jobs[j].args)
                 in_flight[ref] = _InFlight(j, choice, time.monotonic())
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.poll)
+            ready, _ = ray.wait(list(in_flight) + list(probes), num_returns=1, timeout=self.poll)
             for ref in ready:
+                if ref in probes:
+                    self._probe_done(ref, probes, idle)
+                    continue
                 flight = in_flight.pop(ref)
                 try:
                     results[flight.job_index] = ray.get(ref)
                     if on_result:
                         on_result(flight.job_index, results[flight.job_index])
+                    idle.append(flight.actor_index)
                 except Exception as e:  # actor died, task raised, object lost: retry elsewhere
                     self._failed(jobs, flight, attempts, last_actor, queue, f"{type(e).__name__}: {_short(e)}")
-                idle.append(flight.actor_index)
+                    if _actor_is_down(e):
+                        self._probe(flight.actor_index, probes)  # back to work once Ray has restarted it
+                    else:
+                        idle.append(flight.actor_index)
             now = time.monotonic()
             for ref, flight in list(in_flight.items()):
                 if now - flight.started > self.timeout:
@@ -80,8 +90,28 @@ class ActorPool:
                     ray.kill(self.actors[flight.actor_index], no_restart=False)  # Ray restarts it
                     self.restarts += 1
                     self._failed(jobs, flight, attempts, last_actor, queue, f"timed out after {self.timeout:.0f}s")
-                    idle.append(flight.actor_index)
+                    self._probe(flight.actor_index, probes)
+            if queue and not idle and not in_flight and not probes:  # pragma: no cover - defensive
+                raise RuntimeError("no actor left to run the remaining jobs")
         return results
+
+    def _probe(self, actor_index: int, probes: dict) -> None:
+        probes[self.actors[actor_index].pid.remote()] = actor_index
+
+    def _probe_done(self, ref, probes: dict, idle: list) -> None:
+        actor_index = probes.pop(ref)
+        try:
+            ray.get(ref)
+            idle.append(actor_index)
+            log.info("actor %d is back", actor_index)
+        except ray.exceptions.ActorDiedError:
+            log.warning("actor %d is gone for good; starting a replacement", actor_index)
+            self.actors[actor_index] = self.make_actor(actor_index)
+            self.restarts += 1
+            self._probe(actor_index, probes)
+        except Exception:  # still restarting: ask again shortly
+            time.sleep(self.poll)
+            self._probe(actor_index, probes)
 
     def _failed(self, jobs, flight, attempts, last_actor, queue, reason: str) -> None:
         j = flight.job_index
@@ -101,6 +131,11 @@ class ActorPool:
                 ray.kill(a, no_restart=True)
             except Exception:  # already gone
                 pass
+
+
+def _actor_is_down(e: Exception) -> bool:
+    """The actor itself failed (died, restarting, unreachable), as opposed to the task raising."""
+    return isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
 
 
 def _short(e: Exception, limit: int = 300) -> str:

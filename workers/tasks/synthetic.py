@@ -248,9 +248,27 @@ def _fit(job: _Job, build: Callable[[list[int]], Sample], counts: Sequence[int],
     return best
 
 
-def _haystack_stream(job: _Job, min_tokens: int):
+# The classic pass-key haystack (Mohtashami & Jaggi 2023): the same five sentences repeated.
+_FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
+
+
+def _filler_stream(job: _Job, min_tokens: int):
+    counts_one = _batch_counts(job.tokenizer, list(_FILLER))
+    units, counts, total = [], [], 0
+    while total < min_tokens:
+        for j, (s, c) in enumerate(zip(_FILLER, counts_one)):
+            units.append((s, j == len(_FILLER) - 1))
+            counts.append(c)
+            total += c
+    return units, counts
+
+
+def _haystack_stream(job: _Job, min_tokens: int, filler: bool = False):
     """Corpus sentences in seeded paragraph order (reshuffled each pass over the corpus) until their
-    estimated token count reaches `min_tokens`. Returns ([(sentence, ends_paragraph)], counts)."""
+    estimated token count reaches `min_tokens`. Returns ([(sentence, ends_paragraph)], counts).
+    With `filler`, the repeated classic pass-key sentences instead."""
+    if filler:
+        return _filler_stream(job, min_tokens)
     paragraphs = _corpus()
     info = _info(job.tokenizer)
     units: list[tuple[str, bool]] = []
@@ -299,13 +317,15 @@ def _render_haystack(units, chosen: Sequence[int], needles: Sequence[tuple[float
     return "".join(out)
 
 
-def _haystack_sample(job: _Job, needles: Sequence[tuple[float, str]], make: Callable[[str], Sample]):
-    """A haystack task: corpus filler with needles, fitted to the length. Returns (sample, tokens)."""
+def _haystack_sample(job: _Job, needles: Sequence[tuple[float, str]], make: Callable[[str], Sample],
+                     filler: bool = False):
+    """A haystack task: corpus text (or the repeated pass-key filler) with needles, fitted to the
+    length. Returns (sample, tokens)."""
     base = job.measure(make(_render_haystack([], [], needles)))
     minimum = base + _MIN_HAYSTACK
     if job.length < minimum:
         raise job.too_short(base, minimum)
-    units, counts = _haystack_stream(job, job.length - base + max(2048, job.length // 10))
+    units, counts = _haystack_stream(job, job.length - base + max(2048, job.length // 10), filler=filler)
     sample, tokens, _ = _fit(job, lambda chosen: make(_render_haystack(units, chosen, needles)),
                              counts, base, tail=3)
     return sample, tokens
@@ -360,7 +380,7 @@ def _passkey(tokenizer, length: int, seed: int, index: int) -> Sample:
                       input="What is the pass key? The pass key is", answers=[key],
                       metric="contains_answer", max_new_tokens=16, template=_PASSKEY_TEMPLATE)
 
-    sample, tokens = _haystack_sample(job, [(depth, needle)], make)
+    sample, tokens = _haystack_sample(job, [(depth, needle)], make, filler=True)
     return job.finish(sample, tokens, depth=depth)
 
 
