@@ -69,7 +69,7 @@ def check_sample(sample: Sample, tokenizer, length: int, seed: int, index: int):
     if task == "passkey":
         key = sample.answers[0]
         assert re.fullmatch(r"\d{5}", key)
-        assert f"The pass key is {key}. Remember it." in ctx and ctx.count(key) == 1
+        assert f"The pass key is {key}. Remember it. {key} is the pass key." in ctx and ctx.count(key) == 2
         assert "pass key" in sample.input
     elif task.startswith("niah_"):
         keys = sample.meta["keys"]
@@ -154,14 +154,22 @@ def test_length_within_two_percent_and_answers_in_context(tok, task, length):
         check_sample(sample, tok, length, seed=3, index=i)
 
 
-def test_haystack_is_corpus_prose(tok):
+def test_haystacks_are_corpus_prose_except_the_classic_passkey(tok):
     corpus = CORPUS_PATH.read_text()
-    sample = generate_samples("passkey", tok, 1, 4000, seed=1)[0]
-    needle = f"The pass key is {sample.answers[0]}. Remember it."
-    sentences = [s for s in re.split(r"(?<=[.!?])\s+", sample.context.replace(needle, " ")) if s.strip()]
+    sample = generate_samples("niah_single", tok, 1, 4000, seed=1)[0]
+    text = sample.context
+    for value in sample.answers:  # drop the needle sentences
+        text = re.sub(r"[^.]*" + re.escape(value) + r"[^.]*\.", " ", text)
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
     assert len(sentences) > 50
-    assert all(s in corpus for s in sentences)
-    assert 0.0 <= sample.meta["depth"] <= 1.0
+    assert sum(s in corpus for s in sentences) >= len(sentences) - 2
+    # the pass-key task keeps the classic repeated filler (the form small models answer at 4k+)
+    passkey = generate_samples("passkey", tok, 1, 4000, seed=1)[0]
+    key = passkey.answers[0]
+    filler = passkey.context.replace(f"The pass key is {key}. Remember it. {key} is the pass key.", " ")
+    assert set(s for s in re.split(r"(?<=[.!?])\s+", filler) if s.strip()) <= {
+        "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again."}
+    assert 0.0 <= passkey.meta["depth"] <= 1.0
 
 
 def test_unknown_task_names_the_valid_ones(tok):

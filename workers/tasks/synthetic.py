@@ -83,8 +83,7 @@ yours""".split())
 # ----------------------------------------------------------------------------------------------
 # templates (instruction in the template, question in `input`)
 
-_PASSKEY_TEMPLATE = ("A pass key is hidden somewhere in the long text below. Find it and keep it in mind, "
-                     "because you will be asked for it at the end.\n\n{context}\n\n{input}")
+_PASSKEY_TEMPLATE = "{context}\n\n{input}"
 _NIAH_TEMPLATE = ("The long text below hides one or more special magic numbers among ordinary paragraphs. "
                   "Find them and memorize them, because you will be asked about them afterwards.\n\n"
                   "{context}\n\n{input}")
@@ -373,11 +372,13 @@ def _passkey(tokenizer, length: int, seed: int, index: int) -> Sample:
     job = _Job("passkey", tokenizer, length, seed, index)
     key = str(job.rng.randint(10_000, 99_999))
     depth = _depth(job.rng)
-    needle = f"The pass key is {key}. Remember it."
+    # the classic needle and question (Mohtashami & Jaggi 2023); the small models answer this
+    # form reliably at 4k+ tokens, while an instruction header in front of the context hurts them
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
 
     def make(context):
         return Sample(task="passkey", sample_id=job.sample_id, context=context,
-                      input="What is the pass key? The pass key is", answers=[key],
+                      input="What is the pass key? Answer with the number only.", answers=[key],
                       metric="contains_answer", max_new_tokens=16, template=_PASSKEY_TEMPLATE)
 
     sample, tokens = _haystack_sample(job, [(depth, needle)], make, filler=True)
