@@ -19,11 +19,11 @@ from .cache import active_cache
 ATTN_IMPLEMENTATION = "namm_memory"
 
 
-def memory_mask(layer, query_positions, query_valid, sliding_window=None) -> torch.Tensor:
-    """[B, H_kv, Q, S] bool: which cached slot each query may attend to."""
-    kpos = layer.positions.unsqueeze(-2)              # [B, H, 1, S]
+def memory_mask(layer, query_positions, query_valid, sliding_window=None, heads=slice(None)) -> torch.Tensor:
+    """[B, H_kv, Q, S] bool: which cached slot each query may attend to (only `heads`)."""
+    kpos = layer.positions[:, heads].unsqueeze(-2)    # [B, H, 1, S]
     qpos = query_positions[:, None, :, None]          # [B, 1, Q, 1]
-    mask = layer.valid.unsqueeze(-2) & (kpos <= qpos)
+    mask = layer.valid[:, heads].unsqueeze(-2) & (kpos <= qpos)
     if sliding_window is not None:
         mask = mask & (kpos > qpos - sliding_window)
     # a left-padding query attends to everything valid: finite output that is never used
@@ -37,16 +37,25 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
                                       scaling=scaling, **kwargs)
     layer = cache.layers[module.layer_idx]
     window = kwargs.get("sliding_window") or layer.sliding_window
-    mask = memory_mask(layer, cache.chunk_positions, cache.chunk_valid, window)
     n_rep = query.shape[1] // key.shape[1]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     softcap = kwargs.get("softcap")
 
     if cache.observer is None and softcap is None:
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask.repeat_interleave(n_rep, dim=1), scale=scaling,
-            enable_gqa=n_rep > 1)
+        if layer.heads_uniform:  # one mask for all heads
+            mask = memory_mask(layer, cache.chunk_positions, cache.chunk_valid, window, heads=slice(0, 1))
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                 enable_gqa=n_rep > 1)
+        else:  # per KV head: each group of query heads with its own mask (broadcast, not copied)
+            mask = memory_mask(layer, cache.chunk_positions, cache.chunk_valid, window)
+            out = torch.cat([
+                F.scaled_dot_product_attention(query[:, h * n_rep:(h + 1) * n_rep], key[:, h:h + 1],
+                                               value[:, h:h + 1], attn_mask=mask[:, h:h + 1], scale=scaling,
+                                               enable_gqa=n_rep > 1)
+                for h in range(key.shape[1])], dim=1)
         return out.transpose(1, 2).contiguous(), None
+
+    mask = memory_mask(layer, cache.chunk_positions, cache.chunk_valid, window)
 
     # eager path: the probabilities are needed (or softcapping is). Query heads are grouped
     # by their KV head, so keys are never copied per query head.

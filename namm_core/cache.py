@@ -31,6 +31,9 @@ class MemoryLayer(CacheLayerMixin):
         self.positions: Optional[torch.Tensor] = None
         self.columns: Optional[torch.Tensor] = None
         self.aux: dict[str, torch.Tensor] = {}
+        # True while every KV head holds the same slots (no per-head eviction yet): attention
+        # can then use one mask broadcast over heads, which is about 2x faster on CPU
+        self.heads_uniform = True
 
     # --- transformers' layer interface -------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
@@ -58,6 +61,7 @@ class MemoryLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.valid = self.positions = self.columns = None
         self.aux = {}
+        self.heads_uniform = True
         self.is_initialized = False
 
     # --- memory operations -------------------------------------------------------------
@@ -83,6 +87,7 @@ class MemoryLayer(CacheLayerMixin):
     def compact(self, keep: torch.Tensor) -> None:
         """Keep the slots where keep [B, H, S] is True; shrink to the longest kept row."""
         keep = keep & self.valid
+        self.heads_uniform = self.heads_uniform and bool((keep == keep[:, :1]).all())
         S = keep.shape[-1]
         length = int(keep.sum(-1).max()) if S else 0
         # kept slots first, each row in its original (position) order

@@ -1,0 +1,141 @@
+"""`namm eval`, the Evaluator and task files: outputs, crops, references, bad input."""
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from namm_core import FullCache, NAMM, parse_policy
+from orchestrator.cli import main
+from workers.evaluator import Evaluator
+from workers.modeling import build_model
+from workers.tasks import load_tasks
+from workers.tasks.files import load_task_file
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with the embedded model's tokenizer, saved as a local model directory."""
+    model, tok = build_model(tiny_random={"architecture": "llama", "seed": 0, "max_position_embeddings": 900})
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    from namm_core import load_model
+
+    return load_model(str(tiny_dir), device="cpu")
+
+
+def test_namm_eval_writes_parquet_plot_and_table(tiny_dir, tmp_path, capsys):
+    namm = NAMM()
+    namm.set_params(torch.randn(namm.num_params, generator=torch.Generator().manual_seed(0)) * 0.3)
+    namm.save_pretrained(tmp_path / "namm")
+    out = tmp_path / "res" / "eval.parquet"
+    code = main(["eval", "--model", str(tiny_dir), "--policy", "full", "--policy", "h2o:0.5",
+                 "--policy", f"namm:{tmp_path / 'namm'}", "--baselines-at-namm-retention",
+                 "--tasks", "passkey,fidelity", "--num-prompts", "2", "--context-length", "600",
+                 "--update-every", "128", "--chunk-size", "128", "--out", str(out)])
+    assert code == 0
+    rows = pq.read_table(out).to_pylist()
+    policies = {r["policy"] for r in rows}
+    assert {"full", "h2o:0.5"} <= policies and any(p.startswith("namm:") for p in policies)
+    assert {p.split(":")[0] for p in policies} >= {"streamingllm", "l2", "snapkv", "tova", "h2o"}
+    assert len(rows) == 4 * len(policies)               # 2 tasks x 2 prompts, every policy
+    for column in ("sample_id", "task", "policy", "score", "prediction", "retention", "peak_kv_bytes",
+                   "seconds", "prompt_tokens", "cropped_tokens", "kl", "perplexity", "model", "seed"):
+        assert column in rows[0], column
+    full = [r for r in rows if r["policy"] == "full"]
+    assert all(r["retention"] == 1.0 for r in full)
+    assert all(r["score"] == 1.0 for r in full if r["task"] == "fidelity")   # the full cache agrees with itself
+    assert out.with_suffix(".png").stat().st_size > 1000 and out.with_suffix(".md").exists()
+    table = capsys.readouterr().out
+    assert "fidelity" in table and "passkey" in table and "retention" in table
+
+
+def test_every_policy_sees_the_same_prompts_and_references_are_cached(tiny):
+    model, tok = tiny
+    samples = load_tasks(["niah_single"], tok, num_prompts=2, context_length=500, seed=1)
+    ev = Evaluator(model, tok, update_every=128, chunk_size=128)
+    ref = ev.reference(samples)
+    again = ev.reference(samples)
+    assert all(ref[s.sample_id] is again[s.sample_id] for s in samples), "computed once per prompt"
+    a = ev.evaluate(samples, parse_policy("l2:0.5"))
+    assert [r.sample_id for r in a] == [s.sample_id for s in samples]
+    assert all(r.prompt_tokens == ev.encode(s)[0].shape[1] for r, s in zip(a, samples))
+
+
+def test_long_context_is_cropped_in_the_middle_and_reported(tiny, caplog):
+    model, tok = tiny
+    samples = load_tasks(["niah_single"], tok, num_prompts=1, context_length=1500, seed=0)
+    ev = Evaluator(model, tok)
+    ids, cropped = ev.encode(samples[0])
+    assert ids.shape[1] <= 900 - samples[0].max_new_tokens
+    assert cropped > 500
+    assert "cropped" in caplog.text
+    result = ev.run_sample(samples[0], FullCache())
+    assert result.cropped_tokens == cropped
+
+
+def _write_jsonl(path: Path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_longbench_format_files(tmp_path):
+    f = _write_jsonl(tmp_path / "hotpotqa.jsonl", [
+        {"input": "Who?", "context": "Alice met Bob.", "answers": ["Alice"], "dataset": "hotpotqa", "_id": "x1"},
+        {"input": "Class?", "context": "ex", "answers": ["A"], "all_classes": ["A", "B"], "dataset": "trec"},
+    ])
+    s = load_task_file(f)
+    assert s[0].metric == "qa_f1_score" and s[0].max_new_tokens == 32 and s[0].sample_id == "x1"
+    assert "Alice met Bob." in s[0].prompt() and "Who?" in s[0].prompt()
+    assert s[1].metric == "classification_score" and s[1].all_classes == ["A", "B"]
+    templates = tmp_path / "t.json"
+    templates.write_text(json.dumps({"hotpotqa": "CTX={context} Q={input}"}))
+    assert load_task_file(f, templates_file=str(templates))[0].prompt() == "CTX=Alice met Bob. Q=Who?"
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist([{"input": "q", "context": "c", "answers": ["a"]}]), tmp_path / "mine.parquet")
+    mine = load_task_file(tmp_path / "mine.parquet")
+    assert mine[0].task == "mine" and mine[0].answers == ["a"]
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"input": "q", "answers": ["a"]}\n', r"x.jsonl:1: missing field\(s\) \['context'\]"),
+    ('{"input": "q", "context": "c", "answers": ["a"]}\n{oops\n', r"x.jsonl:2: not valid JSON"),
+    ('{"input": "q", "context": "c", "answers": []}\n', r"x.jsonl:1: 'answers' must be a non-empty list"),
+    ("\n\n", r"x.jsonl is empty"),
+])
+def test_bad_task_files_name_file_and_line(tmp_path, content, message):
+    (tmp_path / "x.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_task_file(tmp_path / "x.jsonl")
+
+
+def test_bad_eval_arguments_fail_before_loading_the_model(tmp_path, capsys):
+    assert main(["eval", "--policy", "h2o:1.5", "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "above 1" in capsys.readouterr().err
+    assert main(["eval", "--policy", "full", "--baselines-at-namm-retention"]) == 2
+    assert not (tmp_path / "x.parquet").exists(), "nothing half-written"
+
+
+def test_unknown_task_spec(tiny):
+    _, tok = tiny
+    with pytest.raises(ValueError, match="unknown task 'passkee'"):
+        load_tasks(["passkee"], tok, 1, 500, 0)
+    with pytest.raises(FileNotFoundError):
+        load_tasks(["missing.parquet"], tok, 1, 500, 0)
+
+
+@pytest.mark.slow
+def test_smollm2_full_cache_answers_passkey_at_4k(smollm2):
+    model, tok = smollm2
+    samples = load_tasks(["passkey"], tok, num_prompts=3, context_length=4096, seed=11)
+    results = Evaluator(model, tok).evaluate(samples, FullCache())
+    assert all(abs(r.prompt_tokens - 4096) < 0.05 * 4096 for r in results)
+    assert sum(r.score for r in results) >= 2, [r.prediction for r in results]
