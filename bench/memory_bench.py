@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     runs += [(f"{name}:{b}", parse_policy(f"{name}:{b}")) for name in args.policies for b in args.budgets]
     runs.append(("namm (zero)", NAMM()))
     rows = []
+    MemoryManagedLM(model, NAMM()).generate(make_ids(tok, 600), max_new_tokens=2)  # warm-up
     bar = tqdm(total=len(args.lengths) * len(runs), desc="bench")
     for n in args.lengths:
         ids = make_ids(tok, n)
