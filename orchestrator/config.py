@@ -199,8 +199,9 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
             raise ConfigError(f"{where}: must be positive, got {value}")
 
     positive(cfg.es.population, "es.population")
-    if cfg.es.population < 2:
-        raise ConfigError("es.population: CMA-ES needs at least 2 candidates")
+    if cfg.es.population < 4:
+        # pycma injects two step-size test points per generation in high dimensions (TPA)
+        raise ConfigError(f"es.population: CMA-ES here needs at least 4 candidates, got {cfg.es.population}")
     positive(cfg.es.sigma0, "es.sigma0")
     if not 0 < cfg.es.elite_ratio <= 1:
         raise ConfigError(f"es.elite_ratio: must be in (0, 1], got {cfg.es.elite_ratio}")

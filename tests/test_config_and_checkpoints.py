@@ -32,7 +32,7 @@ def _with(path: str, value):
 @pytest.mark.parametrize("path,value,message", [
     ("es.populaton", 8, "es.populaton: unknown field"),
     ("es.population", "32", "es.population: expected an integer"),
-    ("es.population", 1, "at least 2"),
+    ("es.population", 3, "at least 4"),
     ("es.sigma0", -0.1, "es.sigma0: must be positive"),
     ("workers.num_actors", 0, "workers.num_actors: must be positive"),
     ("workers.gpus_per_actor", "many", "workers.gpus_per_actor"),
