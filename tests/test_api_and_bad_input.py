@@ -108,3 +108,14 @@ def test_embedded_model_loads_and_is_cached(smollm2):
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
     from pathlib import Path
     assert (Path(resolve_model_path("smollm2")) / "model.safetensors").is_file()
+
+
+def test_bfloat16_memory_runs_and_a_zero_namm_matches_the_full_cache():
+    model = tiny_model("llama").to(torch.bfloat16)
+    ids = torch.randint(0, 97, (2, 90), generator=torch.Generator().manual_seed(3))
+    full = MemoryManagedLM(model, parse_policy("full"), update_every=32).prefill_logits(ids)
+    zero = MemoryManagedLM(model, NAMM(), update_every=32).prefill_logits(ids)
+    assert zero.logits.dtype == torch.bfloat16
+    assert (zero.logits.float() - full.logits.float()).abs().max() < 0.05
+    evicting = MemoryManagedLM(model, parse_policy("h2o:0.5"), update_every=32).generate(ids, max_new_tokens=4)
+    assert evicting.stats.mean_retention < 1.0 and evicting.sequences.shape == (2, 4)
