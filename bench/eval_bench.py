@@ -52,10 +52,11 @@ def main(argv=None) -> int:
                                 title=f"{args.model}, {length} tokens, {len(samples)} prompts")
         sections.append(f"#### {length} tokens ({args.num_prompts} prompts per task, seed {args.seed})\n\n"
                         + format_table(part, markdown=True))
-    write_parquet_atomic(rows, args.out_dir / "eval.parquet")
-    text = "\n\n".join(sections) + "\n"
-    (args.out_dir / "eval.md").write_text(text)
-    print(text)
+        # written after every length, so a long run leaves its finished part behind
+        write_parquet_atomic(rows, args.out_dir / "eval.parquet")
+        text = "\n\n".join(sections) + "\n"
+        (args.out_dir / "eval.md").write_text(text)
+        print(text, flush=True)
     return 0
 
 

@@ -85,7 +85,7 @@ class EvolutionWorker:
     def make_namm(self, vector, norm: Optional[dict]) -> NAMM:
         namm = NAMM(self.namm_config).set_params(torch.tensor(np.array(vector, dtype=np.float32)))
         if norm is not None:
-            namm.norm_mean = torch.as_tensor(norm["mean"], dtype=torch.float32)
-            namm.norm_var = torch.as_tensor(norm["var"], dtype=torch.float32)
+            namm.norm_mean = torch.tensor(np.array(norm["mean"], dtype=np.float32))
+            namm.norm_var = torch.tensor(np.array(norm["var"], dtype=np.float32))
             namm.norm_count = float(norm["count"])
         return namm
