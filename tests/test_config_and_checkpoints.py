@@ -149,3 +149,28 @@ def test_pickled_es_resumes_bit_identically():
         return es.mean
 
     assert np.array_equal(run(), run(resume_at=3))
+
+
+def test_namm_export_writes_the_cma_mean_or_the_best(tmp_path, capsys):
+    import torch
+
+    from namm_core import NAMM
+    from orchestrator.cli import main
+
+    es = EvolutionStrategy(4172, ESConfig(population=4, seed=1, diagonal=True))
+    xs = es.ask()
+    es.tell([float(-np.sum(x ** 2)) for x in xs])
+    best = np.full(4172, 0.01)
+    state = {"es": es.dumps(), "best": {"vector": best, "fitness": 1.0, "generation": 0}, "best_validation": None,
+             "namm_spec": {"scorer": "bam", "head_dim": 32, "mlp_hidden": [32]}, "global_generation": 1,
+             "norm": {"mean": np.arange(17, dtype=np.float32), "var": np.ones(17, dtype=np.float32), "count": 5.0}}
+    ckpt.write_checkpoint(tmp_path / "checkpoints", 1, state)
+    assert main(["export", str(tmp_path / "checkpoints"), str(tmp_path / "mean")]) == 0
+    mean = NAMM.from_pretrained(tmp_path / "mean")
+    assert np.allclose(mean.get_params().numpy(), es.mean.astype(np.float32))
+    assert torch.equal(mean.norm_mean, torch.arange(17, dtype=torch.float32))
+    assert main(["export", str(ckpt.checkpoint_path(tmp_path / "checkpoints", 1)), str(tmp_path / "best"),
+                 "--which", "best"]) == 0
+    assert np.allclose(NAMM.from_pretrained(tmp_path / "best").get_params().numpy(), 0.01)
+    assert main(["export", str(tmp_path / "checkpoints"), str(tmp_path / "bv"), "--which", "best-validated"]) == 2
+    assert "no best-validated candidate" in capsys.readouterr().err
