@@ -122,3 +122,58 @@ def test_resume_with_a_changed_config_is_refused(reference_run):
     cfg.es.sigma0 = 0.5
     with pytest.raises(ValueError, match="different config"):
         EvolutionRun(cfg).run()
+
+
+def test_smoke_job_logs_to_an_mlflow_tracking_server(ray_cluster, tmp_path):
+    """The same job against a real `mlflow server` on a free loopback port (MLFLOW_TRACKING_URI)."""
+    import socket
+
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                MlflowClient(uri).search_experiments()
+                break
+            except Exception:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()[-2000:])
+                time.sleep(1)
+        data = yaml.safe_load(write_job(tmp_path, "served").read_text())
+        del data["tracking"]
+        path = tmp_path / "served.yaml"
+        path.write_text(yaml.safe_dump(data))
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        try:
+            summary = EvolutionRun(load_config(path)).run()
+        finally:
+            del os.environ["MLFLOW_TRACKING_URI"]
+        client = MlflowClient(uri)
+        assert summary["tracking_uri"] == uri
+        steps = sorted(m.step for m in client.get_metric_history(summary["mlflow_parent"], "fitness_best"))
+        assert steps == [0, 1, 2]
+        artifacts = {a.path for a in client.list_artifacts(summary["mlflow_parent"])}
+        assert {"namm_best", "fitness.png", "history.parquet"} <= artifacts
+    finally:
+        children = psutil.Process(server.pid).children(recursive=True)
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
