@@ -1,5 +1,5 @@
 """`ray job submit` against a real Ray head started with `ray start --head` on free loopback
-ports (stopped afterwards by its process id: never `ray stop`)."""
+ports, stopped afterwards by its process id."""
 import os
 import shutil
 import signal
