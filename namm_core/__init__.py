@@ -7,14 +7,14 @@ causal LMs. torch + transformers only (no Ray, no MLflow).
     out = lm.generate(tok("...", return_tensors="pt").input_ids, max_new_tokens=32)
 """
 from .features import SpectrogramConfig
-from .generation import GenerationOutput, MemoryManagedLM, MemoryStats
+from .generation import GenerationOutput, MemoryManagedLM, MemoryStats, SharedPrefix
 from .models import DEFAULT_MODEL, load_model
 from .namm import NAMM, NAMMConfig
 from .policies import H2O, TOVA, BASELINES, Budget, FullCache, L2Norm, MemoryPolicy, SnapKV, StreamingLLM
 from .registry import DEFAULT_NAMM_DIR, POLICY_HELP, parse_policy
 
 __all__ = [
-    "SpectrogramConfig", "GenerationOutput", "MemoryManagedLM", "MemoryStats", "DEFAULT_MODEL", "load_model",
+    "SpectrogramConfig", "GenerationOutput", "MemoryManagedLM", "SharedPrefix", "MemoryStats", "DEFAULT_MODEL", "load_model",
     "NAMM", "NAMMConfig", "H2O", "TOVA", "BASELINES", "Budget", "FullCache", "L2Norm", "MemoryPolicy",
     "SnapKV", "StreamingLLM", "DEFAULT_NAMM_DIR", "POLICY_HELP", "parse_policy",
 ]

@@ -8,6 +8,7 @@ at those boundaries) and in decoding alike.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -106,8 +107,13 @@ class MemoryManagedLM:
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  max_new_tokens: int = 32, eos_token_id=None, pad_token_id: int = 0,
-                 return_logits: bool = False, progress=None) -> GenerationOutput:
-        """Greedy generation. input_ids [B, T], left-padded where attention_mask is 0."""
+                 return_logits: bool = False, progress=None, prefix: Optional["SharedPrefix"] = None
+                 ) -> GenerationOutput:
+        """Greedy generation. input_ids [B, T], left-padded where attention_mask is 0.
+
+        `prefix` (from `shared_prefix`) resumes from a stored state of the same prompt instead
+        of recomputing the columns before the first memory update.
+        """
         input_ids = input_ids.to(self.device)
         B, T = input_ids.shape
         if attention_mask is None:
@@ -117,16 +123,22 @@ class MemoryManagedLM:
             raise ValueError("prompts must be non-empty and left-padded (the last column real for every row)")
         eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
 
-        cache = MemoryCache(self.model.config, aux_shapes=getattr(self.policy, "aux_shapes", {}))
-        self.policy.new_sequence()
-        state = _LoopState(positions=attention_mask.long().cumsum(-1) - 1, mask=attention_mask,
-                           next_update=self.update_every)
-        stats = MemoryStats()
-
         t0 = time.perf_counter()
         logits_all = []
-        start = 0
-        last_logits = None
+        if prefix is not None:
+            if return_logits:
+                raise ValueError("a shared prefix keeps only its last logits; return_logits needs a full run")
+            prefix.check(self, input_ids)
+            cache, state, stats, start, last_logits = prefix.restore()
+            self.policy.new_sequence()
+            self._maybe_update(cache, state, stats, start)
+        else:
+            cache = MemoryCache(self.model.config, aux_shapes=getattr(self.policy, "aux_shapes", {}))
+            self.policy.new_sequence()
+            state = _LoopState(positions=attention_mask.long().cumsum(-1) - 1, mask=attention_mask,
+                               next_update=self.update_every)
+            stats = MemoryStats()
+            start, last_logits = 0, None
         while start < T:
             end = min(start + self.chunk_size, state.next_update, T)
             logits = self._forward(cache, input_ids[:, start:end], state.positions[:, start:end].clamp(min=0),
@@ -137,7 +149,7 @@ class MemoryManagedLM:
             if progress is not None:
                 progress(end - start)
             start = end
-        stats.prefill_seconds = time.perf_counter() - t0
+        stats.prefill_seconds += time.perf_counter() - t0
 
         t1 = time.perf_counter()
         generated = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=self.device)
@@ -165,12 +177,45 @@ class MemoryManagedLM:
         return GenerationOutput(sequences=generated, stats=stats,
                                 logits=torch.cat(logits_all, dim=1) if return_logits else None)
 
+    @torch.inference_mode()
+    def shared_prefix(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+                      ) -> "SharedPrefix":
+        """Run a prompt up to its first memory update and keep that state for reuse.
+
+        Before the first update nothing is evicted, so every policy with the same
+        `prefix_key()` (for a NAMM: the same feature settings, whatever its parameters)
+        computes this state identically; evolution evaluates many candidates per prompt.
+        """
+        key = self.policy.prefix_key()
+        if key is None:
+            raise ValueError(f"policy {self.policy.describe()} does not support shared prefixes")
+        input_ids = input_ids.to(self.device)
+        B, T = input_ids.shape
+        attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)).bool()
+        if not attention_mask.all():
+            raise ValueError("shared prefixes are for unpadded prompts")
+        cache = MemoryCache(self.model.config, aux_shapes=getattr(self.policy, "aux_shapes", {}))
+        self.policy.new_sequence()
+        state = _LoopState(positions=attention_mask.long().cumsum(-1) - 1, mask=attention_mask,
+                           next_update=self.update_every)
+        stats = MemoryStats()
+        t0 = time.perf_counter()
+        start, last_logits, stop = 0, None, min(self.update_every, T)
+        while start < stop:
+            end = min(start + self.chunk_size, stop)
+            logits = self._forward(cache, input_ids[:, start:end], state.positions[:, start:end], attention_mask[:, start:end],
+                                   start, state, stats, update=False)
+            last_logits, start = logits[:, -1], end
+        stats.prefill_seconds = time.perf_counter() - t0
+        return SharedPrefix(key=key, input_ids=input_ids.cpu(), update_every=self.update_every,
+                            cache=cache, state=state, stats=stats, end=stop, last_logits=last_logits)
+
     def prefill_logits(self, input_ids, attention_mask=None) -> GenerationOutput:
         """Logits for every prompt position under the memory (for fidelity and perplexity)."""
         return self.generate(input_ids, attention_mask, max_new_tokens=1, return_logits=True)
 
     # ------------------------------------------------------------------------------------
-    def _forward(self, cache, ids, positions, real, first_column, state, stats, keep_all=False):
+    def _forward(self, cache, ids, positions, real, first_column, state, stats, keep_all=False, update=True):
         B, Q = ids.shape
         columns = torch.arange(first_column, first_column + Q, device=self.device).expand(B, Q)
         cache.set_chunk(positions, real, columns)
@@ -190,20 +235,73 @@ class MemoryManagedLM:
             out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
                              logits_to_keep=0 if keep_all else 1)
         stats.peak_kv_bytes = max(stats.peak_kv_bytes, cache.kv_bytes())
-        if processed == state.next_update:
-            tp = time.perf_counter()
-            for layer_idx, layer in enumerate(cache.layers):
-                keep = policy.select(layer_idx, layer, step)
-                if layer.sliding_window is not None:
-                    newest = (layer.positions.masked_fill(~layer.valid, -1)).amax(-1, keepdim=True)
-                    in_window = layer.positions > newest - layer.sliding_window
-                    keep = in_window if keep is None else keep & in_window
-                if keep is not None:
-                    layer.compact(keep)
-            stats.policy_seconds += time.perf_counter() - tp
-            stats.updates += 1
-            state.next_update += self.update_every
+        state.last_query = (positions, real)
+        if update:
+            self._maybe_update(cache, state, stats, processed)
         return out.logits
+
+    def _maybe_update(self, cache, state, stats, processed: int) -> None:
+        """Run the policy on every layer when `processed` columns reach the next update."""
+        if processed != state.next_update:
+            return
+        positions, real = state.last_query
+        step = StepInfo(seen=state.seen, processed=processed, query_positions=positions,
+                        query_valid=real, next_update=state.next_update)
+        tp = time.perf_counter()
+        for layer_idx, layer in enumerate(cache.layers):
+            keep = self.policy.select(layer_idx, layer, step)
+            if layer.sliding_window is not None:
+                newest = (layer.positions.masked_fill(~layer.valid, -1)).amax(-1, keepdim=True)
+                in_window = layer.positions > newest - layer.sliding_window
+                keep = in_window if keep is None else keep & in_window
+            if keep is not None:
+                layer.compact(keep)
+        stats.policy_seconds += time.perf_counter() - tp
+        stats.updates += 1
+        state.next_update += self.update_every
+
+
+@dataclass
+class SharedPrefix:
+    """A prompt's memory state just before its first update (see `shared_prefix`)."""
+    key: tuple
+    input_ids: torch.Tensor
+    update_every: int
+    cache: MemoryCache
+    state: "_LoopState"
+    stats: MemoryStats
+    end: int
+    last_logits: torch.Tensor
+
+    def check(self, lm: "MemoryManagedLM", input_ids: torch.Tensor) -> None:
+        if lm.policy.prefix_key() != self.key:
+            raise ValueError(f"shared prefix was computed for {self.key}, not {lm.policy.prefix_key()}")
+        if lm.update_every != self.update_every:
+            raise ValueError(f"shared prefix was computed with update_every={self.update_every}")
+        if not torch.equal(input_ids.cpu(), self.input_ids):
+            raise ValueError("shared prefix belongs to a different prompt")
+
+    def restore(self):
+        """Fresh copies (the caller's generation must not touch the stored state)."""
+        cache = copy.copy(self.cache)
+        cache.layers = [_clone_layer(layer) for layer in self.cache.layers]
+        state = copy.copy(self.state)
+        state.seen = self.state.seen.clone()
+        stats = copy.deepcopy(self.stats)
+        return cache, state, stats, self.end, self.last_logits
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.cache.layers
+                   for t in [layer.keys, layer.values, *layer.aux.values()] if t is not None)
+
+
+def _clone_layer(layer):
+    new = copy.copy(layer)
+    for name in ("keys", "values", "valid", "positions", "columns"):
+        t = getattr(layer, name)
+        setattr(new, name, None if t is None else t.clone())
+    new.aux = {k: v.clone() for k, v in layer.aux.items()}
+    return new
 
 
 @dataclass
@@ -212,6 +310,7 @@ class _LoopState:
     mask: torch.Tensor
     next_update: int
     seen: torch.Tensor = None
+    last_query: tuple = None   # (positions, valid) of the newest chunk, for the update step
 
     def __post_init__(self):
         self.seen = torch.zeros(self.mask.shape[0], dtype=torch.long, device=self.mask.device)

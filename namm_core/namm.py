@@ -158,6 +158,10 @@ class NAMM(MemoryPolicy):
         newest = layer.positions.masked_fill(~layer.valid, -1).amax(-1, keepdim=True)
         return ((scores >= 0) | (layer.positions == newest)) & layer.valid
 
+    def prefix_key(self) -> tuple:
+        # observe() depends only on the spectrogram settings, never on the scorer's parameters
+        return ("namm", tuple(sorted(asdict(self.spec).items())))
+
     def describe(self) -> str:
         return f"namm:{self.source}"
 

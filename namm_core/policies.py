@@ -110,6 +110,11 @@ class MemoryPolicy:
     def new_sequence(self) -> None:
         """Called before each new batch of prompts."""
 
+    def prefix_key(self) -> Optional[tuple]:
+        """Policies with equal keys build identical state before their first update (so
+        that state can be computed once and shared); None: no sharing."""
+        return None
+
     def observe(self, layer_idx: int, layer: "LayerMemory", attn: torch.Tensor, step: StepInfo) -> None:
         """attn: [B, H_kv, Q, S] float32 attention of this chunk's queries (GQA-averaged)."""
 

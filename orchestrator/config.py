@@ -34,6 +34,7 @@ class ModelConfig:
 class MemoryConfig:
     update_every: int = 512
     chunk_size: int = 512
+    shared_prefixes: int = 64             # prompts whose pre-update state a worker keeps for all candidates (0: off)
 
 
 @dataclass
@@ -51,6 +52,14 @@ class ESConfig:
     elite_ratio: float = 0.5
     seed: int = 0
     diagonal: bool = False                # CMA_diagonal: cheaper updates, for very large scorers
+
+
+@dataclass
+class FitnessConfig:
+    # The paper's fitness is task performance only. With a target, a candidate whose mean
+    # retention r exceeds it loses weight * (r - target): a memory budget in the objective.
+    retention_target: Optional[float] = None
+    retention_weight: float = 1.0
 
 
 @dataclass
@@ -108,6 +117,7 @@ class RunConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     namm: NAMMSpec = field(default_factory=NAMMSpec)
     es: ESConfig = field(default_factory=ESConfig)
+    fitness: FitnessConfig = field(default_factory=FitnessConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -207,6 +217,13 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
         raise ConfigError(f"es.elite_ratio: must be in (0, 1], got {cfg.es.elite_ratio}")
     positive(cfg.memory.update_every, "memory.update_every")
     positive(cfg.memory.chunk_size, "memory.chunk_size")
+    if cfg.memory.shared_prefixes < 0:
+        raise ConfigError(f"memory.shared_prefixes: must be 0 or more, got {cfg.memory.shared_prefixes}")
+    target = cfg.fitness.retention_target
+    if target is not None and not 0 < target <= 1:
+        raise ConfigError(f"fitness.retention_target: must be in (0, 1], got {target}")
+    if cfg.fitness.retention_weight < 0:
+        raise ConfigError(f"fitness.retention_weight: must be 0 or more, got {cfg.fitness.retention_weight}")
     positive(cfg.workers.num_actors, "workers.num_actors")
     positive(cfg.workers.timeout_seconds, "workers.timeout_seconds")
     positive(cfg.checkpoint.keep, "checkpoint.keep")

@@ -189,7 +189,11 @@ class EvolutionRun:
             s.append(score)
             r.append(refs[f"{key}|{idx}"])
         ratios = {k: task_fitness(s, r) for k, (s, r) in per_task.items()}
-        return float(np.mean(list(ratios.values()))), {k: float(np.mean(s)) for k, (s, _) in per_task.items()}
+        fitness = float(np.mean(list(ratios.values())))
+        target = self.cfg.fitness.retention_target
+        if target is not None:
+            fitness -= self.cfg.fitness.retention_weight * max(0.0, float(np.mean(result["retention"])) - target)
+        return fitness, {k: float(np.mean(s)) for k, (s, _) in per_task.items()}
 
     def _generation(self, pool: ActorPool, stage) -> dict:
         st, cfg = self.state, self.cfg

@@ -45,6 +45,9 @@ def _with(path: str, value):
     ("stages.0.tasks", [{"task": "passkey", "file": "x.jsonl"}], "exactly one of"),
     ("stages.0.tasks", [], "stages[0].tasks: expected a non-empty list"),
     ("modell", {}, "modell: unknown field"),
+    ("fitness.retention_target", 1.5, "fitness.retention_target: must be in"),
+    ("fitness.retention_weight", -1, "fitness.retention_weight: must be 0 or more"),
+    ("memory.shared_prefixes", -1, "memory.shared_prefixes"),
 ])
 def test_bad_configs_name_the_field(path, value, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -174,3 +177,21 @@ def test_namm_export_writes_the_cma_mean_or_the_best(tmp_path, capsys):
     assert np.allclose(NAMM.from_pretrained(tmp_path / "best").get_params().numpy(), 0.01)
     assert main(["export", str(tmp_path / "checkpoints"), str(tmp_path / "bv"), "--which", "best-validated"]) == 2
     assert "no best-validated candidate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target,weight,retention,expected", [
+    (None, 1.0, 0.9, (0.5 + 0.05) / (1.0 + 0.05)),          # the paper's fitness: task ratio only
+    (0.5, 1.0, 0.9, (0.5 + 0.05) / (1.0 + 0.05) - 0.4),     # 0.4 over the target
+    (0.5, 2.0, 0.9, (0.5 + 0.05) / (1.0 + 0.05) - 0.8),
+    (0.5, 1.0, 0.3, (0.5 + 0.05) / (1.0 + 0.05)),           # under the target: no bonus
+])
+def test_fitness_is_the_task_ratio_less_the_retention_over_the_target(target, weight, retention, expected):
+    from orchestrator.driver import EvolutionRun
+
+    cfg = config_from_dict(_with("fitness", {"retention_target": target, "retention_weight": weight}))
+    run = EvolutionRun(cfg)
+    run.state = {"references": {"passkey@512|0": 1.0, "passkey@512|1": 1.0}}
+    fitness, per_task = run._fitness({"scores": [1.0, 0.0], "retention": [retention, retention]},
+                                     [("passkey@512", 0), ("passkey@512", 1)])
+    assert fitness == pytest.approx(expected)
+    assert per_task == {"passkey@512": 0.5}

@@ -155,3 +155,41 @@ def test_random_namm_evicts_and_newest_token_is_kept():
     out = MemoryManagedLM(model, namm, update_every=32).generate(ids, max_new_tokens=1)
     assert out.stats.mean_retention < 1.0
     assert int(out.stats.kept_per_layer_head.min()) >= 1
+
+
+@pytest.mark.parametrize("T,chunk", [(70, 16), (70, 32), (32, 8), (20, 32)])
+def test_shared_prefix_gives_the_same_generation_as_a_full_run(T, chunk):
+    """Candidates resumed from one stored pre-update state equal runs from scratch."""
+    model = tiny_model()
+    ids = torch.randint(3, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
+    source = NAMM()
+    prefix = MemoryManagedLM(model, source, update_every=32, chunk_size=chunk).shared_prefix(ids)
+    for seed in (1, 2):
+        namm = NAMM().set_params(torch.randn(source.num_params, generator=torch.Generator().manual_seed(seed)))
+        lm = MemoryManagedLM(model, namm, update_every=32, chunk_size=chunk)
+        plain = lm.generate(ids, max_new_tokens=6)
+        shared = lm.generate(ids, max_new_tokens=6, prefix=prefix)
+        assert torch.equal(plain.sequences, shared.sequences)
+        assert torch.equal(plain.stats.kept_per_layer_head, shared.stats.kept_per_layer_head)
+        assert plain.stats.updates == shared.stats.updates
+        if T > 32:
+            assert plain.stats.mean_retention < 1.0  # the candidates really evict after the prefix
+    # the stored state is untouched by the candidates that used it
+    again = MemoryManagedLM(model, namm, update_every=32, chunk_size=chunk).generate(ids, max_new_tokens=6, prefix=prefix)
+    assert torch.equal(again.sequences, shared.sequences)
+
+
+def test_shared_prefix_refuses_another_prompt_or_policy():
+    from namm_core.policies import H2O
+
+    model = tiny_model()
+    ids = torch.randint(3, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    prefix = MemoryManagedLM(model, NAMM(), update_every=16).shared_prefix(ids)
+    with pytest.raises(ValueError, match="different prompt"):
+        MemoryManagedLM(model, NAMM(), update_every=16).generate(ids.flip(-1), prefix=prefix)
+    with pytest.raises(ValueError, match="update_every"):
+        MemoryManagedLM(model, NAMM(), update_every=32).generate(ids, prefix=prefix)
+    with pytest.raises(ValueError, match="shared prefix was computed for"):
+        MemoryManagedLM(model, H2O(0.5), update_every=16).generate(ids, prefix=prefix)
+    with pytest.raises(ValueError, match="does not support"):
+        MemoryManagedLM(model, H2O(0.5), update_every=16).shared_prefix(ids)

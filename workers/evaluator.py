@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -53,7 +54,7 @@ class SampleResult:
 
 class Evaluator:
     def __init__(self, model, tokenizer, update_every: int = 512, chunk_size: int = 512, chat: bool = True,
-                 max_context: Optional[int] = None, fidelity_kl: bool = True):
+                 max_context: Optional[int] = None, fidelity_kl: bool = True, share_prefixes: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.update_every, self.chunk_size, self.chat = update_every, chunk_size, chat
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -62,6 +63,10 @@ class Evaluator:
         self._reference: dict[str, SampleResult] = {}
         self._fidelity_reference: dict[str, tuple[torch.Tensor, float]] = {}
         self.fidelity_kl = fidelity_kl
+        # evolution runs many candidates on each prompt: keep up to `share_prefixes` prompts'
+        # state before the first memory update (identical for every NAMM candidate), LRU
+        self.share_prefixes = share_prefixes
+        self._prefixes: OrderedDict = OrderedDict()
 
     # --- prompts -----------------------------------------------------------------------
     def encode(self, sample: Sample) -> tuple[torch.Tensor, int]:
@@ -99,7 +104,7 @@ class Evaluator:
         if sample.metric == FIDELITY_METRIC:
             return self._run_fidelity(sample, lm, ids, t)
         out = lm.generate(ids, max_new_tokens=sample.max_new_tokens, eos_token_id=self._eos_ids(),
-                          pad_token_id=self.tokenizer.pad_token_id or 0)
+                          pad_token_id=self.tokenizer.pad_token_id or 0, prefix=self._prefix(sample, lm, ids))
         prediction = self.tokenizer.decode(out.sequences[0], skip_special_tokens=True).strip()
         score = score_prediction(prediction, sample.answers, sample.metric, sample.all_classes,
                                  dataset=sample.meta.get("dataset"))
@@ -128,6 +133,19 @@ class Evaluator:
         return out
 
     # --- helpers -----------------------------------------------------------------------
+    def _prefix(self, sample: Sample, lm: MemoryManagedLM, ids: torch.Tensor):
+        policy_key = lm.policy.prefix_key()
+        if not self.share_prefixes or policy_key is None:
+            return None
+        key = (sample.sample_id, policy_key)
+        if key in self._prefixes:
+            self._prefixes.move_to_end(key)
+        else:
+            self._prefixes[key] = lm.shared_prefix(ids)
+            while len(self._prefixes) > self.share_prefixes:
+                self._prefixes.popitem(last=False)
+        return self._prefixes[key]
+
     def _eos_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
         gen = getattr(self.model, "generation_config", None)

@@ -26,7 +26,8 @@ class EvolutionWorker:
         torch.set_num_threads(max(1, int(torch_threads)))
         self.model, self.tokenizer = build_model(**model)
         self.evaluator = Evaluator(self.model, self.tokenizer, update_every=memory["update_every"],
-                                   chunk_size=memory["chunk_size"], fidelity_kl=False)
+                                   chunk_size=memory["chunk_size"], fidelity_kl=False,
+                                   share_prefixes=memory.get("shared_prefixes", 0))
         self.namm_config = NAMMConfig(scorer=namm["scorer"], head_dim=namm["head_dim"],
                                       mlp_hidden=list(namm["mlp_hidden"]))
         self.pools: dict[str, list] = {}
