@@ -121,6 +121,33 @@ def fold_frames(
     return ema * (g ** k) + folded.transpose(-1, -2)
 
 
+def fold_rows(
+    ema: torch.Tensor,
+    prefix: torch.Tensor,
+    rows: torch.Tensor,
+    first_frame_of_key: torch.Tensor,
+    cfg: SpectrogramConfig,
+    max_group_bytes: int = 4 << 20,
+) -> torch.Tensor:
+    """`fold_frames(ema, frame_magnitudes(prefix, rows), ...)`, a few frames at a time.
+
+    The EMA is linear in the frames, so folding groups of frames in order gives the same
+    state. Groups keep the [..., k, 2F, S] intermediate within a few MB (the CPU cache):
+    at 4k cached tokens this is 2-3x faster than materialising all frames of a 512-row chunk.
+    """
+    k = rows.shape[-2] // cfg.hop
+    per_frame = max(1, rows[..., :1, :].numel()) * 2 * cfg.n_freq * rows.element_size()
+    group = max(1, min(k, max_group_bytes // per_frame))
+    for j0 in range(0, k, group):
+        j1 = min(k, j0 + group)
+        start = j0 * cfg.hop  # the carry rows before this group: from rows, or partly from prefix
+        pre = (rows[..., start - cfg.carry: start, :] if start >= cfg.carry
+               else torch.cat([prefix[..., start:, :], rows[..., :start, :]], dim=-2))
+        frames = frame_magnitudes(pre, rows[..., j0 * cfg.hop: j1 * cfg.hop, :], cfg)
+        ema = fold_frames(ema, frames, first_frame_of_key - j0, cfg)
+    return ema
+
+
 def recency_embedding(age: torch.Tensor, cfg: SpectrogramConfig) -> torch.Tensor:
     """Sinusoidal embedding of a token's age (newest position - its position).
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .features import RunningMoments, SpectrogramConfig, fold_frames, frame_magnitudes, recency_embedding
+from .features import RunningMoments, SpectrogramConfig, fold_rows, recency_embedding
 from .policies import MemoryPolicy, StepInfo
 from .scorers import build_scorer
 
@@ -123,10 +123,9 @@ class NAMM(MemoryPolicy):
         k = rows.shape[-2] // spec.hop
         if k > 0:
             used = k * spec.hop
-            frames = frame_magnitudes(prefix, rows[..., :used, :], spec)   # [B, H, k, F, S]
             first_col = step.processed - rows.shape[-2]  # column of the first new row
             first_frame = torch.div(layer.columns - first_col, spec.hop, rounding_mode="floor")
-            layer.aux["namm_ema"] = fold_frames(layer.aux["namm_ema"], frames, first_frame, spec)
+            layer.aux["namm_ema"] = fold_rows(layer.aux["namm_ema"], prefix, rows[..., :used, :], first_frame, spec)
             consumed = rows[..., :used, :] if used >= spec.carry else torch.cat([prefix, rows[..., :used, :]], -2)
             prefix = consumed[..., consumed.shape[-2] - spec.carry:, :]
             rows = rows[..., used:, :]

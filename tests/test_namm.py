@@ -193,3 +193,17 @@ def test_shared_prefix_refuses_another_prompt_or_policy():
         MemoryManagedLM(model, H2O(0.5), update_every=16).generate(ids, prefix=prefix)
     with pytest.raises(ValueError, match="does not support"):
         MemoryManagedLM(model, H2O(0.5), update_every=16).shared_prefix(ids)
+
+
+@pytest.mark.parametrize("n_fft,hop,group_bytes", [(32, 16, 1), (32, 16, 10**9), (64, 16, 1), (64, 16, 3000), (16, 8, 5000)])
+def test_folding_rows_in_groups_equals_folding_all_frames_at_once(n_fft, hop, group_bytes):
+    from namm_core.features import fold_frames, fold_rows, frame_magnitudes
+
+    cfg = SpectrogramConfig(n_fft=n_fft, hop=hop)
+    g = torch.Generator().manual_seed(n_fft + hop)
+    S, k = 50, 7
+    prefix, rows = torch.rand(2, 3, cfg.carry, S, generator=g), torch.rand(2, 3, k * hop, S, generator=g)
+    ema = torch.rand(2, 3, S, cfg.n_freq, generator=g)
+    first = torch.randint(-3, k + 2, (2, 3, S), generator=g)
+    expected = fold_frames(ema, frame_magnitudes(prefix, rows, cfg), first, cfg)
+    assert torch.allclose(fold_rows(ema, prefix, rows, first, cfg, max_group_bytes=group_bytes), expected, atol=1e-5)
