@@ -4,8 +4,10 @@
     .venv/bin/python bench/memory_bench.py --lengths 2048  # quicker
 
 Each run is a prefill of N tokens plus 32 greedy decoded tokens. Writes a markdown table to
-bench/results/memory.md. The NAMM row uses a zero NAMM (keeps everything): the worst case
-for its own overhead (features + scoring), reported as a share of the forward time.
+bench/results/memory.md. The `namm (zero)` row keeps everything: the worst case for the NAMM's
+own overhead (features + scoring), reported as a share of the forward time. The `namm
+(shipped)` row is the evolved NAMM in namms/smollm2 (when present), at its own retention.
+`--policies` with no names runs only the full cache and the NAMM rows.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
     p.add_argument("--budgets", nargs="+", default=["0.25", "0.5"])
-    p.add_argument("--policies", nargs="+", default=["streamingllm", "h2o", "l2", "snapkv", "tova"])
+    p.add_argument("--policies", nargs="*", default=["streamingllm", "h2o", "l2", "snapkv", "tova"])
+    p.add_argument("--namm", type=Path, default=ROOT / "namms" / "smollm2", help="an evolved NAMM for its own row")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.md")
     args = p.parse_args(argv)
@@ -48,6 +51,8 @@ def main(argv=None) -> int:
     runs = [("full", parse_policy("full"))]
     runs += [(f"{name}:{b}", parse_policy(f"{name}:{b}")) for name in args.policies for b in args.budgets]
     runs.append(("namm (zero)", NAMM()))
+    if (args.namm / "config.json").is_file():
+        runs.append(("namm (shipped)", NAMM.from_pretrained(args.namm)))
     rows = []
     MemoryManagedLM(model, NAMM()).generate(make_ids(tok, 600), max_new_tokens=2)  # warm-up
     bar = tqdm(total=len(args.lengths) * len(runs), desc="bench")

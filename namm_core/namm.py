@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -180,12 +181,15 @@ class NAMM(MemoryPolicy):
         config["metadata"] = metadata or {}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         if directory.exists():
+            # keep what else lives in the directory (a model card, plots, the run config)
+            for extra in directory.iterdir():
+                if extra.name not in (WEIGHTS_NAME, CONFIG_NAME):
+                    copy = shutil.copytree if extra.is_dir() else shutil.copy2
+                    copy(extra, tmp / extra.name)
             backup = directory.with_name(directory.name + ".old")
             os.replace(directory, backup)
             os.replace(tmp, directory)
-            for f in backup.iterdir():
-                f.unlink()
-            backup.rmdir()
+            shutil.rmtree(backup)
         else:
             os.replace(tmp, directory)
         return directory

@@ -79,10 +79,11 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     assert cfg.run_dir == tmp_path / "out" / "t"
 
 
-@pytest.mark.parametrize("job", ["smoke.yaml", "local.yaml"])
+@pytest.mark.parametrize("job", ["jobs/smoke.yaml", "jobs/local.yaml", "namms/smollm2/evolve.yaml"])
 def test_shipped_local_jobs_validate(job):
-    cfg = load_config(ROOT / "jobs" / job)
+    cfg = load_config(ROOT / job)
     assert cfg.total_generations > 0
+    assert cfg.run_dir.parent == ROOT / "runs"   # every shipped job keeps its runs in <repo>/runs
 
 
 def test_paper_job_matches_the_paper():

@@ -107,9 +107,16 @@ def test_save_load_round_trip_is_exact(tmp_path):
     b = MemoryManagedLM(model, loaded, update_every=16).generate(ids, max_new_tokens=4)
     assert torch.equal(a.stats.kept_per_layer_head, b.stats.kept_per_layer_head)
     assert torch.equal(a.sequences, b.sequences)
-    # saving again over an existing directory replaces it atomically
-    namm.save_pretrained(tmp_path / "n")
-    assert NAMM.from_pretrained(tmp_path / "n").num_params == 4172
+    # saving again over an existing directory replaces the NAMM atomically and keeps the rest
+    (tmp_path / "n" / "README.md").write_text("model card")
+    (tmp_path / "n" / "plots").mkdir()
+    (tmp_path / "n" / "plots" / "fitness.png").write_bytes(b"png")
+    other = NAMM().set_params(torch.ones(namm.num_params))
+    other.save_pretrained(tmp_path / "n")
+    assert torch.equal(NAMM.from_pretrained(tmp_path / "n").get_params(), torch.ones(namm.num_params))
+    assert (tmp_path / "n" / "README.md").read_text() == "model card"
+    assert (tmp_path / "n" / "plots" / "fitness.png").read_bytes() == b"png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n"], "no backup or temporary directory left"
 
 
 def test_corrupt_namm_directory_errors_name_the_file(tmp_path):
