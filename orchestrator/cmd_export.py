@@ -35,17 +35,19 @@ def run(args) -> int:
             raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
         path, state = args.checkpoint, checkpoint.read_checkpoint(args.checkpoint)
     es = EvolutionStrategy.loads(state["es"])
+    selected = state["global_generation"]   # the generation the exported vector comes from
     if args.which == "mean":
         vector = es.mean
     else:
         entry = state["best"] if args.which == "best" else state["best_validation"]
         if entry is None:
             raise ValueError(f"{path}: no {args.which} candidate recorded yet")
-        vector = entry["vector"]
+        vector, selected = entry["vector"], entry["generation"]
     spec = state["namm_spec"]
     namm = _namm(NAMMConfig(scorer=spec["scorer"], head_dim=spec["head_dim"], mlp_hidden=list(spec["mlp_hidden"])),
                  np.asarray(vector), state["norm"])
     namm.save_pretrained(args.out_dir, metadata={"checkpoint": str(path), "which": args.which,
-                                                 "generation": state["global_generation"]})
+                                                 "generation": selected,
+                                                 "checkpoint_generation": state["global_generation"]})
     print(f"wrote {args.out_dir} ({namm.num_params} parameters, {args.which} of {path.name})")
     return 0

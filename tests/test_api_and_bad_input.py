@@ -119,3 +119,30 @@ def test_bfloat16_memory_runs_and_a_zero_namm_matches_the_full_cache():
     assert (zero.logits.float() - full.logits.float()).abs().max() < 0.05
     evicting = MemoryManagedLM(model, parse_policy("h2o:0.5"), update_every=32).generate(ids, max_new_tokens=4)
     assert evicting.stats.mean_retention < 1.0 and evicting.sequences.shape == (2, 4)
+
+
+def test_shipped_namm_is_the_default_namm_policy():
+    from pathlib import Path
+
+    from namm_core.registry import DEFAULT_NAMM_DIR
+
+    namm = parse_policy("namm")
+    assert Path(namm.source) == DEFAULT_NAMM_DIR and DEFAULT_NAMM_DIR.name == "smollm2"
+    assert namm.num_params == 4172 and namm.norm_count > 0
+    params = namm.get_params()
+    assert torch.isfinite(params).all() and params.abs().sum() > 0, "an evolved NAMM, not the zero one"
+    assert namm.metadata["which"] == "best-validated"
+    assert (DEFAULT_NAMM_DIR / "README.md").is_file() and (DEFAULT_NAMM_DIR / "evolve.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_shipped_namm_evicts_on_its_own_model(smollm2):
+    """On a 1k-token retrieval prompt of a seed evolution never saw, it drops part of the cache."""
+    from workers.evaluator import Evaluator
+    from workers.tasks import load_tasks
+
+    model, tok = smollm2
+    sample = load_tasks(["passkey"], tok, num_prompts=1, context_length=1024, seed=11)[0]
+    result = Evaluator(model, tok, update_every=256, chunk_size=256).run_sample(sample, parse_policy("namm"))
+    assert 0.05 < result.retention < 1.0
+    assert result.peak_kv_bytes > result.final_kv_bytes

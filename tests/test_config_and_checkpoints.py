@@ -176,6 +176,9 @@ def test_namm_export_writes_the_cma_mean_or_the_best(tmp_path, capsys):
     assert main(["export", str(ckpt.checkpoint_path(tmp_path / "checkpoints", 1)), str(tmp_path / "best"),
                  "--which", "best"]) == 0
     assert np.allclose(NAMM.from_pretrained(tmp_path / "best").get_params().numpy(), 0.01)
+    assert NAMM.from_pretrained(tmp_path / "best").metadata["generation"] == 0          # the best's own
+    assert NAMM.from_pretrained(tmp_path / "best").metadata["checkpoint_generation"] == 1
+    assert mean.metadata["generation"] == 1
     assert main(["export", str(tmp_path / "checkpoints"), str(tmp_path / "bv"), "--which", "best-validated"]) == 2
     assert "no best-validated candidate" in capsys.readouterr().err
 
