@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     runs = [("full", parse_policy("full"))]
     runs += [(f"{name}:{b}", parse_policy(f"{name}:{b}")) for name in args.policies for b in args.budgets]
     runs.append(("namm (zero)", NAMM()))
-    if (args.namm / "config.json").is_file():
+    if (args.namm / "namm_config.json").is_file():
         runs.append(("namm (shipped)", NAMM.from_pretrained(args.namm)))
     rows = []
     MemoryManagedLM(model, NAMM()).generate(make_ids(tok, 600), max_new_tokens=2)  # warm-up
