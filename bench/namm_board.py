@@ -25,23 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 from namm_core import NAMM, load_model, parse_policy  # noqa: E402
 from workers.evaluator import Evaluator  # noqa: E402
-from workers.report import format_table, plot_score_vs_retention, write_parquet_atomic  # noqa: E402
+from workers.report import format_table, namm_matched_budget, plot_score_vs_retention, write_parquet_atomic  # noqa: E402
 from workers.tasks import load_tasks  # noqa: E402
 
 BASELINES = ["streamingllm", "h2o", "l2", "snapkv", "tova"]
-
-
-def global_layer_retention(model, rows: list[dict]) -> float:
-    """The NAMM's mean retention over the full-attention layers only.
-
-    Sliding-window layers (Gemma 3: five of every six) evict by their window under every
-    policy alike, so only the full-attention layers say how much a policy chose to keep.
-    """
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-    full = [i for i, t in enumerate(types) if t == "full_attention"]
-    per_row = [sum(r["retention_per_layer"][i] for i in full) / len(full) for r in rows]
-    return sum(per_row) / len(per_row)
 
 
 def main(argv=None) -> int:
@@ -59,6 +46,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     namm = NAMM.from_pretrained(args.namm)
+    namm.source = str(args.namm.relative_to(ROOT)) if args.namm.is_relative_to(ROOT) else str(args.namm)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     rows, sections = [], []
     for model_name in args.models:
@@ -78,8 +66,7 @@ def main(argv=None) -> int:
                 run(parse_policy("full"))
                 run(namm)
                 namm_rows = [r for r in part if r["policy"] == namm.describe()]
-                retention = global_layer_retention(model, namm_rows)
-                budget = max(min(round(retention, 3), 1.0), 0.001)
+                retention, budget = namm_matched_budget(model, namm_rows)
                 bar.write(f"{model_name} {length}: NAMM retention {retention:.3f} on full-attention layers; "
                           f"baselines at {budget}")
                 for name in BASELINES:
@@ -92,7 +79,7 @@ def main(argv=None) -> int:
                             + format_table(part, markdown=True))
             # written after every part, so a long run leaves what it finished behind
             write_parquet_atomic(rows, args.out_dir / "namm_board.parquet")
-            text = f"NAMM: `{args.namm.relative_to(ROOT) if args.namm.is_relative_to(ROOT) else args.namm}`\n\n"
+            text = f"NAMM: `{namm.source}`\n\n"
             text += "\n\n".join(sections) + "\n"
             (args.out_dir / "namm_board.md").write_text(text)
             print(text, flush=True)

@@ -133,11 +133,7 @@ class MemoryManagedLM:
             self.policy.new_sequence()
             self._maybe_update(cache, state, stats, start)
         else:
-            cache = MemoryCache(self.model.config, aux_shapes=getattr(self.policy, "aux_shapes", {}))
-            self.policy.new_sequence()
-            state = _LoopState(positions=attention_mask.long().cumsum(-1) - 1, mask=attention_mask,
-                               next_update=self.update_every)
-            stats = MemoryStats()
+            cache, state, stats = self._start(attention_mask)
             start, last_logits = 0, None
         while start < T:
             end = min(start + self.chunk_size, state.next_update, T)
@@ -194,11 +190,7 @@ class MemoryManagedLM:
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)).bool()
         if not attention_mask.all():
             raise ValueError("shared prefixes are for unpadded prompts")
-        cache = MemoryCache(self.model.config, aux_shapes=getattr(self.policy, "aux_shapes", {}))
-        self.policy.new_sequence()
-        state = _LoopState(positions=attention_mask.long().cumsum(-1) - 1, mask=attention_mask,
-                           next_update=self.update_every)
-        stats = MemoryStats()
+        cache, state, stats = self._start(attention_mask)
         t0 = time.perf_counter()
         start, last_logits, stop = 0, None, min(self.update_every, T)
         while start < stop:
@@ -209,6 +201,14 @@ class MemoryManagedLM:
         stats.prefill_seconds = time.perf_counter() - t0
         return SharedPrefix(key=key, input_ids=input_ids.cpu(), update_every=self.update_every,
                             cache=cache, state=state, stats=stats, end=stop, last_logits=last_logits)
+
+    def _start(self, attention_mask: torch.Tensor):
+        """A fresh cache, loop state and statistics for one batch of prompts."""
+        cache = MemoryCache(self.model.config, aux_shapes=getattr(self.policy, "aux_shapes", {}))
+        self.policy.new_sequence()
+        state = _LoopState(positions=attention_mask.long().cumsum(-1) - 1, mask=attention_mask,
+                           next_update=self.update_every)
+        return cache, state, MemoryStats()
 
     def prefill_logits(self, input_ids, attention_mask=None) -> GenerationOutput:
         """Logits for every prompt position under the memory (for fidelity and perplexity)."""

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded, default), 'gemma3-270m', a hub id or path")
     p.add_argument("--policy", action="append", default=None, help="a memory policy; repeatable (default: full)")
     p.add_argument("--baselines-at-namm-retention", action="store_true",
-                   help="also run every baseline at the first NAMM's own mean retention")
+                   help="also run every baseline at the first NAMM's own mean retention (on full-attention layers)")
     p.add_argument("--tasks", default="passkey,niah_single,vt,kv_retrieval",
                    help="comma-separated task names and/or task files")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
@@ -45,7 +45,7 @@ def run(args) -> int:
 
     from namm_core import NAMM, BASELINES, load_model, parse_policy
     from workers.evaluator import Evaluator
-    from workers.report import format_table, plot_score_vs_retention, write_parquet_atomic
+    from workers.report import format_table, namm_matched_budget, plot_score_vs_retention, write_parquet_atomic
     from workers.tasks import load_tasks, task_names
 
     if args.list_tasks:
@@ -71,9 +71,8 @@ def run(args) -> int:
             rows += [r.to_row() for r in evaluator.evaluate(samples, policy, progress=tick)]
         if args.baselines_at_namm_retention:
             namm_label = next(p.describe() for p in policies if isinstance(p, NAMM))
-            retention = sum(r["retention"] for r in rows if r["policy"] == namm_label) / len(samples)
-            fraction = max(min(round(retention, 3), 1.0), 0.001)
-            bar.write(f"NAMM mean retention {retention:.3f}: baselines at {fraction}")
+            retention, fraction = namm_matched_budget(model, [r for r in rows if r["policy"] == namm_label])
+            bar.write(f"NAMM retention {retention:.3f} on full-attention layers: baselines at {fraction}")
             for name in BASELINES:
                 if name != "full":
                     rows += [r.to_row() for r in evaluator.evaluate(samples, parse_policy(f"{name}:{fraction}"),

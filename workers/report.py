@@ -24,6 +24,19 @@ def write_parquet_atomic(rows: list[dict], path) -> Path:
     return path
 
 
+def namm_matched_budget(model, namm_rows: list[dict]) -> tuple[float, float]:
+    """(the NAMM's mean retention on full-attention layers, the baseline budget that matches it).
+
+    Sliding-window layers (Gemma 3: five of every six) evict by their window under every
+    policy alike, so only the full-attention layers say how much a policy chose to keep.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    full = [i for i, t in enumerate(types) if t == "full_attention"]
+    retention = _mean([_mean([r["retention_per_layer"][i] for i in full]) for r in namm_rows])
+    return retention, max(min(round(retention, 3), 1.0), 0.001)
+
+
 def summarize(rows: list[dict]) -> tuple[list[str], list[dict]]:
     """Per policy: mean score per task, mean over tasks, mean retention, peak KV, seconds."""
     tasks = sorted({r["task"] for r in rows})
