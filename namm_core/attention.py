@@ -19,11 +19,12 @@ from .cache import active_cache
 ATTN_IMPLEMENTATION = "namm_memory"
 
 
-def memory_mask(layer, query_positions, query_valid, sliding_window=None, heads=slice(None)) -> torch.Tensor:
-    """[B, H_kv, Q, S] bool: which cached slot each query may attend to (only `heads`)."""
-    kpos = layer.positions[:, heads].unsqueeze(-2)    # [B, H, 1, S]
-    qpos = query_positions[:, None, :, None]          # [B, 1, Q, 1]
-    mask = layer.valid[:, heads].unsqueeze(-2) & (kpos <= qpos)
+def memory_mask(layer, query_positions, query_valid, sliding_window=None, heads=slice(None),
+                slots=slice(None)) -> torch.Tensor:
+    """[B, H_kv, Q, S] bool: which cached slot each query may attend to (only `heads`, `slots`)."""
+    kpos = layer.positions[:, heads, slots].unsqueeze(-2)    # [B, H, 1, S]
+    qpos = query_positions[:, None, :, None]                 # [B, 1, Q, 1]
+    mask = layer.valid[:, heads, slots].unsqueeze(-2) & (kpos <= qpos)
     if sliding_window is not None:
         mask = mask & (kpos > qpos - sliding_window)
     # a left-padding query attends to everything valid: finite output that is never used
@@ -55,23 +56,67 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
                 for h in range(key.shape[1])], dim=1)
         return out.transpose(1, 2).contiguous(), None
 
-    mask = memory_mask(layer, cache.chunk_positions, cache.chunk_valid, window)
-
     # eager path: the probabilities are needed (or softcapping is). Query heads are grouped
-    # by their KV head, so keys are never copied per query head.
+    # by their KV head, so keys are never copied per query head. Rows are processed in
+    # blocks small enough to stay in the CPU cache: materialising all Q x S probabilities
+    # at once costs ~2x more on CPU, mostly in page faults and memory traffic. The policy
+    # gets the chunk's GQA-averaged rows at once, gathered in a buffer reused across layers.
     B, Hq, Q, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
-    grouped = query.reshape(B, Hkv, n_rep * Q, D)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).mul_(scaling).view(B, Hkv, n_rep, Q, S)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill_(~mask.unsqueeze(2), float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    out = torch.matmul(probs.view(B, Hkv, n_rep * Q, S).to(value.dtype), value).view(B, Hq, Q, -1)
-    if cache.observer is not None:
-        per_kv_head = probs.mean(dim=2) * cache.chunk_valid[:, None, :, None]  # padding queries observe nothing
-        cache.observer(module.layer_idx, layer, per_kv_head)
-    return out.transpose(1, 2).contiguous(), None
+    grouped = query.view(B, Hkv, n_rep, Q, D)
+    keys_t = key.transpose(-1, -2).reshape(B * Hkv, D, S)
+    out = query.new_empty(B, Q, Hkv, n_rep, value.shape[-1])
+    observed = cache.attention_rows(B, Hkv, Q, S) if cache.observer is not None else None
+    first = first_masked_slot(layer, cache.chunk_positions, cache.chunk_valid, window)
+    step = rows_per_block(B * Hq * S * 4, Q, query.device)
+    for r0 in range(0, Q, step):
+        r1 = min(Q, r0 + step)
+        n = r1 - r0
+        q_block = grouped[:, :, :, r0:r1].reshape(B * Hkv, n_rep * n, D)
+        scores = torch.baddbmm(q_block.new_empty(B * Hkv, n_rep * n, S), q_block, keys_t, beta=0.0, alpha=scaling)
+        scores = scores.view(B, Hkv, n_rep, n, S)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if first < S:  # slots before `first` are visible to every query: no mask to apply there
+            allowed = memory_mask(layer, cache.chunk_positions[:, r0:r1], cache.chunk_valid[:, r0:r1], window,
+                                  slots=slice(first, None))
+            # an additive bias is ~10x cheaper than a broadcast masked_fill on CPU
+            bias = torch.zeros(allowed.shape, dtype=scores.dtype, device=scores.device)
+            scores[..., first:] += bias.masked_fill_(~allowed, float("-inf")).unsqueeze(2)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        block = torch.matmul(probs.view(B, Hkv, n_rep * n, S).to(value.dtype), value)
+        out[:, r0:r1] = block.view(B, Hkv, n_rep, n, -1).permute(0, 3, 1, 2, 4)
+        if observed is not None:
+            torch.mean(probs, dim=2, out=observed[:, :, r0:r1])   # one row per KV head (GQA)
+    if observed is not None:
+        if not bool(cache.chunk_valid.all()):
+            observed.mul_(cache.chunk_valid[:, None, :, None])    # padding queries observe nothing
+        cache.observer(module.layer_idx, layer, observed)
+    return out.view(B, Q, Hq, -1), None
+
+
+def first_masked_slot(layer, query_positions, query_valid, sliding_window=None) -> int:
+    """The first cache slot some query of the chunk may not see (S if none): slots before it
+    are valid and older than every query, so attention needs no mask there."""
+    S = layer.positions.shape[-1]
+    if sliding_window is not None:
+        return 0
+    oldest_query = query_positions.masked_fill(~query_valid, 2**62).amin(-1)          # [B]
+    hidden = ~layer.valid | (layer.positions > oldest_query.view(-1, 1, 1))           # [B, H, S]
+    hidden = hidden.any(dim=(0, 1))
+    return int(hidden.int().argmax()) if bool(hidden.any()) else S
+
+
+def rows_per_block(bytes_per_row: int, n_rows: int, device: torch.device) -> int:
+    """Query rows per eager-attention block: ~4 MB of probabilities on CPU (its cache),
+    the whole chunk on accelerators; a multiple of 16 rows (the NAMM's hop) when split."""
+    if device.type != "cpu":
+        return n_rows
+    rows = (EAGER_BLOCK_BYTES // max(bytes_per_row, 1)) // 16 * 16
+    return n_rows if rows >= n_rows else max(16, rows)
+
+
+EAGER_BLOCK_BYTES = 4 << 20
 
 
 def register() -> str:

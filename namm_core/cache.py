@@ -124,6 +124,7 @@ class MemoryCache(Cache):
         # observer(layer_idx, layer, attn [B, H_kv, Q, S] float32) receives the attention the
         # chunk's queries paid to the cache; None keeps attention on the fast sdpa path
         self.observer = None
+        self._rows_storage: Optional[torch.Tensor] = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         return self.layers[layer_idx].append(
@@ -134,6 +135,16 @@ class MemoryCache(Cache):
 
     def kv_bytes(self) -> int:
         return sum(layer.kv_bytes() for layer in self.layers)
+
+    def attention_rows(self, B: int, H: int, Q: int, S: int) -> torch.Tensor:
+        """A [B, H, Q, S] float32 buffer for the attention handed to the observer, reused by
+        every layer and chunk (a fresh tensor this large costs page faults on each forward);
+        valid only until the next call."""
+        n = B * H * Q * S
+        if self._rows_storage is None or self._rows_storage.numel() < n:
+            device = self.chunk_positions.device if self.chunk_positions is not None else None
+            self._rows_storage = torch.empty(n, dtype=torch.float32, device=device)
+        return self._rows_storage[:n].view(B, H, Q, S)
 
     @contextmanager
     def active(self):

@@ -29,7 +29,9 @@ class MemoryStats:
     final_kv_bytes: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    policy_seconds: float = 0.0
+    policy_seconds: float = 0.0       # observe + select: the policy's own code
+    observe_seconds: float = 0.0      # folding attention into features (NAMM: spectrogram)
+    select_seconds: float = 0.0       # scoring and eviction (NAMM: BAM scorer, compaction)
     updates: int = 0
 
     @property
@@ -55,6 +57,8 @@ class MemoryStats:
             "prefill_seconds": self.prefill_seconds,
             "decode_seconds": self.decode_seconds,
             "policy_seconds": self.policy_seconds,
+            "observe_seconds": self.observe_seconds,
+            "select_seconds": self.select_seconds,
             "updates": self.updates,
         }
 
@@ -229,7 +233,9 @@ class MemoryManagedLM:
             def observer(layer_idx, layer, attn):
                 tp = time.perf_counter()
                 policy.observe(layer_idx, layer, attn, step)
-                stats.policy_seconds += time.perf_counter() - tp
+                spent = time.perf_counter() - tp
+                stats.policy_seconds += spent
+                stats.observe_seconds += spent
             cache.observer = observer
         with cache.active():
             out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
@@ -256,7 +262,9 @@ class MemoryManagedLM:
                 keep = in_window if keep is None else keep & in_window
             if keep is not None:
                 layer.compact(keep)
-        stats.policy_seconds += time.perf_counter() - tp
+        spent = time.perf_counter() - tp
+        stats.policy_seconds += spent
+        stats.select_seconds += spent
         stats.updates += 1
         state.next_update += self.update_every
 

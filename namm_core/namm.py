@@ -130,7 +130,8 @@ class NAMM(MemoryPolicy):
             consumed = rows[..., :used, :] if used >= spec.carry else torch.cat([prefix, rows[..., :used, :]], -2)
             prefix = consumed[..., consumed.shape[-2] - spec.carry:, :]
             rows = rows[..., used:, :]
-        layer.aux["namm_rows"] = torch.cat([prefix, rows], dim=-2).transpose(-1, -2).contiguous()
+        # stored as a transposed view of row-major rows: the next call reads them as rows again
+        layer.aux["namm_rows"] = torch.cat([prefix, rows], dim=-2).transpose(-1, -2)
 
     def token_features(self, layer) -> torch.Tensor:
         """[B, H, S, 25] = recency embedding and normalised EMA spectrogram."""

@@ -116,7 +116,9 @@ class MemoryPolicy:
         return None
 
     def observe(self, layer_idx: int, layer: "LayerMemory", attn: torch.Tensor, step: StepInfo) -> None:
-        """attn: [B, H_kv, Q, S] float32 attention of this chunk's queries (GQA-averaged)."""
+        """attn: [B, H_kv, Q, S] float32 attention of this chunk's queries (GQA-averaged).
+
+        Its storage is reused once observe returns: keep copies, never views."""
 
     def select(self, layer_idx: int, layer: "LayerMemory", step: StepInfo) -> Optional[torch.Tensor]:
         return None

@@ -160,3 +160,58 @@ def test_zero_namm_equals_full_cache_smollm2(smollm2):
     assert (out.logits - ref).abs().max() < 1e-4
     gen = lm.generate(ids, max_new_tokens=8)
     assert torch.equal(gen.sequences, ref_tokens)
+
+
+class ObservingRandomKeep(RandomKeep):
+    """RandomKeep on the eager attention path (as if it read attention values)."""
+    needs_attention = True
+
+    def observe(self, layer_idx, layer, attn, step):
+        self.rows_seen = getattr(self, "rows_seen", 0) + attn.shape[-2]
+
+
+@pytest.mark.parametrize("block_bytes", [1, 1 << 30])
+def test_random_eviction_equals_masked_full_attention_on_the_eager_path(monkeypatch, block_bytes):
+    """The eager path (blocks of 16 query rows, or one block per chunk) with batch 2 and left padding."""
+    from namm_core import attention
+
+    monkeypatch.setattr(attention, "EAGER_BLOCK_BYTES", block_bytes)
+    model = tiny_model("llama", num_hidden_layers=3)
+    T = 100
+    ids = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :19] = 0
+    policy = ObservingRandomKeep(keep_prob=0.6, seed=7)
+    lm = MemoryManagedLM(model, policy, update_every=32, chunk_size=40)
+    out = lm.generate(ids, attention_mask=mask, max_new_tokens=12, return_logits=True)
+    full_ids = torch.cat([ids, out.sequences[:, :-1]], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, :-1])], dim=1)
+    ref = reference_logits(model, full_ids, full_mask, policy.evicted, 3, 2)
+    real = full_mask.bool()
+    assert len(policy.evicted) > 50 and policy.rows_seen == 3 * (T + 11)
+    assert torch.allclose(out.logits[real], ref[real], atol=1e-4), (out.logits[real] - ref[real]).abs().max()
+
+
+@pytest.mark.parametrize("spec", ["namm", "h2o:0.5", "snapkv:0.4", "tova:0.5"])
+@pytest.mark.parametrize("chunk", [64, 40])
+def test_policies_decide_the_same_when_attention_arrives_in_row_blocks(monkeypatch, spec, chunk):
+    """Observing a chunk's attention in blocks of 16 rows equals observing it at once."""
+    from namm_core import attention
+    from namm_core.registry import parse_policy
+
+    def run(block_bytes):
+        monkeypatch.setattr(attention, "EAGER_BLOCK_BYTES", block_bytes)
+        if spec == "namm":
+            policy = NAMM().set_params(torch.randn(4172, generator=torch.Generator().manual_seed(8)) * 0.2)
+        else:
+            policy = parse_policy(spec)
+        model = tiny_model("llama")
+        ids = torch.randint(0, 97, (1, 160), generator=torch.Generator().manual_seed(9))
+        return MemoryManagedLM(model, policy, update_every=64, chunk_size=chunk).generate(
+            ids, max_new_tokens=20, return_logits=True)
+
+    blocked, whole = run(1), run(1 << 30)
+    assert whole.stats.mean_retention < 0.95, "the policy must evict for this test to mean anything"
+    assert torch.equal(blocked.stats.kept_per_layer_head, whole.stats.kept_per_layer_head)
+    assert torch.equal(blocked.sequences, whole.sequences)
+    assert torch.allclose(blocked.logits, whole.logits, atol=1e-5)

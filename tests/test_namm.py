@@ -202,15 +202,23 @@ def test_shared_prefix_refuses_another_prompt_or_policy():
         MemoryManagedLM(model, H2O(0.5), update_every=16).shared_prefix(ids)
 
 
-@pytest.mark.parametrize("n_fft,hop,group_bytes", [(32, 16, 1), (32, 16, 10**9), (64, 16, 1), (64, 16, 3000), (16, 8, 5000)])
-def test_folding_rows_in_groups_equals_folding_all_frames_at_once(n_fft, hop, group_bytes):
+@pytest.mark.parametrize("n_fft,hop,k", [(32, 16, 7), (32, 16, 1), (64, 16, 7), (64, 16, 2), (16, 8, 5)])
+@pytest.mark.parametrize("late_keys", [False, True])
+def test_folding_rows_frame_by_frame_equals_folding_all_frames_at_once(n_fft, hop, k, late_keys):
     from namm_core.features import fold_frames, fold_rows, frame_magnitudes
 
     cfg = SpectrogramConfig(n_fft=n_fft, hop=hop)
-    g = torch.Generator().manual_seed(n_fft + hop)
-    S, k = 50, 7
+    g = torch.Generator().manual_seed(n_fft + hop + k)
+    S = 50
     prefix, rows = torch.rand(2, 3, cfg.carry, S, generator=g), torch.rand(2, 3, k * hop, S, generator=g)
     ema = torch.rand(2, 3, S, cfg.n_freq, generator=g)
-    first = torch.randint(-3, k + 2, (2, 3, S), generator=g)
+    # old keys (first frame <= 0) everywhere, or keys arriving during the rows in the last columns
+    first = torch.randint(-3, 1, (2, 3, S), generator=g)
+    if late_keys:
+        first[..., S - 12:] = torch.randint(-1, k + 2, (2, 3, 12), generator=g)
     expected = fold_frames(ema, frame_magnitudes(prefix, rows, cfg), first, cfg)
-    assert torch.allclose(fold_rows(ema, prefix, rows, first, cfg, max_group_bytes=group_bytes), expected, atol=1e-5)
+    # the carry rows as a transposed view, the way the NAMM stores them
+    prefix_view = prefix.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert torch.allclose(fold_rows(ema, prefix_view, rows, first, cfg), expected, atol=1e-5)
+    if late_keys and k > 1:  # the mask matters: without it the result differs
+        assert not torch.allclose(fold_rows(ema, prefix, rows, torch.zeros_like(first), cfg), expected, atol=1e-5)
