@@ -150,10 +150,7 @@ def fold_rows(
     spec = rows.new_empty(*batch, 2 * F, S)
     re, im = spec[..., :F, :], spec[..., F:, :]
     acc = rows.new_zeros(*batch, F, S)
-    # only keys arriving during these rows have frames to mask; they sit at the row's end
-    late = (first_frame_of_key > 0).reshape(-1, S).any(0).nonzero()
-    lo = int(late[0]) if late.numel() else S
-    late_first = first_frame_of_key[..., lo:].unsqueeze(-2)
+    masks = _late_key_masks(first_frame_of_key)
     g = cfg.frame_decay
     for j in range(k):
         start = j * cfg.hop - carry          # first row of frame j, counted in `rows`
@@ -162,13 +159,40 @@ def fold_rows(
         else:                                # the frame reaches back into the carry rows
             window = torch.cat([prefix[..., carry + start:, :], rows[..., :start + cfg.n_fft, :]], dim=-2)
         torch.matmul(basis_t, window, out=spec)
-        spec.square_()
-        re.add_(im).sqrt_()                  # |X| per bin, in place
-        if lo < S:
-            re[..., lo:].masked_fill_(late_first > j, 0.0)
+        re.mul_(re).addcmul_(im, im).sqrt_()  # |X| per bin, in place
+        masks.apply(re, j)
         acc.add_(re, alpha=(1.0 - g) * g ** (k - 1 - j))
     # returned as a transposed view of [..., F, S]: the next call adds it back contiguously
     return acc.add_(ema.transpose(-1, -2), alpha=g ** k).transpose(-1, -2)
+
+
+class _late_key_masks:
+    """Zeroes frame j of the keys whose first frame is after j (keys that arrived later).
+
+    Only keys arriving during the folded rows have such frames, and they sit at the end of
+    the slots. When they are the same in every row and in arrival order (always, for keys
+    appended by the cache), frame j's masked keys are a suffix: a plain slice fill.
+    """
+
+    def __init__(self, first_frame_of_key: torch.Tensor):
+        S = first_frame_of_key.shape[-1]
+        late = (first_frame_of_key > 0).reshape(-1, S).any(0).nonzero()
+        self.lo = int(late[0]) if late.numel() else S
+        tail = first_frame_of_key[..., self.lo:]
+        flat = tail.reshape(-1, S - self.lo) if self.lo < S else tail
+        self.suffix = None
+        if self.lo < S and bool((flat == flat[:1]).all()) and bool((flat[0, 1:] >= flat[0, :-1]).all()):
+            self.suffix = flat[0].contiguous()          # ascending first frames of the late keys
+        self.tail = tail.unsqueeze(-2)
+
+    def apply(self, magnitudes: torch.Tensor, j: int) -> None:
+        if self.tail.shape[-1] == 0:
+            return
+        if self.suffix is not None:
+            start = self.lo + int(torch.searchsorted(self.suffix, j, right=True))
+            magnitudes[..., start:].zero_()
+        else:
+            magnitudes[..., self.lo:].masked_fill_(self.tail > j, 0.0)
 
 
 def recency_embedding(age: torch.Tensor, cfg: SpectrogramConfig) -> torch.Tensor:
