@@ -34,6 +34,10 @@ class MemoryLayer(CacheLayerMixin):
         # True while every KV head holds the same slots (no per-head eviction yet): attention
         # can then use one mask broadcast over heads, which is about 2x faster on CPU
         self.heads_uniform = True
+        self._buffers: dict[str, torch.Tensor] = {}   # field name -> buffer its view lives in
+
+    # slots reserved when a single token is appended: decoding writes in place for this many
+    DECODE_RESERVE = 64
 
     # --- transformers' layer interface -------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
@@ -61,27 +65,48 @@ class MemoryLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.keys = self.values = self.valid = self.positions = self.columns = None
         self.aux = {}
+        self._buffers = {}
         self.heads_uniform = True
         self.is_initialized = False
 
     # --- memory operations -------------------------------------------------------------
     def append(self, key_states, value_states, positions, valid, columns, aux_shapes):
-        """Append a chunk: key/value [B, H, Q, D]; positions, valid, columns [B, Q]."""
+        """Append a chunk: key/value [B, H, Q, D]; positions, valid, columns [B, Q].
+
+        Fields are views into buffers with room to spare when decoding, so a decoded token is
+        written in place instead of copying the whole layer (which made decoding at 8k tokens
+        ~10x slower than its arithmetic). A field someone replaced since (a policy's new aux
+        tensor, a compaction) gets a fresh buffer.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         B, H, Q, _ = key_states.shape
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        S = self.keys.shape[2]
         expand = lambda t: t.unsqueeze(1).expand(B, H, Q)  # noqa: E731
-        self.valid = torch.cat([self.valid, expand(valid)], dim=-1)
-        self.positions = torch.cat([self.positions, expand(positions)], dim=-1)
-        self.columns = torch.cat([self.columns, expand(columns)], dim=-1)
         for name, trailing in aux_shapes.items():
             if name not in self.aux:
-                self.aux[name] = torch.zeros(B, H, 0, *trailing, device=key_states.device)
-            current = self.aux[name]
-            pad = current.new_zeros(B, H, Q, *current.shape[3:])
-            self.aux[name] = torch.cat([current, pad], dim=2)
+                self.aux[name] = torch.zeros(B, H, S, *trailing, device=key_states.device)
+        incoming = {"keys": key_states, "values": value_states, "valid": expand(valid),
+                    "positions": expand(positions), "columns": expand(columns)}
+        fields = {**{name: getattr(self, name) for name in incoming}, **{"aux." + n: t for n, t in self.aux.items()}}
+        for name, current in fields.items():
+            buffer = self._buffers.get(name)
+            in_place = (buffer is not None and buffer.shape[2] >= S + Q and current.data_ptr() == buffer.data_ptr()
+                        and current.stride() == buffer.stride())
+            if not in_place:
+                room = S + Q + (self.DECODE_RESERVE if Q == 1 else 0)
+                buffer = current.new_empty(B, H, room, *current.shape[3:])
+                buffer[:, :, :S] = current
+                self._buffers[name] = buffer
+            if name in incoming:
+                buffer[:, :, S:S + Q] = incoming[name]
+            else:  # a policy's per-token statistics start at zero
+                buffer[:, :, S:S + Q].zero_()
+            view = buffer[:, :, :S + Q]
+            if name.startswith("aux."):
+                self.aux[name[4:]] = view
+            else:
+                setattr(self, name, view)
         return self.keys, self.values
 
     def compact(self, keep: torch.Tensor) -> None:
@@ -99,8 +124,11 @@ class MemoryLayer(CacheLayerMixin):
         self.positions = self.positions.gather(2, order)
         self.columns = self.columns.gather(2, order)
         self.aux = {name: gather(t) for name, t in self.aux.items()}
+        self._buffers = {}
 
     def kv_bytes(self) -> int:
+        """Bytes of the key and value slots held (not counting a decode reserve of at most
+        DECODE_RESERVE slots)."""
         if self.keys is None:
             return 0
         return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()

@@ -309,6 +309,7 @@ def _clone_layer(layer):
         t = getattr(layer, name)
         setattr(new, name, None if t is None else t.clone())
     new.aux = {k: v.clone() for k, v in layer.aux.items()}
+    new._buffers = {}  # never write into the stored prefix's buffers
     return new
 
 

@@ -215,3 +215,30 @@ def test_policies_decide_the_same_when_attention_arrives_in_row_blocks(monkeypat
     assert torch.equal(blocked.stats.kept_per_layer_head, whole.stats.kept_per_layer_head)
     assert torch.equal(blocked.sequences, whole.sequences)
     assert torch.allclose(blocked.logits, whole.logits, atol=1e-5)
+
+
+def test_decoded_tokens_are_written_in_place_and_equal_concatenation():
+    """A decoded token goes into the layer's reserve (no copy of the layer); the result equals
+    plain concatenation, and a field a policy replaced gets a fresh buffer with its values."""
+    from namm_core.cache import MemoryLayer
+
+    g = torch.Generator().manual_seed(10)
+    layer, shapes = MemoryLayer(), {"stat": (3,)}
+    keys = [torch.randn(1, 2, 5, 4, generator=g)] + [torch.randn(1, 2, 1, 4, generator=g) for _ in range(70)]
+    pointers = []
+    for i, k in enumerate(keys):
+        n = k.shape[2]
+        pos = torch.arange(sum(t.shape[2] for t in keys[:i]), sum(t.shape[2] for t in keys[:i + 1])).view(1, n)
+        layer.append(k, -k, pos, torch.ones(1, n, dtype=torch.bool), pos, shapes)
+        pointers.append(layer.keys.data_ptr())
+        if i == 30:  # a policy replaces its statistics with a new tensor
+            layer.aux["stat"] = torch.full_like(layer.aux["stat"], 7.0)
+    assert torch.equal(layer.keys, torch.cat(keys, dim=2)) and torch.equal(layer.values, -torch.cat(keys, dim=2))
+    assert torch.equal(layer.positions[0, 0], torch.arange(75)) and bool(layer.valid.all())
+    assert bool((layer.aux["stat"][:, :, :35] == 7).all()) and bool((layer.aux["stat"][:, :, 35:] == 0).all())
+    # the first single token allocates a reserve of 64 slots; the next 64 are written in place
+    assert len(set(pointers[1:66])) == 1 and pointers[66] != pointers[65]
+    layer.compact(torch.arange(75).view(1, 1, 75).expand(1, 2, 75) % 2 == 0)
+    k_new = torch.randn(1, 2, 1, 4, generator=g)
+    layer.append(k_new, k_new, torch.tensor([[75]]), torch.ones(1, 1, dtype=torch.bool), torch.tensor([[75]]), shapes)
+    assert torch.equal(layer.keys, torch.cat([torch.cat(keys, dim=2)[:, :, ::2], k_new], dim=2))
