@@ -23,6 +23,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.tables import markdown_table, write_result  # noqa: E402
 from namm_core import NAMM, MemoryManagedLM, load_model, parse_policy  # noqa: E402
 
 
@@ -68,23 +69,23 @@ def main(argv=None) -> int:
             bar.update(1)
         full_wall, full_stats = results["full"]
         for label, (wall, s) in results.items():
-            overhead = s.policy_seconds / max(wall - s.policy_seconds, 1e-9)
+            forward = max(wall - s.policy_seconds, 1e-9)   # everything but the policy's own code
             rows.append((n, label, f"{s.mean_retention:.3f}", f"{wall:.1f}", f"{wall / full_wall:.2f}",
                          f"{s.peak_kv_bytes / 2**20:.1f}", f"{s.peak_kv_bytes / full_stats.peak_kv_bytes:.2f}",
-                         f"{s.final_kv_bytes / full_stats.final_kv_bytes:.2f}", f"{100 * overhead:.1f}%"))
+                         f"{s.final_kv_bytes / full_stats.final_kv_bytes:.2f}",
+                         f"{100 * s.observe_seconds / forward:.1f}%", f"{100 * s.select_seconds / forward:.1f}%",
+                         f"{100 * s.policy_seconds / forward:.1f}%"))
     bar.close()
     header = ("tokens", "policy", "retention", "seconds", "time / full", "peak KV MiB", "peak KV / full",
-              "final KV / full", "policy overhead")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+              "final KV / full", "observe", "select", "policy overhead")
     device = next(model.parameters()).device
     table = (f"Model `{args.model}`, {device}, {torch.get_num_threads()} threads; prefill + {args.new_tokens} "
              f"decoded tokens; memory update every 512 tokens.\n"
-             "`policy overhead` = time in the policy's own code (features, scoring, selection) / the rest.\n\n"
-             + "\n".join(lines) + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(table)
-    print(table)
+             "`observe` = time folding attention into the policy's statistics (NAMM: spectrogram features), "
+             "`select` = scoring and eviction (NAMM: BAM scorer), `policy overhead` = both; each as a share of "
+             "the rest of the same run (the forward passes).\n\n"
+             + markdown_table(header, rows) + "\n")
+    write_result(args.out, table)
     return 0
 
 

@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import ray  # noqa: E402
 
+from bench.tables import markdown_table, write_result  # noqa: E402
 from orchestrator.config import ESConfig  # noqa: E402
 from orchestrator.dispatch import ActorPool, Job  # noqa: E402
 from orchestrator.es import EvolutionStrategy  # noqa: E402
@@ -83,14 +84,10 @@ def main(argv=None) -> int:
     ray.shutdown()
     header = ("workers", "population", "ideal s/gen", "measured s/gen", "efficiency", "dispatch efficiency",
               "ask+tell s", "ask+tell share")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     text = (f"Simulated workers sleeping {args.sleep:g} s per candidate on this machine (2 cores); CMA-ES with "
             f"full covariance over {args.params} parameters; mean of {args.generations} generations after a "
-            "warm-up. `dispatch efficiency` leaves out the CMA-ES ask+tell time.\n\n" + "\n".join(lines) + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+            "warm-up. `dispatch efficiency` leaves out the CMA-ES ask+tell time.\n\n" + markdown_table(header, rows) + "\n")
+    write_result(args.out, text)
     return 0
 
 

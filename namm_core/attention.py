@@ -108,15 +108,15 @@ def first_masked_slot(layer, query_positions, query_valid, sliding_window=None) 
 
 
 def rows_per_block(bytes_per_row: int, n_rows: int, device: torch.device) -> int:
-    """Query rows per eager-attention block: ~4 MB of probabilities on CPU (its cache),
-    the whole chunk on accelerators; a multiple of 16 rows (the NAMM's hop) when split."""
-    if device.type != "cpu":
-        return n_rows
-    rows = (EAGER_BLOCK_BYTES // max(bytes_per_row, 1)) // 16 * 16
+    """Query rows per eager-attention block: ~4 MB of probabilities on CPU (its cache), up to
+    256 MB on accelerators (bounds peak memory at long contexts); a multiple of 16 rows when split."""
+    budget = EAGER_BLOCK_BYTES if device.type == "cpu" else EAGER_BLOCK_BYTES_ACCELERATOR
+    rows = (budget // max(bytes_per_row, 1)) // 16 * 16
     return n_rows if rows >= n_rows else max(16, rows)
 
 
 EAGER_BLOCK_BYTES = 4 << 20
+EAGER_BLOCK_BYTES_ACCELERATOR = 256 << 20
 
 
 def register() -> str:
