@@ -66,7 +66,7 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     grouped = query.view(B, Hkv, n_rep, Q, D)
     keys_t = key.transpose(-1, -2).reshape(B * Hkv, D, S)
     out = query.new_empty(B, Q, Hkv, n_rep, value.shape[-1])
-    observed = cache.attention_rows(B, Hkv, Q, S) if cache.observer is not None else None
+    observed = cache.attention_rows(B, Hkv, Q, S, query.device) if cache.observer is not None else None
     first = first_masked_slot(layer, cache.chunk_positions, cache.chunk_valid, window)
     step = rows_per_block(B * Hq * S * 4, Q, query.device)
     for r0 in range(0, Q, step):

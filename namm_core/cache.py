@@ -91,10 +91,12 @@ class MemoryLayer(CacheLayerMixin):
         fields = {**{name: getattr(self, name) for name in incoming}, **{"aux." + n: t for n, t in self.aux.items()}}
         for name, current in fields.items():
             buffer = self._buffers.get(name)
-            in_place = (buffer is not None and buffer.shape[2] >= S + Q and current.data_ptr() == buffer.data_ptr()
-                        and current.stride() == buffer.stride())
-            if not in_place:
-                room = S + Q + (self.DECODE_RESERVE if Q == 1 else 0)
+            in_buffer = (buffer is not None and current.data_ptr() == buffer.data_ptr()
+                         and current.stride() == buffer.stride() and current.shape == buffer[:, :, :S].shape)
+            if not (in_buffer and buffer.shape[2] >= S + Q):
+                # a field its policy replaces after every forward gets no reserve: it would be wasted
+                replaced = buffer is not None and not in_buffer
+                room = S + Q + (self.DECODE_RESERVE if Q == 1 and not replaced else 0)
                 buffer = current.new_empty(B, H, room, *current.shape[3:])
                 buffer[:, :, :S] = current
                 self._buffers[name] = buffer
@@ -164,15 +166,21 @@ class MemoryCache(Cache):
     def kv_bytes(self) -> int:
         return sum(layer.kv_bytes() for layer in self.layers)
 
-    def attention_rows(self, B: int, H: int, Q: int, S: int) -> torch.Tensor:
+    def attention_rows(self, B: int, H: int, Q: int, S: int, device) -> torch.Tensor:
         """A [B, H, Q, S] float32 buffer for the attention handed to the observer, reused by
         every layer and chunk (a fresh tensor this large costs page faults on each forward);
         valid only until the next call."""
         n = B * H * Q * S
-        if self._rows_storage is None or self._rows_storage.numel() < n:
-            device = self.chunk_positions.device if self.chunk_positions is not None else None
-            self._rows_storage = torch.empty(n, dtype=torch.float32, device=device)
-        return self._rows_storage[:n].view(B, H, Q, S)
+        storage = self._rows_storage
+        if storage is None or storage.numel() < n or storage.device != torch.device(device):
+            self._rows_storage = storage = torch.empty(n, dtype=torch.float32, device=device)
+        return storage[:n].view(B, H, Q, S)
+
+    def release_buffers(self) -> None:
+        """Drop scratch space and decode reserves (before the cache is stored for reuse)."""
+        self._rows_storage = None
+        for layer in self.layers:
+            layer._buffers = {}
 
     @contextmanager
     def active(self):

@@ -144,9 +144,12 @@ def fold_rows(
     k = rows.shape[-2] // cfg.hop
     if k == 0:
         return ema
+    if not (rows.shape[:-2] == prefix.shape[:-2] == ema.shape[:-2] == first_frame_of_key.shape[:-1]):
+        raise ValueError(f"fold_rows needs equal batch shapes: rows {tuple(rows.shape)}, prefix "
+                         f"{tuple(prefix.shape)}, ema {tuple(ema.shape)}, first frames {tuple(first_frame_of_key.shape)}")
     F, S, carry = cfg.n_freq, rows.shape[-1], cfg.carry
     basis_t = _cached_basis_t(cfg.n_fft, str(rows.device), rows.dtype)   # [2F, n_fft]
-    batch = torch.broadcast_shapes(rows.shape[:-2], prefix.shape[:-2])
+    batch = rows.shape[:-2]
     spec = rows.new_empty(*batch, 2 * F, S)
     re, im = spec[..., :F, :], spec[..., F:, :]
     acc = rows.new_zeros(*batch, F, S)

@@ -203,6 +203,7 @@ class MemoryManagedLM:
                                    start, state, stats, update=False)
             last_logits, start = logits[:, -1], end
         stats.prefill_seconds = time.perf_counter() - t0
+        cache.release_buffers()  # a stored prefix holds only its state
         return SharedPrefix(key=key, input_ids=input_ids.cpu(), update_every=self.update_every,
                             cache=cache, state=state, stats=stats, end=stop, last_logits=last_logits)
 
@@ -293,6 +294,7 @@ class SharedPrefix:
         """Fresh copies (the caller's generation must not touch the stored state)."""
         cache = copy.copy(self.cache)
         cache.layers = [_clone_layer(layer) for layer in self.cache.layers]
+        cache._rows_storage = None
         state = copy.copy(self.state)
         state.seen = self.state.seen.clone()
         stats = copy.deepcopy(self.stats)

@@ -242,3 +242,74 @@ def test_decoded_tokens_are_written_in_place_and_equal_concatenation():
     k_new = torch.randn(1, 2, 1, 4, generator=g)
     layer.append(k_new, k_new, torch.tensor([[75]]), torch.ones(1, 1, dtype=torch.bool), torch.tensor([[75]]), shapes)
     assert torch.equal(layer.keys, torch.cat([torch.cat(keys, dim=2)[:, :, ::2], k_new], dim=2))
+
+
+class RecordingRandomKeep(ObservingRandomKeep):
+    """Records every block of attention rows it observes."""
+
+    def new_sequence(self):
+        super().new_sequence()
+        self.observed = []
+
+    def observe(self, layer_idx, layer, attn, step):
+        self.observed.append(attn.clone())
+
+
+def _tiny_gemma2():
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+                          sliding_window=24, attn_logit_softcapping=5.0, query_pre_attn_scalar=8)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kind,dtype", [("llama", torch.float32), ("llama", torch.bfloat16),
+                                        ("gemma3", torch.float32), ("gemma2", torch.float32)])
+def test_observed_attention_rows_equal_a_plain_masked_softmax(monkeypatch, kind, dtype):
+    """What the eager path hands to a policy, block by block, equals softmax(q k^T * scale + mask)
+    averaged over each KV head's query heads, with padding queries zeroed: batch 2 with left
+    padding, per-head eviction, sliding windows (Gemma 3/2) and softcapping (Gemma 2)."""
+    from namm_core import attention
+
+    monkeypatch.setattr(attention, "EAGER_BLOCK_BYTES", 1)   # blocks of 16 query rows
+    model = (_tiny_gemma2() if kind == "gemma2" else tiny_model(kind)).to(dtype)
+    ids = torch.randint(0, 97, (2, 70), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(ids)
+    mask[1, :13] = 0
+    policy = RecordingRandomKeep(keep_prob=0.7, seed=12)
+    lm = MemoryManagedLM(model, policy, update_every=16, chunk_size=40)
+    captured = []
+    real_forward = attention.namm_attention_forward
+
+    def capturing(module, query, key, value, attention_mask, **kwargs):
+        cache = attention.active_cache()
+        layer = cache.layers[module.layer_idx]
+        captured.append((query.float().clone(), key.float().clone(), layer.valid.clone(), layer.positions.clone(),
+                         cache.chunk_positions.clone(), cache.chunk_valid.clone(),
+                         kwargs.get("sliding_window") or layer.sliding_window, kwargs.get("softcap"),
+                         kwargs.get("scaling") or query.shape[-1] ** -0.5, layer))
+        return real_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(attention.ATTN_IMPLEMENTATION, capturing)
+    try:
+        lm.generate(ids, attention_mask=mask, max_new_tokens=6)
+    finally:
+        AttentionInterface.register(attention.ATTN_IMPLEMENTATION, real_forward)
+    assert len(captured) == len(policy.observed) > 0 and len(policy.evicted) > 0
+    for (q, k, valid, positions, qpos, qvalid, window, softcap, scale, layer), seen in zip(captured, policy.observed):
+        B, Hq, Q, _ = q.shape
+        Hkv = k.shape[1]
+        logits = torch.einsum("bhqd,bhsd->bhqs", q, k.repeat_interleave(Hq // Hkv, dim=1)) * scale
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        kp, qp = positions.unsqueeze(-2), qpos[:, None, :, None]
+        allowed = valid.unsqueeze(-2) & (kp <= qp)
+        if window is not None:
+            allowed &= kp > qp - window
+        allowed |= ~qvalid[:, None, :, None]
+        logits = logits.masked_fill(~allowed.repeat_interleave(Hq // Hkv, dim=1), float("-inf"))
+        expected = torch.softmax(logits, -1).view(B, Hkv, Hq // Hkv, Q, -1).mean(2) * qvalid[:, None, :, None]
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        assert torch.allclose(seen, expected, atol=tol), (seen - expected).abs().max()

@@ -203,7 +203,7 @@ def test_shared_prefix_refuses_another_prompt_or_policy():
 
 
 @pytest.mark.parametrize("n_fft,hop,k", [(32, 16, 7), (32, 16, 1), (64, 16, 7), (64, 16, 2), (16, 8, 5)])
-@pytest.mark.parametrize("late_keys", [False, True])
+@pytest.mark.parametrize("late_keys", ["none", "random", "appended"])
 def test_folding_rows_frame_by_frame_equals_folding_all_frames_at_once(n_fft, hop, k, late_keys):
     from namm_core.features import fold_frames, fold_rows, frame_magnitudes
 
@@ -214,11 +214,13 @@ def test_folding_rows_frame_by_frame_equals_folding_all_frames_at_once(n_fft, ho
     ema = torch.rand(2, 3, S, cfg.n_freq, generator=g)
     # old keys (first frame <= 0) everywhere, or keys arriving during the rows in the last columns
     first = torch.randint(-3, 1, (2, 3, S), generator=g)
-    if late_keys:
+    if late_keys == "random":     # per row, in any order: the general mask
         first[..., S - 12:] = torch.randint(-1, k + 2, (2, 3, 12), generator=g)
+    elif late_keys == "appended":  # as the cache appends them: same in every row, ascending
+        first[..., S - 12:] = torch.sort(torch.randint(-1, k + 2, (12,), generator=g)).values
     expected = fold_frames(ema, frame_magnitudes(prefix, rows, cfg), first, cfg)
     # the carry rows as a transposed view, the way the NAMM stores them
     prefix_view = prefix.transpose(-1, -2).contiguous().transpose(-1, -2)
     assert torch.allclose(fold_rows(ema, prefix_view, rows, first, cfg), expected, atol=1e-5)
-    if late_keys and k > 1:  # the mask matters: without it the result differs
+    if late_keys != "none" and k > 1:  # the mask matters: without it the result differs
         assert not torch.allclose(fold_rows(ema, prefix, rows, torch.zeros_like(first), cfg), expected, atol=1e-5)
