@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
     p.add_argument("--budgets", nargs="+", default=["0.25", "0.5"])
     p.add_argument("--policies", nargs="*", default=["streamingllm", "h2o", "l2", "snapkv", "tova"])
+    p.add_argument("--fastgen", nargs="*", default=["0.85"], help="FastGen recovery thresholds (no budget)")
     p.add_argument("--namm", type=Path, default=ROOT / "namms" / "smollm2", help="an evolved NAMM for its own row")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.md")
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
     model, tok = load_model(args.model)
     runs = [("full", parse_policy("full"))]
     runs += [(f"{name}:{b}", parse_policy(f"{name}:{b}")) for name in args.policies for b in args.budgets]
+    runs += [(f"fastgen:{t}", parse_policy(f"fastgen:{t}")) for t in args.fastgen]
     runs.append(("namm (zero)", NAMM()))
     if (args.namm / "namm_config.json").is_file():
         runs.append(("namm (shipped)", NAMM.from_pretrained(args.namm)))
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
         ids = make_ids(tok, n)
         results = {}
         for label, policy in runs:
-            lm = MemoryManagedLM(model, policy)
+            lm = MemoryManagedLM(model, policy, tokenizer=tok)
             t = time.perf_counter()
             out = lm.generate(ids, max_new_tokens=args.new_tokens)
             wall = time.perf_counter() - t

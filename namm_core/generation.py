@@ -93,7 +93,7 @@ class MemoryManagedLM:
     """
 
     def __init__(self, model, policy: Optional[MemoryPolicy] = None, update_every: int = 512,
-                 chunk_size: int = 512):
+                 chunk_size: int = 512, tokenizer=None):
         check_supported(model)
         if update_every <= 0 or chunk_size <= 0:
             raise ValueError(f"update_every ({update_every}) and chunk_size ({chunk_size}) must be positive")
@@ -101,6 +101,8 @@ class MemoryManagedLM:
         self.policy = policy or FullCache()
         self.update_every = update_every
         self.chunk_size = chunk_size
+        if tokenizer is not None:
+            self.policy.bind_tokenizer(tokenizer)
         model.set_attn_implementation(attention.register())
 
     @property
@@ -227,7 +229,7 @@ class MemoryManagedLM:
         state.seen = state.seen + real.sum(-1)
         processed = first_column + Q
         step = StepInfo(seen=state.seen, processed=processed, query_positions=positions,
-                        query_valid=real, next_update=state.next_update)
+                        query_valid=real, next_update=state.next_update, query_ids=ids)
         policy = self.policy
         cache.observer = None
         if policy.needs_attention:

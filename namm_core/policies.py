@@ -20,6 +20,8 @@ Each baseline is a small class with one scoring rule (the kvpress style):
 | l2            | the keys with the lowest L2 norm                                   |
 | snapkv        | the most attended by the last `window` queries, pooled             |
 | tova          | the most attended by the newest query                              |
+| fastgen       | per head, the cheapest of five hybrid rules that recovers a share  |
+|               | of the recent attention (no fixed budget)                          |
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ class StepInfo:
     query_positions: torch.Tensor  # [B, Q] absolute positions of this chunk's queries
     query_valid: torch.Tensor      # [B, Q] False for left padding
     next_update: int               # `processed` value at which select() next runs
+    query_ids: Optional[torch.Tensor] = None  # [B, Q] token ids of this chunk (in observe)
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,9 @@ class MemoryPolicy:
 
     def new_sequence(self) -> None:
         """Called before each new batch of prompts."""
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        """Policies that read token identities (FastGen) get the model's tokenizer here."""
 
     def prefix_key(self) -> Optional[tuple]:
         """Policies with equal keys build identical state before their first update (so
@@ -244,6 +250,97 @@ class SnapKV(BudgetPolicy):
         keep = super().select(layer_idx, layer, step)
         layer.aux["snap_obs"].zero_()  # a new observation window for the next update
         return keep
+
+
+class FastGen(MemoryPolicy):
+    """Ge et al. 2024 (FastGen): each head gets the cheapest rule that keeps enough attention.
+
+    At every update each layer and KV head tries, in order: special tokens; + punctuation;
+    + heavy hitters (the `heavy_fraction` of tokens seen with the largest accumulated
+    attention); + the most recent `recent_fraction` of tokens seen; everything. It keeps the
+    first set that holds at least `recovery` of the attention the queries since the last
+    update paid to the cache. FastGen profiles once, on the prompt; here the profile is
+    renewed at every update, so heads adapt as the sequence grows. Needs the tokenizer
+    (`bind_tokenizer`, or `MemoryManagedLM(..., tokenizer=...)`) to know the special and
+    punctuation tokens.
+    """
+    name = "fastgen"
+    needs_attention = True
+    aux_shapes = {"fg_acc": (), "fg_recent": (), "fg_special": (), "fg_punct": ()}
+    RULES = ("special", "special+punct", "special+punct+heavy", "special+punct+heavy+recent", "full")
+
+    def __init__(self, recovery: float = 0.85, heavy_fraction: float = 0.3, recent_fraction: float = 0.3):
+        for label, value in (("recovery", recovery), ("heavy_fraction", heavy_fraction),
+                             ("recent_fraction", recent_fraction)):
+            if not 0 < float(value) <= 1:
+                raise ValueError(f"fastgen {label} must be in (0, 1], got {value}")
+        self.recovery = float(recovery)
+        self.heavy = Budget(float(heavy_fraction), True)
+        self.recent = Budget(float(recent_fraction), True)
+        self.special_lut: Optional[torch.Tensor] = None   # [vocab] bool, by token id
+        self.punct_lut: Optional[torch.Tensor] = None
+        self.rule_counts = torch.zeros(len(self.RULES), dtype=torch.long)  # heads that chose each rule
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        import string
+
+        if getattr(self, "_tokenizer", None) is tokenizer:
+            return  # decoding the vocabulary once is enough
+        self._tokenizer = tokenizer
+        vocab = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+        self.special_lut = torch.zeros(vocab, dtype=torch.bool)
+        self.special_lut[[i for i in tokenizer.all_special_ids if i < vocab]] = True
+        self.punct_lut = torch.zeros(vocab, dtype=torch.bool)
+        punctuation = set(string.punctuation)
+        for token_id in range(vocab):
+            text = tokenizer.decode([token_id]).strip()
+            if text and all(ch in punctuation for ch in text):
+                self.punct_lut[token_id] = True
+
+    def new_sequence(self) -> None:
+        if self.special_lut is None:
+            raise ValueError("fastgen needs the tokenizer to find special and punctuation tokens: "
+                             "MemoryManagedLM(model, policy, tokenizer=tok) or policy.bind_tokenizer(tok)")
+
+    def observe(self, layer_idx, layer, attn, step):
+        received = attn.sum(dim=-2)
+        layer.aux["fg_acc"] += received
+        layer.aux["fg_recent"] += received
+        if step.query_ids is None:
+            return
+        # mark the chunk's new tokens: slots that arrived at this chunk's columns
+        B, H, S = layer.columns.shape
+        Q = step.query_ids.shape[1]
+        first = step.processed - Q
+        new = layer.columns >= first
+        index = (layer.columns - first).clamp(0, Q - 1).view(B, H * S)
+        ids = step.query_ids.gather(1, index).view(B, H, S).clamp(0, len(self.special_lut) - 1).cpu()
+        for name, lut in (("fg_special", self.special_lut), ("fg_punct", self.punct_lut)):
+            flags = lut[ids].to(layer.aux[name].device, layer.aux[name].dtype)
+            layer.aux[name] = torch.where(new, flags, layer.aux[name])
+
+    def select(self, layer_idx, layer, step):
+        valid = layer.valid
+        special = (layer.aux["fg_special"] > 0) & valid
+        punct = special | ((layer.aux["fg_punct"] > 0) & valid)
+        heavy = punct | keep_top(layer.aux["fg_acc"], valid, self.heavy.tokens(step.seen))
+        recent = heavy | keep_top(_recency_rank(layer), valid, self.recent.tokens(step.seen))
+        candidates = (special, punct, heavy, recent, valid)
+        mass = layer.aux["fg_recent"].float() * valid
+        total = mass.sum(-1).clamp(min=torch.finfo(torch.float32).tiny)
+        keep, chosen = valid.clone(), torch.full(valid.shape[:2], len(candidates) - 1, dtype=torch.long)
+        undecided = torch.ones(valid.shape[:2], dtype=torch.bool, device=valid.device)
+        for rule, candidate in enumerate(candidates):
+            enough = undecided & ((mass * candidate).sum(-1) / total >= self.recovery)
+            keep = torch.where(enough.unsqueeze(-1), candidate, keep)
+            chosen[enough.cpu()] = rule
+            undecided &= ~enough
+        self.rule_counts += torch.bincount(chosen.flatten(), minlength=len(self.RULES))
+        layer.aux["fg_recent"].zero_()  # a new profile for the next update
+        return keep
+
+    def describe(self) -> str:
+        return f"fastgen:{self.recovery:g}"
 
 
 BASELINES = {cls.name: cls for cls in (FullCache, StreamingLLM, L2Norm, H2O, TOVA, SnapKV)}

@@ -4,14 +4,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from .namm import NAMM
-from .policies import BASELINES, MemoryPolicy
+from .policies import BASELINES, FastGen, MemoryPolicy
 
 # The NAMM shipped with the project (evolved on the embedded model), used by `namm` alone.
 DEFAULT_NAMM_DIR = Path(__file__).resolve().parent.parent / "namms" / "smollm2"
 
 POLICY_HELP = (
-    "full | streamingllm:B | h2o:B | l2:B | snapkv:B | tova:B | namm[:DIR]  "
-    "(B = a fraction of the tokens seen, e.g. 0.25, or a token count, e.g. 1024)"
+    "full | streamingllm:B | h2o:B | l2:B | snapkv:B | tova:B | fastgen[:T] | namm[:DIR]  "
+    "(B = a fraction of the tokens seen, e.g. 0.25, or a token count, e.g. 1024; "
+    "T = the share of attention FastGen must keep, default 0.85)"
 )
 
 
@@ -25,6 +26,11 @@ def parse_policy(spec: str) -> MemoryPolicy:
         if not directory.exists():
             raise ValueError(f"policy {spec!r}: NAMM directory {directory} does not exist")
         return NAMM.from_pretrained(directory)
+    if name == "fastgen":
+        try:
+            return FastGen(float(arg)) if arg else FastGen()
+        except ValueError as e:
+            raise ValueError(f"policy {spec!r}: {e}") from None
     if name not in BASELINES:
         raise ValueError(f"unknown policy {spec!r}: expected {POLICY_HELP}")
     cls = BASELINES[name]

@@ -36,7 +36,8 @@ def run(args) -> int:
     print(f"prompt: {ids.shape[1]} tokens, model {args.model}")
     rows = []
     for policy in policies:
-        lm = MemoryManagedLM(model, policy, update_every=args.update_every, chunk_size=args.chunk_size)
+        lm = MemoryManagedLM(model, policy, update_every=args.update_every, chunk_size=args.chunk_size,
+                             tokenizer=tokenizer)
         out = lm.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id)
         answer = tokenizer.decode(out.sequences[0], skip_special_tokens=True).strip()

@@ -540,3 +540,90 @@ def test_evicting_baselines_end_to_end(name, e2e_setup):
     assert out.stats.final_kv_bytes < full.stats.final_kv_bytes
     # the cache holds at most the longest kept row: 43 of 83 slots
     assert out.stats.final_kv_bytes * 83 <= full.stats.final_kv_bytes * int(limit.max())
+
+
+# ---------------------------------------------------------------------------------------
+# FastGen
+
+
+class _TinyTokenizer:
+    """Token 0 is special (BOS), 1 and 2 are punctuation, the rest are words."""
+    all_special_ids = [0]
+
+    def __len__(self):
+        return 97
+
+    def get_vocab(self):
+        return {f"t{i}": i for i in range(97)}
+
+    def decode(self, ids):
+        return {0: "<s>", 1: " .", 2: ","}.get(ids[0], f" w{ids[0]}")
+
+
+def test_fastgen_gives_each_head_the_cheapest_rule_that_recovers_enough_attention():
+    from namm_core.policies import FastGen
+
+    S, Q = 20, 4
+    ids = torch.tensor([[0, 5, 6, 1, 7, 8, 9, 2, 10, 11, 12, 13, 1, 14, 15, 16, 17, 18, 19, 20]])
+    special, punct = {0}, {3, 7, 12}
+    mass = torch.zeros(4, S)
+    mass[0, 0] = 1.0                                       # a BOS sink: special tokens suffice
+    mass[1, 0], mass[1, [3, 7, 12]], mass[1, 9] = 0.5, 0.15, 0.05   # + punctuation reaches 0.95
+    mass[2, [5, 9, 10, 13]] = 0.24                          # needs its heavy hitters
+    mass[2, 0] = 0.04
+    mass[3] = 1.0 / S                                      # spread out: nothing short of everything
+    attn = (mass / Q).view(1, 4, 1, S).expand(1, 4, Q, S).contiguous()
+    policy = FastGen(recovery=0.85, heavy_fraction=0.3, recent_fraction=0.3)
+    policy.bind_tokenizer(_TinyTokenizer())
+    policy.new_sequence()
+    valid = torch.ones(1, S, dtype=torch.bool)
+    layer = make_layer(torch.randn(1, 4, S, 2), valid, aux_shapes=policy.aux_shapes)
+    step = StepInfo(seen=torch.tensor([S]), processed=S, query_positions=torch.arange(S - Q, S).view(1, Q),
+                    query_valid=torch.ones(1, Q, dtype=torch.bool), next_update=S, query_ids=ids[:, S - Q:])
+    # the token kinds of the whole prompt, as if every chunk had been observed
+    policy.observe(0, layer, torch.zeros(1, 4, 0, S), dataclass_replace(step, processed=S, query_ids=ids))
+    policy.observe(0, layer, attn, step)
+    keep = policy.select(0, layer, step)
+
+    n = math.ceil(0.3 * S)
+    heavy_of = lambda h: set(sorted(range(S), key=lambda s: (float(mass[h, s]), s), reverse=True)[:n])  # noqa: E731
+    recent = set(range(S - n, S))
+    expected_rules, expected = [], []
+    for h in range(4):
+        rules = [special, special | punct, special | punct | heavy_of(h), special | punct | heavy_of(h) | recent,
+                 set(range(S))]
+        rule = next(i for i, r in enumerate(rules) if sum(float(mass[h, s]) for s in r) >= 0.85 - 1e-6)
+        expected_rules.append(rule)
+        expected.append(rules[rule])
+    assert expected_rules == [0, 1, 2, 4]          # the data exercise four different rules
+    for h in range(4):
+        assert set(keep[0, h].nonzero().flatten().tolist()) == expected[h], h
+    assert policy.rule_counts.tolist() == [1, 1, 1, 0, 1]
+    assert float(layer.aux["fg_recent"].abs().sum()) == 0.0   # a fresh profile for the next update
+
+
+def dataclass_replace(step, **changes):
+    import dataclasses
+
+    return dataclasses.replace(step, **changes)
+
+
+def test_fastgen_end_to_end_and_its_errors():
+    from namm_core.policies import FastGen
+    from namm_core.registry import parse_policy
+
+    model = tiny_llama()
+    ids = torch.randint(3, 64, (1, 80), generator=torch.Generator().manual_seed(13))
+    ids[0, 0] = 0
+    ids[0, 10::9] = 1
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        MemoryManagedLM(model, FastGen(), update_every=16, chunk_size=16).generate(ids, max_new_tokens=4)
+    policy = parse_policy("fastgen:0.6")
+    assert isinstance(policy, FastGen) and policy.recovery == 0.6 and policy.describe() == "fastgen:0.6"
+    out = MemoryManagedLM(model, policy, update_every=16, chunk_size=16, tokenizer=_TinyTokenizer()).generate(
+        ids, max_new_tokens=8)
+    assert out.stats.updates > 0 and out.stats.mean_retention < 1.0
+    assert int(policy.rule_counts.sum()) == out.stats.updates * 2 * 2   # layers x KV heads per update
+    for bad in ("fastgen:0", "fastgen:1.5", "fastgen:x"):
+        with pytest.raises(ValueError, match="fastgen"):
+            parse_policy(bad)

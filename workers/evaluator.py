@@ -99,7 +99,8 @@ class Evaluator:
     # --- evaluation --------------------------------------------------------------------
     def run_sample(self, sample: Sample, policy: MemoryPolicy) -> SampleResult:
         ids, cropped = self.encode(sample)
-        lm = MemoryManagedLM(self.model, policy, update_every=self.update_every, chunk_size=self.chunk_size)
+        lm = MemoryManagedLM(self.model, policy, update_every=self.update_every, chunk_size=self.chunk_size,
+                             tokenizer=self.tokenizer)
         t = time.perf_counter()
         if sample.metric == FIDELITY_METRIC:
             return self._run_fidelity(sample, lm, ids, t)
