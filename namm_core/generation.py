@@ -296,7 +296,7 @@ class SharedPrefix:
         """Fresh copies (the caller's generation must not touch the stored state)."""
         cache = copy.copy(self.cache)
         cache.layers = [_clone_layer(layer) for layer in self.cache.layers]
-        cache._rows_storage = None
+        cache.release_buffers()
         state = copy.copy(self.state)
         state.seen = self.state.seen.clone()
         stats = copy.deepcopy(self.stats)
@@ -313,7 +313,6 @@ def _clone_layer(layer):
         t = getattr(layer, name)
         setattr(new, name, None if t is None else t.clone())
     new.aux = {k: v.clone() for k, v in layer.aux.items()}
-    new._buffers = {}  # never write into the stored prefix's buffers
     return new
 
 

@@ -317,7 +317,7 @@ class FastGen(MemoryPolicy):
         ids = step.query_ids.gather(1, index).view(B, H, S).clamp(0, len(self.special_lut) - 1).cpu()
         for name, lut in (("fg_special", self.special_lut), ("fg_punct", self.punct_lut)):
             flags = lut[ids].to(layer.aux[name].device, layer.aux[name].dtype)
-            layer.aux[name] = torch.where(new, flags, layer.aux[name])
+            layer.aux[name][new] = flags[new]   # in place: the cache keeps writing decoded tokens in place
 
     def select(self, layer_idx, layer, step):
         valid = layer.valid

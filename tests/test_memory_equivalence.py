@@ -74,6 +74,16 @@ def reference_logits(model, ids, attention_mask, evicted, n_layers, n_kv, slidin
         model.set_attn_implementation("sdpa")
 
 
+def assert_equals_masked_reference(model, ids, mask, out, evicted, n_layers, n_kv, sliding=None):
+    """Teacher-force the generated tokens through the masked full forward and compare the
+    logits of every real position with the memory-managed run's."""
+    full_ids = torch.cat([ids, out.sequences[:, :-1]], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, :-1])], dim=1)
+    ref = reference_logits(model, full_ids, full_mask, evicted, n_layers, n_kv, sliding=sliding)
+    real = full_mask.bool()
+    assert torch.allclose(out.logits[real], ref[real], atol=1e-4), (out.logits[real] - ref[real]).abs().max()
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_zero_namm_equals_full_cache_tiny(kind):
     model = tiny_model(kind)
@@ -101,14 +111,9 @@ def test_random_eviction_equals_masked_full_attention(batch, left_pad, chunk, up
     policy = RandomKeep(keep_prob=0.6, seed=3)
     lm = MemoryManagedLM(model, policy, update_every=update, chunk_size=chunk)
     out = lm.generate(ids, attention_mask=mask, max_new_tokens=20, return_logits=True)
-    # teacher-force the generated tokens through the masked reference
-    full_ids = torch.cat([ids, out.sequences[:, :-1]], dim=1)
-    full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, :-1])], dim=1)
-    ref = reference_logits(model, full_ids, full_mask, policy.evicted, 3, 2)
-    real = full_mask.bool()
     assert len(policy.evicted) > 50, "the test must actually evict"
     assert out.stats.mean_retention < 0.9
-    assert torch.allclose(out.logits[real], ref[real], atol=1e-4), (out.logits[real] - ref[real]).abs().max()
+    assert_equals_masked_reference(model, ids, mask, out, policy.evicted, 3, 2)
     # and the cache really shrank below the tokens seen
     assert out.stats.final_kv_bytes < out.stats.peak_kv_bytes or out.stats.updates == 0
 
@@ -122,12 +127,8 @@ def test_eviction_equivalence_on_sliding_window_layers():
     policy = RandomKeep(keep_prob=0.7, seed=5)
     lm = MemoryManagedLM(model, policy, update_every=16, chunk_size=16)
     out = lm.generate(ids, attention_mask=mask, max_new_tokens=10, return_logits=True)
-    full_ids = torch.cat([ids, out.sequences[:, :-1]], dim=1)
-    full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, :-1])], dim=1)
     sliding = [24 if t == "sliding_attention" else None for t in model.config.layer_types]
-    ref = reference_logits(model, full_ids, full_mask, policy.evicted, 4, 2, sliding=sliding)
-    real = full_mask.bool()
-    assert torch.allclose(out.logits[real], ref[real], atol=1e-4), (out.logits[real] - ref[real]).abs().max()
+    assert_equals_masked_reference(model, ids, mask, out, policy.evicted, 4, 2, sliding=sliding)
     # sliding layers hold no more than window + tokens since the last update
     kept = out.stats.kept_per_layer_head
     for layer, w in enumerate(sliding):
@@ -184,12 +185,8 @@ def test_random_eviction_equals_masked_full_attention_on_the_eager_path(monkeypa
     policy = ObservingRandomKeep(keep_prob=0.6, seed=7)
     lm = MemoryManagedLM(model, policy, update_every=32, chunk_size=40)
     out = lm.generate(ids, attention_mask=mask, max_new_tokens=12, return_logits=True)
-    full_ids = torch.cat([ids, out.sequences[:, :-1]], dim=1)
-    full_mask = torch.cat([mask, torch.ones_like(out.sequences[:, :-1])], dim=1)
-    ref = reference_logits(model, full_ids, full_mask, policy.evicted, 3, 2)
-    real = full_mask.bool()
     assert len(policy.evicted) > 50 and policy.rows_seen == 3 * (T + 11)
-    assert torch.allclose(out.logits[real], ref[real], atol=1e-4), (out.logits[real] - ref[real]).abs().max()
+    assert_equals_masked_reference(model, ids, mask, out, policy.evicted, 3, 2)
 
 
 @pytest.mark.parametrize("spec", ["namm", "h2o:0.5", "snapkv:0.4", "tova:0.5"])
