@@ -198,17 +198,23 @@ class _late_key_masks:
             magnitudes[..., self.lo:].masked_fill_(self.tail > j, 0.0)
 
 
-def recency_embedding(age: torch.Tensor, cfg: SpectrogramConfig) -> torch.Tensor:
+def recency_embedding(age: torch.Tensor, cfg: SpectrogramConfig, interleaved: bool = False) -> torch.Tensor:
     """Sinusoidal embedding of a token's age (newest position - its position).
 
-    age: [...] integer or float tensor. Returns [..., recency_dim] as
-    [sin(a w_0), cos(a w_0), sin(a w_1), cos(a w_1), ...] with w_i = max_freq**(-2i/d).
+    age: [...] integer or float tensor. Returns [..., recency_dim] float32 with
+    w_i = max_freq**(-2i/d), i < d/2:
+      official layout (default): [sin(a w_0), ..., sin(a w_{d/2-1}), cos(a w_0), ..., cos(a w_{d/2-1})],
+          computed in float64 and then cast, as the official code builds its table;
+      interleaved (NAMM format version 1): [sin(a w_0), cos(a w_0), sin(a w_1), ...] in float32.
     """
     half = cfg.recency_dim // 2
-    i = torch.arange(half, device=age.device, dtype=torch.float32)
+    dtype = torch.float32 if interleaved else torch.float64
+    i = torch.arange(half, device=age.device, dtype=dtype)
     freqs = cfg.recency_max_freq ** (-2.0 * i / cfg.recency_dim)
-    angles = age.to(torch.float32).unsqueeze(-1) * freqs
-    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+    angles = age.to(dtype).unsqueeze(-1) * freqs
+    if interleaved:
+        return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).to(torch.float32)
 
 
 class RunningMoments:

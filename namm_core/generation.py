@@ -9,6 +9,7 @@ at those boundaries) and in decoding alike.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,6 +19,8 @@ import torch
 from . import attention
 from .cache import MemoryCache
 from .policies import FullCache, MemoryPolicy, StepInfo
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +88,31 @@ def check_supported(model) -> None:
                         "the memory serves pure attention decoders")
 
 
+DEFAULT_UPDATE_EVERY = 512
+DEFAULT_CHUNK_SIZE = 512
+
+
+def resolve_memory_settings(policy: MemoryPolicy, update_every: Optional[int] = None,
+                            chunk_size: Optional[int] = None) -> tuple[int, int]:
+    """The update interval and chunk size to run `policy` with.
+
+    A NAMM records the settings it was evolved with; they apply unless the caller gives
+    others, and an override that differs is logged (a NAMM run at another interval sees
+    other features than it was evolved on). Other policies default to 512 / 512.
+    """
+    recorded = policy.memory_settings() if hasattr(policy, "memory_settings") else {}
+    chosen = {}
+    for name, given, default in (("update_every", update_every, DEFAULT_UPDATE_EVERY),
+                                 ("chunk_size", chunk_size, DEFAULT_CHUNK_SIZE)):
+        if given is not None and (isinstance(given, bool) or int(given) != given or given <= 0):
+            raise ValueError(f"{name} must be a positive integer, got {given!r}")
+        if given is not None and name in recorded and int(given) != recorded[name]:
+            log.warning("%s: %s=%d overrides the %d it was evolved with", policy.describe(), name,
+                        int(given), recorded[name])
+        chosen[name] = int(given) if given is not None else recorded.get(name, default)
+    return chosen["update_every"], chosen["chunk_size"]
+
+
 class MemoryManagedLM:
     """A causal LM whose KV cache is managed by a memory policy.
 
@@ -92,15 +120,12 @@ class MemoryManagedLM:
     >>> out = lm.generate(input_ids, max_new_tokens=32)
     """
 
-    def __init__(self, model, policy: Optional[MemoryPolicy] = None, update_every: int = 512,
-                 chunk_size: int = 512, tokenizer=None):
+    def __init__(self, model, policy: Optional[MemoryPolicy] = None, update_every: Optional[int] = None,
+                 chunk_size: Optional[int] = None, tokenizer=None):
         check_supported(model)
-        if update_every <= 0 or chunk_size <= 0:
-            raise ValueError(f"update_every ({update_every}) and chunk_size ({chunk_size}) must be positive")
-        self.model = model
         self.policy = policy or FullCache()
-        self.update_every = update_every
-        self.chunk_size = chunk_size
+        self.update_every, self.chunk_size = resolve_memory_settings(self.policy, update_every, chunk_size)
+        self.model = model
         if tokenizer is not None:
             self.policy.bind_tokenizer(tokenizer)
         model.set_attn_implementation(attention.register())
@@ -206,8 +231,55 @@ class MemoryManagedLM:
             last_logits, start = logits[:, -1], end
         stats.prefill_seconds = time.perf_counter() - t0
         cache.release_buffers()  # a stored prefix holds only its state
-        return SharedPrefix(key=key, input_ids=input_ids.cpu(), update_every=self.update_every,
+        return SharedPrefix(key=key, input_ids=input_ids[:, :stop].cpu(), update_every=self.update_every,
                             cache=cache, state=state, stats=stats, end=stop, last_logits=last_logits)
+
+    @torch.inference_mode()
+    def continuation_logprobs(self, input_ids: torch.Tensor, continuation_ids: torch.Tensor,
+                              prefix: Optional["SharedPrefix"] = None) -> tuple[torch.Tensor, MemoryStats]:
+        """Teacher-forced log-probabilities of `continuation_ids` [1, n] after the prompt [1, T].
+
+        The continuation runs through the memory exactly as decoding it would: the same
+        columns, the same update boundaries (chunks are cut there), the same policy calls,
+        so this is the likelihood the managed model gives that reply, without decoding.
+        Returns ([n] float32 log-probabilities, memory statistics).
+        """
+        if input_ids.shape[0] != 1 or continuation_ids.shape[0] != 1:
+            raise ValueError("continuation_logprobs scores one prompt at a time")
+        n = continuation_ids.shape[1]
+        if n == 0:
+            raise ValueError("continuation_logprobs needs at least one continuation token")
+        T = input_ids.shape[1]
+        ids = torch.cat([input_ids, continuation_ids.to(input_ids.device)], dim=1).to(self.device)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        t0 = time.perf_counter()
+        if prefix is not None:
+            prefix.check(self, ids)
+            cache, state, stats, start, _ = prefix.restore()
+            state.positions, state.mask = torch.arange(ids.shape[1], device=self.device).view(1, -1), mask
+            self.policy.new_sequence()
+            self._maybe_update(cache, state, stats, start)
+        else:
+            cache, state, stats = self._start(mask)
+            start = 0
+        if start > T - 1:
+            raise ValueError("the shared prefix reaches into the continuation")
+        pieces = []
+        while start < ids.shape[1] - 1:   # the last token's own prediction is not needed
+            end = min(start + self.chunk_size, state.next_update, ids.shape[1] - 1)
+            needed = end - max(start, T - 1)    # logits of columns >= T - 1 predict the continuation
+            logits = self._forward(cache, ids[:, start:end], state.positions[:, start:end], mask[:, start:end],
+                                   start, state, stats, logits_to_keep=max(needed, 1))
+            if needed > 0:
+                pieces.append(logits[:, -needed:])
+            start = end
+        stats.prefill_seconds += time.perf_counter() - t0
+        logp = torch.log_softmax(torch.cat(pieces, dim=1)[0].float(), dim=-1)
+        target = continuation_ids[0].to(logp.device)
+        stats.tokens_seen = state.seen.tolist()
+        stats.kept_per_layer_head = torch.stack([layer.valid.sum(-1).cpu() for layer in cache.layers])
+        stats.final_kv_bytes = cache.kv_bytes()
+        return logp.gather(-1, target[:, None])[:, 0].cpu(), stats
 
     def _start(self, attention_mask: torch.Tensor):
         """A fresh cache, loop state and statistics for one batch of prompts."""
@@ -222,7 +294,8 @@ class MemoryManagedLM:
         return self.generate(input_ids, attention_mask, max_new_tokens=1, return_logits=True)
 
     # ------------------------------------------------------------------------------------
-    def _forward(self, cache, ids, positions, real, first_column, state, stats, keep_all=False, update=True):
+    def _forward(self, cache, ids, positions, real, first_column, state, stats, keep_all=False, update=True,
+                 logits_to_keep: int = 1):
         B, Q = ids.shape
         columns = torch.arange(first_column, first_column + Q, device=self.device).expand(B, Q)
         cache.set_chunk(positions, real, columns)
@@ -242,7 +315,7 @@ class MemoryManagedLM:
             cache.observer = observer
         with cache.active():
             out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                             logits_to_keep=0 if keep_all else 1)
+                             logits_to_keep=0 if keep_all else logits_to_keep)
         stats.peak_kv_bytes = max(stats.peak_kv_bytes, cache.kv_bytes())
         state.last_query = (positions, real)
         if update:
@@ -289,7 +362,8 @@ class SharedPrefix:
             raise ValueError(f"shared prefix was computed for {self.key}, not {lm.policy.prefix_key()}")
         if lm.update_every != self.update_every:
             raise ValueError(f"shared prefix was computed with update_every={self.update_every}")
-        if not torch.equal(input_ids.cpu(), self.input_ids):
+        head = input_ids[:, :self.end].cpu()
+        if head.shape != self.input_ids.shape or not torch.equal(head, self.input_ids):
             raise ValueError("shared prefix belongs to a different prompt")
 
     def restore(self):

@@ -13,25 +13,34 @@ every token.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from .features import RunningMoments, SpectrogramConfig, fold_rows, recency_embedding
-from .policies import MemoryPolicy, StepInfo
+from .policies import Budget, MemoryPolicy, StepInfo, keep_top
 from .scorers import build_scorer
 
 CONFIG_NAME = "namm_config.json"
 WEIGHTS_NAME = "namm.safetensors"
-FORMAT_VERSION = 1
+# 2: the official code's conventions (normalisation (x - mean) / max(std, 1e-7); recency
+#    laid out [sin x 4, cos x 4], computed in float64). 1: the project's first conventions
+#    ((x - mean) / sqrt(var + 1e-6); sin/cos interleaved, float32); NAMMs saved under it load
+#    and decide exactly as before.
+FORMAT_VERSION = 2
+LEGACY_FORMAT_VERSION = 1
+NORM_STD_FLOOR = 1e-7
+SELECTIONS = ("threshold", "top_k")
 
 
 @dataclass
@@ -40,23 +49,50 @@ class NAMMConfig:
     head_dim: int = 32                   # BAM attention head size
     mlp_hidden: list[int] = field(default_factory=lambda: [32])
     spectrogram: SpectrogramConfig = field(default_factory=SpectrogramConfig)
-    norm_eps: float = 1e-6
+    norm_eps: float = 1e-6               # format version 1 only: eps inside the square root
+    format_version: int = FORMAT_VERSION
+    # "threshold": keep score >= 0 (the paper), at most `budget` tokens when one is set;
+    # "top_k": keep the `budget` best-scored tokens per layer and KV head (the official
+    # TopKSelection), so the memory is fixed and evolution learns a ranking.
+    selection: str = "threshold"
+    budget: Optional[str] = None         # a fraction of the tokens seen ("0.5") or a count ("1024")
+    # the memory settings the NAMM was evolved with; MemoryManagedLM uses them unless told otherwise
+    update_every: Optional[int] = None
+    chunk_size: Optional[int] = None
+
+    def __post_init__(self):
+        if self.format_version not in (LEGACY_FORMAT_VERSION, FORMAT_VERSION):
+            raise ValueError(f"NAMM format_version {self.format_version!r} is not supported "
+                             f"(known: {LEGACY_FORMAT_VERSION}, {FORMAT_VERSION})")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"NAMM selection {self.selection!r}: expected one of {', '.join(SELECTIONS)}")
+        if self.budget is not None:
+            self.budget = str(Budget.parse(self.budget))
+        elif self.selection == "top_k":
+            raise ValueError("NAMM selection 'top_k' needs a budget (a fraction like 0.5 or a token count like 1024)")
+        for name in ("update_every", "chunk_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"NAMM {name} must be a positive integer, got {value!r}")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["format_version"] = FORMAT_VERSION
-        return d
+        return asdict(self)
 
     @staticmethod
     def from_dict(d: dict) -> "NAMMConfig":
         d = dict(d)
-        d.pop("format_version", None)
-        known = {"scorer", "head_dim", "mlp_hidden", "spectrogram", "norm_eps"}
+        # a config written before format versions were recorded is version 1
+        d.setdefault("format_version", LEGACY_FORMAT_VERSION)
+        known = {f.name for f in fields(NAMMConfig)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown NAMM config fields: {sorted(unknown)}")
         spec = SpectrogramConfig(**d.pop("spectrogram", {}))
         return NAMMConfig(spectrogram=spec, **d)
+
+    @property
+    def legacy(self) -> bool:
+        return self.format_version == LEGACY_FORMAT_VERSION
 
 
 class NAMM(MemoryPolicy):
@@ -77,6 +113,17 @@ class NAMM(MemoryPolicy):
         self.source = "zero-initialised"
 
     # --- evolution interface -----------------------------------------------------------
+    @classmethod
+    def from_vector(cls, vector, norm: Optional[dict] = None, config: Optional[NAMMConfig] = None) -> "NAMM":
+        """A NAMM from a flat parameter vector (as CMA-ES proposes them) and normalisation
+        statistics {"mean", "var", "count"} (None: unnormalised)."""
+        namm = cls(config).set_params(torch.as_tensor(np.asarray(vector, dtype=np.float32)))
+        if norm is not None:
+            namm.norm_mean = torch.as_tensor(np.asarray(norm["mean"], dtype=np.float32))
+            namm.norm_var = torch.as_tensor(np.asarray(norm["var"], dtype=np.float32))
+            namm.norm_count = float(norm["count"])
+        return namm
+
     @property
     def num_params(self) -> int:
         return self.scorer.num_params
@@ -141,10 +188,14 @@ class NAMM(MemoryPolicy):
             mean, var = self._moments.mean.float(), self._moments.var.float()
         else:
             mean, var = self.norm_mean, self.norm_var
-        normed = (ema - mean.to(ema.device)) / torch.sqrt(var.to(ema.device) + self.config.norm_eps)
+        mean, var = mean.to(ema.device), var.to(ema.device)
+        if self.config.legacy:
+            normed = (ema - mean) / torch.sqrt(var + self.config.norm_eps)
+        else:
+            normed = (ema - mean) / torch.sqrt(var).clamp(min=NORM_STD_FLOOR)
         newest = layer.positions.masked_fill(~layer.valid, -1).amax(-1, keepdim=True)
         age = (newest - layer.positions).clamp(min=0)
-        return torch.cat([recency_embedding(age, self.spec), normed], dim=-1)
+        return torch.cat([recency_embedding(age, self.spec, interleaved=self.config.legacy), normed], dim=-1)
 
     def score(self, layer) -> torch.Tensor:
         x = self.token_features(layer)
@@ -157,14 +208,39 @@ class NAMM(MemoryPolicy):
     def select(self, layer_idx, layer, step):
         scores = self.score(layer)
         newest = layer.positions.masked_fill(~layer.valid, -1).amax(-1, keepdim=True)
-        return ((scores >= 0) | (layer.positions == newest)) & layer.valid
+        is_newest = layer.positions == newest
+        if self._budget is None:
+            return ((scores >= 0) | is_newest) & layer.valid
+        # the newest token ranks first; then the best scores, up to the budget
+        ranked = scores.float().masked_fill(is_newest, float("inf"))
+        keep = keep_top(ranked, layer.valid, self._budget.tokens(step.seen))
+        if self.config.selection == "threshold":
+            keep &= (scores >= 0) | is_newest
+        return keep
+
+    @property
+    def _budget(self) -> Optional[Budget]:
+        return None if self.config.budget is None else Budget.parse(self.config.budget)
+
+    def with_budget(self, budget, selection: str = "top_k") -> "NAMM":
+        """This NAMM (same parameters and statistics) keeping at most `budget` tokens per layer and head."""
+        other = copy.copy(self)
+        other.config = replace(self.config, budget=str(Budget.parse(budget)), selection=selection)
+        other.source = self.source
+        return other
+
+    def memory_settings(self) -> dict:
+        """The update interval and chunk size the NAMM was evolved with (those recorded)."""
+        return {k: v for k, v in (("update_every", self.config.update_every),
+                                  ("chunk_size", self.config.chunk_size)) if v is not None}
 
     def prefix_key(self) -> tuple:
         # observe() depends only on the spectrogram settings, never on the scorer's parameters
         return ("namm", tuple(sorted(asdict(self.spec).items())))
 
     def describe(self) -> str:
-        return f"namm:{self.source}"
+        budget = "" if self.config.budget is None else f"@{self.config.budget}"
+        return f"namm:{self.source}{budget}"
 
     # --- persistence -------------------------------------------------------------------
     def save_pretrained(self, directory, metadata: Optional[dict] = None) -> Path:
@@ -209,7 +285,11 @@ class NAMM(MemoryPolicy):
         expected = raw.pop("num_params", None)
         norm_count = float(raw.pop("norm_count", 0.0))
         metadata = raw.pop("metadata", {})
-        namm = cls(NAMMConfig.from_dict(raw))
+        try:
+            config = NAMMConfig.from_dict(raw)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"NAMM config {cfg_path}: {e}") from None
+        namm = cls(config)
         try:
             tensors = load_file(str(w_path))
         except Exception as e:  # safetensors raises its own error types

@@ -10,9 +10,10 @@ from .policies import BASELINES, FastGen, MemoryPolicy
 DEFAULT_NAMM_DIR = Path(__file__).resolve().parent.parent / "namms" / "smollm2"
 
 POLICY_HELP = (
-    "full | streamingllm:B | h2o:B | l2:B | snapkv:B | tova:B | fastgen[:T] | namm[:DIR]  "
+    "full | streamingllm:B | h2o:B | l2:B | snapkv:B | tova:B | fastgen[:T] | namm[:DIR][@B]  "
     "(B = a fraction of the tokens seen, e.g. 0.25, or a token count, e.g. 1024; "
-    "T = the share of attention FastGen must keep, default 0.85)"
+    "T = the share of attention FastGen must keep, default 0.85; namm@B keeps the NAMM's B best-scored "
+    "tokens per layer and KV head, whatever budget it was saved with)"
 )
 
 
@@ -21,11 +22,8 @@ def parse_policy(spec: str) -> MemoryPolicy:
     spec = spec.strip()
     name, _, arg = spec.partition(":")
     name = name.lower()
-    if name == "namm":
-        directory = Path(arg) if arg else DEFAULT_NAMM_DIR
-        if not directory.exists():
-            raise ValueError(f"policy {spec!r}: NAMM directory {directory} does not exist")
-        return NAMM.from_pretrained(directory)
+    if name.startswith("namm@") or name == "namm":
+        return _parse_namm(spec)
     if name == "fastgen":
         try:
             return FastGen(float(arg)) if arg else FastGen()
@@ -44,3 +42,24 @@ def parse_policy(spec: str) -> MemoryPolicy:
         return cls(arg)
     except ValueError as e:
         raise ValueError(f"policy {spec!r}: {e}") from None
+
+
+def _parse_namm(spec: str) -> NAMM:
+    """`namm`, `namm:DIR`, `namm@B`, `namm:DIR@B` (a directory name may itself contain '@')."""
+    body = spec[len("namm"):]
+    budget = None
+    head, at, tail = body.rpartition("@")
+    if at and "/" not in tail:
+        body, budget = head, tail
+    if body and not body.startswith(":"):
+        raise ValueError(f"unknown policy {spec!r}: expected {POLICY_HELP}")
+    directory = Path(body[1:]) if body[1:] else DEFAULT_NAMM_DIR
+    if not directory.exists():
+        raise ValueError(f"policy {spec!r}: NAMM directory {directory} does not exist")
+    namm = NAMM.from_pretrained(directory)
+    if budget is not None:
+        try:
+            namm = namm.with_budget(budget)
+        except ValueError as e:
+            raise ValueError(f"policy {spec!r}: {e}") from None
+    return namm

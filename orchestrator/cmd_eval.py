@@ -9,11 +9,17 @@ EPILOG = """examples:
   namm eval --policy full --policy h2o:0.25 --policy namm:namms/smollm2 --tasks passkey,vt --num-prompts 20
   namm eval --policy namm --baselines-at-namm-retention --tasks niah_single,kv_retrieval,my_longbench.jsonl
 
-policies: full | streamingllm:B | h2o:B | l2:B | snapkv:B | tova:B | namm[:DIR]
-  B is a fraction of the tokens seen (0.25) or a token count (1024); a NAMM decides its own
-  budget and its achieved retention is reported.
+policies: full | streamingllm:B | h2o:B | l2:B | snapkv:B | tova:B | fastgen[:T] | namm[:DIR][@B]
+  B is a fraction of the tokens seen (0.25) or a token count (1024). A NAMM keeps what it was
+  saved with (score >= 0, or its budget); namm@B keeps its B best-scored tokens per layer and head.
 tasks: synthetic names (see `namm eval --list-tasks`), `fidelity` (agreement with the full cache
-  on plain text, for any model), or LongBench-format .jsonl/.parquet files.
+  on plain text, for any model), or LongBench-format .jsonl/.parquet files (--num-prompts is per
+  dataset in a file holding several; a record may name its `metric`, or give --metric).
+memory settings: a NAMM records the update interval and chunk size it was evolved with; without
+  --update-every / --chunk-size every policy runs with the first NAMM's (else 512 / 512).
+The table gives each mean with a bootstrap 95% interval over prompts; with a NAMM, a second table
+  compares it with every other policy on the same prompts (paired): a difference whose interval
+  holds 0 is a tie.
 """
 
 
@@ -23,7 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded, default), 'gemma3-270m', a hub id or path")
     p.add_argument("--policy", action="append", default=None, help="a memory policy; repeatable (default: full)")
     p.add_argument("--baselines-at-namm-retention", action="store_true",
-                   help="also run every baseline at the first NAMM's own mean retention (on full-attention layers)")
+                   help="also run every budgeted baseline at the first NAMM's own mean retention (on full-attention "
+                        "layers); FastGen has no budget to match (its retention follows from T) and is left out")
     p.add_argument("--tasks", default="passkey,niah_single,vt,kv_retrieval",
                    help="comma-separated task names and/or task files")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
@@ -31,8 +38,12 @@ def add_parser(sub) -> None:
     p.add_argument("--context-length", type=int, default=4096, help="synthetic prompt length in model tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
     p.add_argument("--templates", help="JSON file of prompt templates per dataset (e.g. LongBench's dataset2prompt.json)")
-    p.add_argument("--update-every", type=int, default=512)
-    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--metric", help="score every task file with this metric (e.g. contains_answer) instead of "
+                                    "the records' own or LongBench's")
+    p.add_argument("--update-every", type=int, default=None,
+                   help="run the memory every N tokens (default: the first NAMM's recorded interval, else 512)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill chunk size (default: the first NAMM's recorded size, else 512)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", type=Path, default=Path("results/eval.parquet"),
@@ -43,9 +54,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from namm_core import NAMM, BASELINES, load_model, parse_policy
+    from namm_core import NAMM, BASELINES, FullCache, load_model, parse_policy
+    from namm_core.generation import resolve_memory_settings
     from workers.evaluator import Evaluator
-    from workers.report import format_table, namm_matched_budget, plot_score_vs_retention, write_parquet_atomic
+    from workers.report import (format_comparisons, format_table, namm_matched_budget, plot_score_vs_retention,
+                                result_header, write_parquet_atomic)
     from workers.tasks import load_tasks, task_names
 
     if args.list_tasks:
@@ -55,10 +68,15 @@ def run(args) -> int:
     policies = [parse_policy(s) for s in specs]  # bad specs fail before the model loads
     if args.baselines_at_namm_retention and not any(isinstance(p, NAMM) for p in policies):
         raise ValueError("--baselines-at-namm-retention needs a --policy namm[:DIR]")
+    first_namm = next((p for p in policies if isinstance(p, NAMM)), None)
+    update_every, chunk_size = resolve_memory_settings(first_namm or FullCache(), args.update_every, args.chunk_size)
+    print(f"memory updates every {update_every} tokens, chunks of {chunk_size}"
+          + (f" (as {first_namm.describe()} records)" if first_namm and first_namm.memory_settings()
+             and args.update_every is None else ""))
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     samples = load_tasks(args.tasks.split(","), tokenizer, args.num_prompts, args.context_length, args.seed,
-                         templates_file=args.templates)
-    evaluator = Evaluator(model, tokenizer, update_every=args.update_every, chunk_size=args.chunk_size)
+                         templates_file=args.templates, metric=args.metric)
+    evaluator = Evaluator(model, tokenizer, update_every=update_every, chunk_size=chunk_size)
 
     rows = []
     total = len(samples) * (len(policies) + (len(BASELINES) - 1 if args.baselines_at_namm_retention else 0))
@@ -83,9 +101,17 @@ def run(args) -> int:
         row["seed"] = args.seed
     out = write_parquet_atomic(rows, args.out)
     table = format_table(rows)
+    lengths = sorted(r["prompt_tokens"] for r in rows)
+    length = f"{lengths[len(lengths) // 2]} tokens (median prompt; {lengths[0]}-{lengths[-1]})"
     plot = plot_score_vs_retention(rows, out.with_suffix(".png"),
-                                   title=f"{args.model}, {args.context_length} tokens, {len(samples)} prompts")
-    out.with_suffix(".md").write_text(format_table(rows, markdown=True) + "\n")
+                                   title=f"{args.model}, {length}, {len(samples)} prompts")
+    markdown = result_header() + "\n" + f"{args.model}, {length}, {len(samples)} prompts\n\n" + \
+        format_table(rows, markdown=True) + "\n"
+    if first_namm is not None and len(policies) + args.baselines_at_namm_retention > 1:
+        comparisons = format_comparisons(rows, first_namm.describe())
+        markdown += "\n" + format_comparisons(rows, first_namm.describe(), markdown=True) + "\n"
+        table += "\n\n" + comparisons
+    out.with_suffix(".md").write_text(markdown)
     print(table)
     cropped = sum(1 for r in rows if r["cropped_tokens"])
     if cropped:

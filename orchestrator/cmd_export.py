@@ -19,10 +19,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import numpy as np
 
-    from namm_core import NAMMConfig
+    from namm_core import NAMM
 
     from . import checkpoint
-    from .driver import _namm
+    from .driver import namm_config_from_spec
     from .es import EvolutionStrategy
 
     if args.checkpoint.is_dir():
@@ -44,8 +44,7 @@ def run(args) -> int:
             raise ValueError(f"{path}: no {args.which} candidate recorded yet")
         vector, selected = entry["vector"], entry["generation"]
     spec = state["namm_spec"]
-    namm = _namm(NAMMConfig(scorer=spec["scorer"], head_dim=spec["head_dim"], mlp_hidden=list(spec["mlp_hidden"])),
-                 np.asarray(vector), state["norm"])
+    namm = NAMM.from_vector(np.asarray(vector), state["norm"], namm_config_from_spec(spec))
     namm.save_pretrained(args.out_dir, metadata={"checkpoint": str(path), "which": args.which,
                                                  "generation": selected,
                                                  "checkpoint_generation": state["global_generation"]})

@@ -43,6 +43,28 @@ class NAMMSpec:
     head_dim: int = 32
     mlp_hidden: list = field(default_factory=lambda: [32])
     stats_prompts: int = 8                # prompts of the first stage used to collect normalisation statistics
+    # "threshold" (the paper: keep score >= 0, at most `budget` when set) or "top_k" (keep the
+    # `budget` best-scored tokens per layer and KV head: a fixed memory, evolution learns a ranking)
+    selection: str = "threshold"
+    budget: Optional[str] = None          # a fraction of the tokens seen ("0.5") or a token count ("1024")
+
+    def namm_config(self, memory: Optional["MemoryConfig"] = None):
+        """The NAMMConfig candidates are built with (records the memory settings evolved with)."""
+        from namm_core import NAMMConfig
+
+        return NAMMConfig(scorer=self.scorer, head_dim=self.head_dim, mlp_hidden=list(self.mlp_hidden),
+                          selection=self.selection, budget=self.budget,
+                          update_every=memory.update_every if memory else None,
+                          chunk_size=memory.chunk_size if memory else None)
+
+
+@dataclass
+class WarmStartConfig:
+    """Start CMA-ES from a scorer fitted to imitate a baseline's keep decisions."""
+    imitate: str = "streamingllm:0.5"     # a baseline policy spec (parse_policy)
+    prompts: int = 4                      # first-stage prompts whose features and decisions are collected
+    steps: int = 300                      # gradient steps of the fit
+    lr: float = 0.01
 
 
 @dataclass
@@ -51,7 +73,8 @@ class ESConfig:
     sigma0: float = 0.065
     elite_ratio: float = 0.5
     seed: int = 0
-    diagonal: bool = False                # CMA_diagonal: cheaper updates, for very large scorers
+    diagonal: bool = False                # CMA_diagonal: cheaper updates and small checkpoints
+    warm_start: Optional[WarmStartConfig] = None   # default: the paper's mean 0 (keep everything)
 
 
 @dataclass
@@ -60,6 +83,10 @@ class FitnessConfig:
     # retention r exceeds it loses weight * (r - target): a memory budget in the objective.
     retention_target: Optional[float] = None
     retention_weight: float = 1.0
+    # "task_score": the paper's metric ratio to the full cache (needs decoding);
+    # "loglik": teacher-forced likelihood of the reply relative to the full cache (dense, no decoding)
+    kind: str = "task_score"
+    loglik_target: str = "reference"      # "reference" answer, or the "full_cache" model's own reply
 
 
 @dataclass
@@ -233,6 +260,30 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
         raise ConfigError(f"workers.gpus_per_actor: expected 'auto' or a number, got {cfg.workers.gpus_per_actor!r}")
     if cfg.namm.scorer not in ("bam", "mlp"):
         raise ConfigError(f"namm.scorer: expected 'bam' or 'mlp', got {cfg.namm.scorer!r}")
+    try:
+        cfg.namm.namm_config(cfg.memory)
+    except ValueError as e:
+        raise ConfigError(f"namm: {e}") from None
+    from .fitness import KINDS
+
+    if cfg.fitness.kind not in KINDS:
+        raise ConfigError(f"fitness.kind: expected one of {', '.join(KINDS)}, got {cfg.fitness.kind!r}")
+    if cfg.fitness.loglik_target not in ("reference", "full_cache"):
+        raise ConfigError(f"fitness.loglik_target: expected 'reference' or 'full_cache', got {cfg.fitness.loglik_target!r}")
+    ws = cfg.es.warm_start
+    if ws is not None:
+        from namm_core import BASELINES, parse_policy
+
+        try:
+            imitated = parse_policy(ws.imitate)
+        except ValueError as e:
+            raise ConfigError(f"es.warm_start.imitate: {e}") from None
+        if imitated.name not in BASELINES or imitated.name == "full":
+            raise ConfigError(f"es.warm_start.imitate: expected a baseline with a budget, e.g. streamingllm:0.5, "
+                              f"got {ws.imitate!r}")
+        positive(ws.prompts, "es.warm_start.prompts")
+        positive(ws.steps, "es.warm_start.steps")
+        positive(ws.lr, "es.warm_start.lr")
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"name: must be a non-empty name without '/', got {cfg.name!r}")
     for i, stage in enumerate(cfg.stages):
@@ -247,6 +298,9 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
                 raise ConfigError(f"{tw}: give exactly one of 'task' (a synthetic task) or 'file'")
             if task.task and task.task not in task_names():
                 raise ConfigError(f"{tw}.task: unknown task {task.task!r}; known: {task_names()}")
+            if task.task == "fidelity" and cfg.fitness.kind == "loglik":
+                raise ConfigError(f"{tw}.task: 'fidelity' has no reference reply for fitness.kind 'loglik' "
+                                  "(its own score is already dense: use fitness.kind 'task_score')")
             if task.file:
                 path = Path(task.file)
                 if not path.is_absolute():

@@ -29,10 +29,10 @@ from . import checkpoint as ckpt
 from .config import RunConfig
 from .dispatch import ActorPool, Job
 from .es import EvolutionStrategy
+from .fitness import candidate_fitness
 from .tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
-FITNESS_EPS = 0.05
 VALIDATION_SEED_OFFSET = 1_000_003
 
 
@@ -49,10 +49,6 @@ def task_payload(task, validation: bool = False, size: Optional[int] = None) -> 
         d["seed"] = task.seed + VALIDATION_SEED_OFFSET
         d["pool_size"] = size
     return d
-
-
-def task_fitness(scores: list[float], references: list[float]) -> float:
-    return (float(np.mean(scores)) + FITNESS_EPS) / (float(np.mean(references)) + FITNESS_EPS)
 
 
 class EvolutionRun:
@@ -80,6 +76,9 @@ class EvolutionRun:
             self._relog_last_generation()
             if st["norm"] is None:
                 st["norm"] = self._collect_statistics(pool)
+            if st["es"] is None:
+                st["es"] = EvolutionStrategy(st["num_params"], cfg.es, x0=self._warm_start(pool))
+                self._checkpoint()   # generation 0's starting point: statistics and the ES's mean
             bar = tqdm(total=cfg.total_generations, initial=st["global_generation"], desc=f"evolve {cfg.name}",
                        unit="gen", dynamic_ncols=True)
             while st["stage"] < len(cfg.stages):
@@ -117,15 +116,15 @@ class EvolutionRun:
                 raise ValueError(
                     f"{self.run_dir} holds a run with a different config; resume it with the same config, "
                     f"pass --allow-config-change, or choose another run name")
-            state["es"] = EvolutionStrategy.loads(state["es"])
+            state["es"] = None if state["es"] is None else EvolutionStrategy.loads(state["es"])
             state["sampler"] = _rng_from_state(state["sampler"])
             self.state = state
             log.info("resuming %s from %s (generation %d)", self.cfg.name, path.name, state["global_generation"])
             return
         self.state = {
             "version": 1, "config_hash": digest, "num_params": num_params,
-            "namm_spec": asdict(self.cfg.namm), "model": self.cfg.model.name,
-            "es": EvolutionStrategy(num_params, self.cfg.es),
+            "namm_spec": namm_spec(self.cfg), "model": self.cfg.model.name,
+            "es": None, "warm_start": None,   # the ES starts once the statistics (and a warm start) exist
             "sampler": np.random.RandomState(self.cfg.es.seed + 17),
             "stage": 0, "stage_generation": 0, "global_generation": 0,
             "norm": None, "references": {}, "history": [], "validation": [],
@@ -135,7 +134,7 @@ class EvolutionRun:
 
     def _checkpoint(self) -> Path:
         st = dict(self.state)
-        st["es"] = self.state["es"].dumps()
+        st["es"] = None if self.state["es"] is None else self.state["es"].dumps()
         st["sampler"] = self.state["sampler"].get_state()
         return ckpt.write_checkpoint(self.ckpt_dir, self.state["global_generation"], st, keep=self.cfg.checkpoint.keep)
 
@@ -156,6 +155,26 @@ class EvolutionRun:
             merged = r if merged is None else _merge_moments(merged, r)
         log.info("normalisation statistics from %d feature vectors", int(merged["count"]))
         return merged
+
+    def _warm_start(self, pool: ActorPool) -> Optional[np.ndarray]:
+        """The ES's starting mean: a scorer fitted to imitate a baseline (es.warm_start), else None (zeros)."""
+        ws = self.cfg.es.warm_start
+        if ws is None:
+            return None
+        stage = self.cfg.stages[0]
+        tasks = [task_payload(t) for t in stage.tasks]
+        per_task = max(1, ws.prompts // len(tasks))
+        requests = [(t["key"], i) for t in tasks for i in range(min(per_task, t["pool_size"]))]
+        job = Job("warm_start", (ws.imitate, self.state["norm"], requests, ws.steps, ws.lr, self.cfg.es.seed, tasks),
+                  "warm start")
+        result = pool.run([job])[0]
+        if result is None:
+            raise RuntimeError("warm start failed on every retry: " + "; ".join(pool.failures[-3:]))
+        report = result["report"]
+        self.state["warm_start"] = {"imitate": ws.imitate, **report}
+        log.info("warm start imitating %s: sign agreement %.3f, rank agreement %.3f (%d rows, %.1f s fit)",
+                 ws.imitate, report["sign_agreement"], report["rank_agreement"], report["rows"], report["seconds"])
+        return np.asarray(result["vector"], dtype=float)
 
     def _ensure_references(self, pool: ActorPool, requests, tasks) -> None:
         refs = self.state["references"]
@@ -188,11 +207,8 @@ class EvolutionRun:
             s, r = per_task.setdefault(key, ([], []))
             s.append(score)
             r.append(refs[f"{key}|{idx}"])
-        ratios = {k: task_fitness(s, r) for k, (s, r) in per_task.items()}
-        fitness = float(np.mean(list(ratios.values())))
-        target = self.cfg.fitness.retention_target
-        if target is not None:
-            fitness -= self.cfg.fitness.retention_weight * max(0.0, float(np.mean(result["retention"])) - target)
+        fc = self.cfg.fitness
+        fitness = candidate_fitness(fc.kind, per_task, result["retention"], fc.retention_target, fc.retention_weight)
         return fitness, {k: float(np.mean(s)) for k, (s, _) in per_task.items()}
 
     def _generation(self, pool: ActorPool, stage) -> dict:
@@ -302,19 +318,20 @@ class EvolutionRun:
     def _export_artifacts(self, final: bool) -> None:
         """NAMMs (latest mean, best validated mean), history parquet and plots under the run dir;
         uploaded to MLflow at validations and at the end."""
-        from namm_core import NAMM, NAMMConfig
+        from namm_core import NAMM
         from workers.report import write_parquet_atomic
 
         from .plots import plot_evolution, plot_retention_per_layer
 
         st, cfg = self.state, self.cfg
         out = self.run_dir / "artifacts"
-        namm_cfg = NAMMConfig(scorer=cfg.namm.scorer, head_dim=cfg.namm.head_dim, mlp_hidden=list(cfg.namm.mlp_hidden))
+        namm_cfg = namm_config_from_spec(st["namm_spec"])
         meta = {"run": cfg.name, "model": cfg.model.name, "generation": st["global_generation"]}
-        _namm(namm_cfg, st["es"].mean, st["norm"]).save_pretrained(out / "namm_latest", metadata={**meta, "kind": "cma-mean"})
+        NAMM.from_vector(st["es"].mean, st["norm"], namm_cfg).save_pretrained(
+            out / "namm_latest", metadata={**meta, "kind": "cma-mean"})
         if st["best_validation"]:
             bv = st["best_validation"]
-            _namm(namm_cfg, bv["vector"], st["norm"]).save_pretrained(
+            NAMM.from_vector(bv["vector"], st["norm"], namm_cfg).save_pretrained(
                 out / "namm_best", metadata={**meta, "kind": "best validated cma-mean", "generation": bv["generation"],
                                              "validation_fitness": bv["fitness"], "retention": bv["retention"]})
         write_parquet_atomic(st["history"], out / "history.parquet")
@@ -350,7 +367,7 @@ def default_pool_factory(cfg: RunConfig, actor_env: Optional[dict] = None) -> Ac
     if gpus == "auto":
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     init = dict(model=asdict(cfg.model), memory=asdict(cfg.memory), namm=asdict(cfg.namm),
-                torch_threads=cfg.workers.torch_threads)
+                torch_threads=cfg.workers.torch_threads, fitness=asdict(cfg.fitness))
 
     def make(i):
         options = dict(num_cpus=cfg.workers.cpus_per_actor, num_gpus=gpus)
@@ -364,17 +381,22 @@ def default_pool_factory(cfg: RunConfig, actor_env: Optional[dict] = None) -> Ac
     return pool
 
 
-def _namm(namm_cfg, vector, norm):
-    import torch
+def namm_spec(cfg: RunConfig) -> dict:
+    """What a checkpoint records of the NAMM being evolved: enough to rebuild it exactly."""
+    from namm_core.namm import FORMAT_VERSION
 
-    from namm_core import NAMM
+    return {**asdict(cfg.namm), "format_version": FORMAT_VERSION,
+            "update_every": cfg.memory.update_every, "chunk_size": cfg.memory.chunk_size}
 
-    n = NAMM(namm_cfg).set_params(torch.as_tensor(np.asarray(vector), dtype=torch.float32))
-    if norm is not None:
-        n.norm_mean = torch.as_tensor(norm["mean"], dtype=torch.float32)
-        n.norm_var = torch.as_tensor(norm["var"], dtype=torch.float32)
-        n.norm_count = float(norm["count"])
-    return n
+
+def namm_config_from_spec(spec: dict):
+    """The NAMMConfig of a checkpoint's `namm_spec` (runs recorded before format versions: version 1)."""
+    from namm_core import NAMMConfig
+
+    return NAMMConfig(scorer=spec["scorer"], head_dim=spec["head_dim"], mlp_hidden=list(spec["mlp_hidden"]),
+                      selection=spec.get("selection", "threshold"), budget=spec.get("budget"),
+                      format_version=spec.get("format_version", 1), update_every=spec.get("update_every"),
+                      chunk_size=spec.get("chunk_size"))
 
 
 def _split(items: list, parts: int) -> list[list]:

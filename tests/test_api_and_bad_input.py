@@ -51,7 +51,7 @@ def test_model_without_attention_interface_is_refused():
 
 
 def test_bad_generation_arguments(tiny_llama):
-    with pytest.raises(ValueError, match="must be positive"):
+    with pytest.raises(ValueError, match="must be a positive integer"):
         MemoryManagedLM(tiny_llama, update_every=0)
     lm = MemoryManagedLM(tiny_llama)
     ids = torch.randint(0, 97, (2, 10))

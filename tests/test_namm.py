@@ -1,5 +1,6 @@
 """The NAMM as published: features, scorer, parameter vector, persistence, bad input."""
 import json
+import math
 
 import pytest
 import torch
@@ -42,14 +43,73 @@ def test_streaming_spectrogram_ema_equals_plain_stft(chunks):
     assert expected[:done].abs().max() > 1e-3  # non-trivial
 
 
-def test_recency_embedding_values():
+def _plain_recency(age: int, d: int = 8, max_freq: float = 50000.0) -> tuple[list[float], list[float]]:
+    """sin and cos of age * max_freq**(-2i/d), i < d/2, in Python floats (float64)."""
+    freqs = [max_freq ** (-2 * i / d) for i in range(d // 2)]
+    return [math.sin(age * w) for w in freqs], [math.cos(age * w) for w in freqs]
+
+
+def test_recency_embedding_official_layout_in_float64():
+    """Format 2 (the official code): [sin x 4, cos x 4], the table computed in float64 then cast."""
     cfg = SpectrogramConfig()
-    emb = recency_embedding(torch.tensor([0, 7, 1000]), cfg)
-    assert emb.shape == (3, 8)
-    for i in range(4):
-        w = 50000.0 ** (-2 * i / 8)
-        assert torch.allclose(emb[:, 2 * i], torch.sin(torch.tensor([0.0, 7.0, 1000.0]) * w), atol=1e-5)
-        assert torch.allclose(emb[:, 2 * i + 1], torch.cos(torch.tensor([0.0, 7.0, 1000.0]) * w), atol=1e-5)
+    ages = [0, 7, 1000, 32768]
+    emb = recency_embedding(torch.tensor(ages), cfg)
+    assert emb.shape == (4, 8) and emb.dtype == torch.float32
+    for row, age in zip(emb, ages):
+        sin, cos = _plain_recency(age)
+        expected = torch.tensor(sin + cos, dtype=torch.float64).float()
+        assert torch.equal(row, expected)   # bit-exact: float64 maths, then one rounding
+
+
+def test_recency_embedding_legacy_layout_interleaved():
+    """Format 1 (NAMMs saved before format 2): sin/cos interleaved, computed in float32."""
+    cfg = SpectrogramConfig()
+    ages = [0, 7, 1000]
+    emb = recency_embedding(torch.tensor(ages), cfg, interleaved=True)
+    for row, age in zip(emb, ages):
+        sin, cos = _plain_recency(age)
+        expected = [v for pair in zip(sin, cos) for v in pair]
+        assert torch.allclose(row, torch.tensor(expected, dtype=torch.float32), atol=1e-5)
+    # at large ages float32 arithmetic is measurably off the float64 table (the official one)
+    far = recency_embedding(torch.tensor([32768]), cfg, interleaved=True)[0]
+    sin, cos = _plain_recency(32768)
+    assert (far - torch.tensor([v for pair in zip(sin, cos) for v in pair])).abs().max() > 1e-5
+
+
+def test_normalisation_conventions_by_format_version():
+    """Format 2: (x - mean) / max(std, 1e-7); format 1: (x - mean) / sqrt(var + 1e-6)."""
+    from namm_core.cache import MemoryLayer
+
+    layer = MemoryLayer()
+    kv = torch.zeros(1, 1, 3, 4)
+    cols = torch.arange(3).view(1, 3)
+    for version in (1, 2):
+        namm = NAMM(NAMMConfig(format_version=version))
+        layer = MemoryLayer()
+        layer.append(kv, kv, cols, torch.ones(1, 3, dtype=torch.bool), cols, namm.aux_shapes)
+        ema = torch.rand(1, 1, 3, 17, dtype=torch.float32)
+        layer.aux["namm_ema"] = ema.clone()
+        namm.norm_mean = torch.full((17,), 0.01)
+        namm.norm_var = torch.linspace(1e-16, 1e-2, 17)
+        got = namm.token_features(layer)[0, 0, :, 8:]
+        for b in range(17):
+            var, mean = float(namm.norm_var[b]), float(namm.norm_mean[b])
+            denom = max(math.sqrt(var), 1e-7) if version == 2 else math.sqrt(var + 1e-6)
+            want = (ema[0, 0, :, b].double() - mean) / denom
+            assert torch.allclose(got[:, b].double(), want, rtol=1e-5, atol=1e-6), (version, b)
+
+
+def test_legacy_namm_config_without_version_loads_as_version_1(tmp_path):
+    namm = NAMM(NAMMConfig(format_version=1))
+    namm.save_pretrained(tmp_path / "n")
+    raw = json.loads((tmp_path / "n" / "namm_config.json").read_text())
+    assert raw["format_version"] == 1
+    del raw["format_version"]   # written before versions were recorded
+    (tmp_path / "n" / "namm_config.json").write_text(json.dumps(raw))
+    assert NAMM.from_pretrained(tmp_path / "n").config.format_version == 1
+    assert NAMM().config.format_version == 2
+    with pytest.raises(ValueError, match="format_version 3"):
+        NAMMConfig(format_version=3)
 
 
 def test_paper_configuration_has_4172_parameters_and_starts_at_zero():
@@ -171,7 +231,7 @@ def test_shared_prefix_gives_the_same_generation_as_a_full_run(T, chunk):
     ids = torch.randint(3, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
     source = NAMM()
     prefix = MemoryManagedLM(model, source, update_every=32, chunk_size=chunk).shared_prefix(ids)
-    for seed in (1, 2):
+    for seed in (4, 6):   # scorers that evict on this prompt
         namm = NAMM().set_params(torch.randn(source.num_params, generator=torch.Generator().manual_seed(seed)))
         lm = MemoryManagedLM(model, namm, update_every=32, chunk_size=chunk)
         plain = lm.generate(ids, max_new_tokens=6)

@@ -32,6 +32,11 @@ class _Actor(EvolutionWorker):
             self.prepare(tasks)
         return super().reference(requests)
 
+    def warm_start(self, imitate, norm, requests, steps, lr, seed, tasks=None):
+        if tasks:
+            self.prepare(tasks)
+        return super().warm_start(imitate, norm, requests, steps, lr, seed)
+
     def collect_statistics(self, requests, tasks=None):
         if tasks:
             self.prepare(tasks)

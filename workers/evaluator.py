@@ -26,6 +26,7 @@ from .tasks.base import Sample
 
 log = logging.getLogger(__name__)
 FIDELITY_METRIC = "fidelity"
+LOGLIK_TARGETS = ("reference", "full_cache")
 
 
 @dataclass
@@ -53,7 +54,8 @@ class SampleResult:
 
 
 class Evaluator:
-    def __init__(self, model, tokenizer, update_every: int = 512, chunk_size: int = 512, chat: bool = True,
+    def __init__(self, model, tokenizer, update_every: Optional[int] = None, chunk_size: Optional[int] = None,
+                 chat: bool = True,
                  max_context: Optional[int] = None, fidelity_kl: bool = True, share_prefixes: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.update_every, self.chunk_size, self.chat = update_every, chunk_size, chat
@@ -62,6 +64,8 @@ class Evaluator:
         self._encoded: dict[str, tuple[torch.Tensor, int]] = {}
         self._reference: dict[str, SampleResult] = {}
         self._fidelity_reference: dict[str, tuple[torch.Tensor, float]] = {}
+        self._replies: dict[tuple[str, str], torch.Tensor] = {}
+        self._reference_loglik: dict[tuple[str, str], SampleResult] = {}
         self.fidelity_kl = fidelity_kl
         # evolution runs many candidates on each prompt: keep up to `share_prefixes` prompts'
         # state before the first memory update (identical for every NAMM candidate), LRU
@@ -110,6 +114,48 @@ class Evaluator:
         score = score_prediction(prediction, sample.answers, sample.metric, sample.all_classes,
                                  dataset=sample.meta.get("dataset"))
         return self._result(sample, policy, score, prediction, out.stats, time.perf_counter() - t, ids, cropped)
+
+    def run_loglik(self, sample: Sample, policy: MemoryPolicy, target: str = "reference") -> SampleResult:
+        """Teacher-forced mean log-probability per token of a reply, under `policy`'s memory.
+
+        target "reference": the sample's first reference answer; "full_cache": the full
+        cache's own greedy reply (decoded once per prompt and cached). No decoding under the
+        policy: one prefill of the prompt and the reply. The score is <= 0; higher is better.
+        """
+        ids, cropped = self.encode(sample)
+        reply = self.reply_ids(sample, target)
+        lm = MemoryManagedLM(self.model, policy, update_every=self.update_every, chunk_size=self.chunk_size,
+                             tokenizer=self.tokenizer)
+        t = time.perf_counter()
+        logp, stats = lm.continuation_logprobs(ids, reply, prefix=self._prefix(sample, lm, ids))
+        return self._result(sample, policy, float(logp.mean()), "", stats, time.perf_counter() - t, ids, cropped,
+                            extra={"reply_tokens": int(reply.shape[1])})
+
+    def reply_ids(self, sample: Sample, target: str = "reference") -> torch.Tensor:
+        """[1, n] token ids of the reply a log-likelihood is taken of (see run_loglik)."""
+        if target not in LOGLIK_TARGETS:
+            raise ValueError(f"log-likelihood target {target!r}: expected one of {', '.join(LOGLIK_TARGETS)}")
+        key = (sample.sample_id, target)
+        if key not in self._replies:
+            text = sample.answers[0] if sample.answers else ""
+            if target == "full_cache":
+                prediction = self.reference([sample])[sample.sample_id].prediction
+                text = prediction or text   # an empty reply has no likelihood: fall back to the answer
+            ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+            if ids.shape[1] == 0:
+                raise ValueError(f"prompt {sample.sample_id}: no reply to score (empty answer)")
+            self._replies[key] = ids[:, : max(1, sample.max_new_tokens)]
+        return self._replies[key]
+
+    def reference_loglik(self, samples: Iterable[Sample], target: str = "reference") -> dict[str, SampleResult]:
+        """Full-cache log-likelihood results, computed once per prompt and cached."""
+        out = {}
+        for sample in samples:
+            key = (sample.sample_id, target)
+            if key not in self._reference_loglik:
+                self._reference_loglik[key] = self.run_loglik(sample, FullCache(), target)
+            out[sample.sample_id] = self._reference_loglik[key]
+        return out
 
     def evaluate(self, samples: Iterable[Sample], policy: MemoryPolicy,
                  progress: Optional[Callable[[SampleResult], None]] = None) -> list[SampleResult]:
@@ -176,8 +222,8 @@ class Evaluator:
         extra = {"perplexity": math.exp(-logp.gather(-1, target[:, None]).mean().item())}
         ref_logp = None
         if sample.sample_id not in self._fidelity_reference or self.fidelity_kl:
-            full = MemoryManagedLM(self.model, FullCache(), update_every=self.update_every,
-                                   chunk_size=self.chunk_size).prefill_logits(ids)
+            full = MemoryManagedLM(self.model, FullCache(), update_every=lm.update_every,
+                                   chunk_size=lm.chunk_size).prefill_logits(ids)
             ref_logp = F.log_softmax(full.logits[0, :-1].float(), -1)
             ref_ppl = math.exp(-ref_logp.gather(-1, target[:, None]).mean().item())
             self._fidelity_reference[sample.sample_id] = (ref_logp.argmax(-1), ref_ppl)

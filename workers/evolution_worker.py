@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -22,14 +23,20 @@ Request = tuple[str, int]  # (task key, prompt index in the task's pool)
 
 
 class EvolutionWorker:
-    def __init__(self, model: dict, memory: dict, namm: dict, torch_threads: int = 1):
+    def __init__(self, model: dict, memory: dict, namm: dict, torch_threads: int = 1,
+                 fitness: Optional[dict] = None):
         torch.set_num_threads(max(1, int(torch_threads)))
         self.model, self.tokenizer = build_model(**model)
         self.evaluator = Evaluator(self.model, self.tokenizer, update_every=memory["update_every"],
                                    chunk_size=memory["chunk_size"], fidelity_kl=False,
                                    share_prefixes=memory.get("shared_prefixes", 0))
         self.namm_config = NAMMConfig(scorer=namm["scorer"], head_dim=namm["head_dim"],
-                                      mlp_hidden=list(namm["mlp_hidden"]))
+                                      mlp_hidden=list(namm["mlp_hidden"]), selection=namm.get("selection", "threshold"),
+                                      budget=namm.get("budget"), update_every=memory["update_every"],
+                                      chunk_size=memory["chunk_size"])
+        fitness = fitness or {}
+        self.fitness_kind = fitness.get("kind", "task_score")
+        self.loglik_target = fitness.get("loglik_target", "reference")
         self.pools: dict[str, list] = {}
 
     def pid(self) -> int:
@@ -58,23 +65,30 @@ class EvolutionWorker:
         return [self.pools[key][index % len(self.pools[key])] for key, index in requests]
 
     def reference(self, requests: list[Request]) -> list[float]:
-        """Full-cache scores of these prompts (cached on this worker)."""
-        results = self.evaluator.reference(self._samples(requests))
-        return [results[s.sample_id].score for s in self._samples(requests)]
+        """Full-cache values of these prompts under the run's objective (cached on this worker)."""
+        samples = self._samples(requests)
+        if self.fitness_kind == "loglik":
+            results = self.evaluator.reference_loglik(samples, self.loglik_target)
+        else:
+            results = self.evaluator.reference(samples)
+        return [results[s.sample_id].score for s in samples]
 
     def collect_statistics(self, requests: list[Request]) -> dict:
         """Normalisation moments of a zero NAMM's features over these prompts (Chan merge-able)."""
-        namm = NAMM(self.namm_config)
+        namm = NAMM(replace(self.namm_config, budget=None, selection="threshold"))
         with namm.collecting_statistics():
             for sample in self._samples(requests):
                 self.evaluator.run_sample(sample, namm)
         return {"mean": namm.norm_mean.numpy(), "var": namm.norm_var.numpy(), "count": namm.norm_count}
 
     def evaluate(self, vector: np.ndarray, norm: Optional[dict], requests: list[Request]) -> dict:
-        """Scores of one candidate on the requested prompts."""
+        """Scores of one candidate on the requested prompts (under the run's objective)."""
         namm = self.make_namm(vector, norm)
         t = time.perf_counter()
-        results = [self.evaluator.run_sample(s, namm) for s in self._samples(requests)]
+        if self.fitness_kind == "loglik":
+            results = [self.evaluator.run_loglik(s, namm, self.loglik_target) for s in self._samples(requests)]
+        else:
+            results = [self.evaluator.run_sample(s, namm) for s in self._samples(requests)]
         return {
             "scores": [r.score for r in results],
             "retention": [r.retention for r in results],
@@ -83,10 +97,21 @@ class EvolutionWorker:
             "pid": os.getpid(),
         }
 
+    def warm_start(self, imitate: str, norm: Optional[dict], requests: list[Request], steps: int, lr: float,
+                   seed: int) -> dict:
+        """A parameter vector fitted to imitate the baseline `imitate` on these prompts (see namm_core.imitation)."""
+        from namm_core import parse_policy
+        from namm_core.imitation import ImitationRecorder, fit_scorer
+
+        namm = self.make_namm(np.zeros(self.num_params(), dtype=np.float32), norm)
+        recorder = ImitationRecorder(namm, parse_policy(imitate))
+        t = time.perf_counter()
+        for sample in self._samples(requests):
+            self.evaluator.run_sample(sample, recorder)
+        collect_seconds = time.perf_counter() - t
+        report = fit_scorer(namm, recorder.data, steps=steps, lr=lr, seed=seed)
+        report.update(collect_seconds=collect_seconds, rows=len(recorder.data))
+        return {"vector": namm.get_params().numpy(), "report": report}
+
     def make_namm(self, vector, norm: Optional[dict]) -> NAMM:
-        namm = NAMM(self.namm_config).set_params(torch.tensor(np.array(vector, dtype=np.float32)))
-        if norm is not None:
-            namm.norm_mean = torch.tensor(np.array(norm["mean"], dtype=np.float32))
-            namm.norm_var = torch.tensor(np.array(norm["var"], dtype=np.float32))
-            namm.norm_count = float(norm["count"])
-        return namm
+        return NAMM.from_vector(vector, norm, self.namm_config)

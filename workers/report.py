@@ -5,6 +5,7 @@ import os
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,8 +38,13 @@ def namm_matched_budget(model, namm_rows: list[dict]) -> tuple[float, float]:
     return retention, max(min(round(retention, 3), 1.0), 0.001)
 
 
-def summarize(rows: list[dict]) -> tuple[list[str], list[dict]]:
-    """Per policy: mean score per task, mean over tasks, mean retention, peak KV, seconds."""
+BOOTSTRAP_RESAMPLES = 2000
+CONFIDENCE = 0.95
+
+
+def summarize(rows: list[dict], seed: int = 0) -> tuple[list[str], list[dict]]:
+    """Per policy: mean score per task, mean over tasks with a bootstrap 95% interval, the
+    number of prompts, mean retention, peak KV, seconds."""
     tasks = sorted({r["task"] for r in rows})
     by_policy: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
@@ -46,26 +52,112 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[dict]]:
     summary = []
     for policy, rs in by_policy.items():
         per_task = {t: _mean([r["score"] for r in rs if r["task"] == t]) for t in tasks}
+        lo, hi = bootstrap_interval(rs, seed=seed)
         summary.append({
-            "policy": policy, **per_task, "mean": _mean(list(per_task.values())),
-            "retention": _mean([r["retention"] for r in rs]),
+            "policy": policy, **per_task, "mean": _mean(list(per_task.values())), "ci_low": lo, "ci_high": hi,
+            "prompts": len(rs), "retention": _mean([r["retention"] for r in rs]),
             "peak_kv_mib": max(r["peak_kv_bytes"] for r in rs) / 2**20,
             "seconds": sum(r["seconds"] for r in rs),
         })
     return tasks, summary
 
 
+def bootstrap_interval(rows: list[dict], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean over tasks of the per-task mean score,
+    resampling prompts within each task (each task keeps its number of prompts)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        by_task[r["task"]].append(float(r["score"]))
+    means = np.zeros(resamples)
+    for scores in by_task.values():
+        x = np.asarray(scores)
+        means += x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    means /= max(1, len(by_task))
+    alpha = (1 - CONFIDENCE) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def paired_difference(rows: list[dict], policy: str, other: str, resamples: int = BOOTSTRAP_RESAMPLES,
+                      seed: int = 0) -> dict:
+    """Mean-over-tasks score of `policy` minus `other` on the prompts both ran, with a paired
+    bootstrap 95% interval (the same resampled prompts for both). Verdict: 'better' or 'worse'
+    when the interval excludes 0, else 'tie'."""
+    import numpy as np
+
+    score = {(r["policy"], r["sample_id"]): float(r["score"]) for r in rows}
+    by_task: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["policy"] == policy and (other, r["sample_id"]) in score:
+            by_task[r["task"]].append(score[(policy, r["sample_id"])] - score[(other, r["sample_id"])])
+    if not by_task:
+        raise ValueError(f"{policy} and {other} share no prompts")
+    rng = np.random.default_rng(seed)
+    diffs = np.zeros(resamples)
+    for values in by_task.values():
+        x = np.asarray(values)
+        diffs += x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
+    diffs /= len(by_task)
+    alpha = (1 - CONFIDENCE) / 2
+    lo, hi = float(np.quantile(diffs, alpha)), float(np.quantile(diffs, 1 - alpha))
+    mean = float(np.mean([np.mean(v) for v in by_task.values()]))
+    verdict = "better" if lo > 0 else ("worse" if hi < 0 else "tie")
+    return {"policy": policy, "other": other, "difference": mean, "ci_low": lo, "ci_high": hi,
+            "prompts": sum(len(v) for v in by_task.values()), "verdict": verdict}
+
+
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     tasks, summary = summarize(rows)
-    header = ["policy", *tasks, "mean", "retention", "peak KV MiB", "seconds"]
-    body = [[s["policy"], *[f"{s[t]:.3f}" for t in tasks], f"{s['mean']:.3f}", f"{s['retention']:.3f}",
+    header = ["policy", *tasks, "mean", "95% CI", "prompts", "retention", "peak KV MiB", "seconds"]
+    body = [[s["policy"], *[f"{s[t]:.3f}" for t in tasks], f"{s['mean']:.3f}",
+             f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]", str(s["prompts"]), f"{s['retention']:.3f}",
              f"{s['peak_kv_mib']:.1f}", f"{s['seconds']:.1f}"] for s in summary]
+    return _render(header, body, markdown)
+
+
+def format_comparisons(rows: list[dict], policy: str, markdown: bool = False) -> str:
+    """`policy` against every other policy, paired on the same prompts (see paired_difference)."""
+    others = [p for p in dict.fromkeys(r["policy"] for r in rows) if p != policy]
+    header = ["policy", "vs", "difference", "95% CI", "prompts", "verdict"]
+    body = []
+    for other in others:
+        d = paired_difference(rows, policy, other)
+        body.append([policy, other, f"{d['difference']:+.3f}", f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]",
+                     str(d["prompts"]), d["verdict"]])
+    return _render(header, body, markdown)
+
+
+def _render(header: list[str], body: list[list[str]], markdown: bool) -> str:
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
     widths = [max(len(str(x[i])) for x in [header, *body]) for i in range(len(header))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)])
+
+
+def result_header(argv: Optional[list[str]] = None) -> str:
+    """The exact command and git commit that produced a result file (first lines of every bench/ result)."""
+    import shlex
+    import subprocess
+    import sys
+
+    argv = sys.argv if argv is None else argv
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "unknown", ""
+    script = Path(argv[0])
+    if script.is_absolute() and script.is_relative_to(root):
+        script = script.relative_to(root)
+    command = " ".join(shlex.quote(a) for a in [str(script), *argv[1:]])
+    return (f"Command: `{command}`  \nCommit: `{commit}`{' (with uncommitted changes)' if dirty else ''}\n")
 
 
 def plot_score_vs_retention(rows: list[dict], path, title: str = "") -> Path:
@@ -78,16 +170,18 @@ def plot_score_vs_retention(rows: list[dict], path, title: str = "") -> Path:
     _, summary = summarize(rows)
     families: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     for s in summary:
-        families[s["policy"].split(":")[0]].append((s["retention"], s["mean"], s["policy"]))
+        family = s["policy"].split(":")[0].split("@")[0]
+        families[family].append((s["retention"], s["mean"], s["policy"], s["ci_low"], s["ci_high"]))
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for family, points in sorted(families.items()):
         points.sort()
         xs, ys = [p[0] for p in points], [p[1] for p in points]
+        err = [[p[1] - p[3] for p in points], [p[4] - p[1] for p in points]]
         marker = "*" if family == "namm" else ("s" if family == "full" else "o")
-        ax.plot(xs, ys, marker=marker, markersize=12 if marker == "*" else 6, label=family,
-                linestyle="-" if len(points) > 1 else "none")
+        ax.errorbar(xs, ys, yerr=err, marker=marker, markersize=12 if marker == "*" else 6, label=family,
+                    linestyle="-" if len(points) > 1 else "none", capsize=3, elinewidth=1)
     ax.set_xlabel("mean cache retention (kept / seen)")
-    ax.set_ylabel("mean score over tasks")
+    ax.set_ylabel("mean score over tasks (bars: bootstrap 95% interval)")
     ax.set_xlim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -14,9 +14,10 @@ def task_names() -> list[str]:
 
 
 def load_tasks(specs: list[str], tokenizer, num_prompts: int, context_length: int, seed: int,
-               templates_file: Optional[str] = None) -> list[Sample]:
+               templates_file: Optional[str] = None, metric: Optional[str] = None) -> list[Sample]:
     """Samples for each spec: a synthetic task name, `fidelity`, or a .jsonl/.parquet file
-    (LongBench format, or a suite saved by `namm tasks`); at most num_prompts per spec."""
+    (LongBench format, or a suite saved by `namm tasks`); at most num_prompts per task (for a
+    file holding several datasets: per dataset). `metric` overrides a task file's metric."""
     from .fidelity import fidelity_samples
     from .files import load_task_file
     from .synthetic import TASKS, generate_samples, load_samples
@@ -35,15 +36,25 @@ def load_tasks(specs: list[str], tokenizer, num_prompts: int, context_length: in
         elif spec.endswith((".jsonl", ".json", ".parquet")):
             path = Path(spec)
             if path.suffix == ".parquet" and _is_saved_suite(path):
-                samples += load_samples(path)[:num_prompts]
+                samples += _first_per_task(load_samples(path), num_prompts)
             else:
-                samples += load_task_file(path, templates_file=templates_file, limit=num_prompts)
+                samples += load_task_file(path, templates_file=templates_file, limit=num_prompts, metric=metric)
         else:
             raise ValueError(f"unknown task {spec!r}: expected one of {task_names()} or a .jsonl/.parquet file")
     ids = [s.sample_id for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError("two tasks produced the same sample ids: list each task or file once")
     return samples
+
+
+def _first_per_task(samples: list[Sample], n: int) -> list[Sample]:
+    counts: dict[str, int] = {}
+    out = []
+    for s in samples:
+        if counts.get(s.task, 0) < n:
+            counts[s.task] = counts.get(s.task, 0) + 1
+            out.append(s)
+    return out
 
 
 def _is_saved_suite(path: Path) -> bool:

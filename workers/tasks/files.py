@@ -1,8 +1,10 @@
 """Task files in LongBench's format (JSONL or parquet), LongBench's own or a user's.
 
 One record per line with the fields `input`, `context`, `answers` (a list), and optionally
-`dataset`, `all_classes`, `_id`, `length`, `language`. The dataset name picks the metric,
-the generation length and the prompt template; a file without `dataset` uses the file name.
+`dataset`, `all_classes`, `_id`, `length`, `language`, `metric`, `max_new_tokens`. The dataset
+name picks the metric, the generation length and the prompt template; a file without `dataset`
+uses the file name. A dataset LongBench does not know is scored by QA F1 unless the record names
+its `metric` (e.g. `contains_answer` for "the reply contains the answer") or the caller does.
 
 The built-in templates below are our own wording of the same structure as LongBench's
 (context, then the instruction and question). For numbers comparable to published LongBench
@@ -52,9 +54,18 @@ def _dataset_name(name: str) -> str:
     return name[:-2] if name.endswith("_e") else name  # LongBench-E files share their dataset's settings
 
 
-def load_task_file(path, templates_file: Optional[str] = None, limit: Optional[int] = None) -> list[Sample]:
-    """Samples from a LongBench-format file; errors name the file and line."""
-    from ..metrics import LONGBENCH_DATASET_METRIC, LONGBENCH_MAX_NEW_TOKENS
+def load_task_file(path, templates_file: Optional[str] = None, limit: Optional[int] = None,
+                   metric: Optional[str] = None) -> list[Sample]:
+    """Samples from a LongBench-format file; errors name the file and line.
+
+    `limit` is per dataset: a file holding several datasets gives the first `limit` records of
+    each. The metric is, in order: `metric` (the caller's, e.g. `namm eval --metric`), the
+    record's own `metric` field, LongBench's metric for a dataset it knows, else QA F1.
+    """
+    from ..metrics import LONGBENCH_DATASET_METRIC, LONGBENCH_MAX_NEW_TOKENS, METRICS
+
+    if metric is not None and metric not in METRICS:
+        raise ValueError(f"metric {metric!r} is not known; known: {', '.join(sorted(METRICS))}")
 
     path = Path(path)
     if not path.is_file():
@@ -66,7 +77,12 @@ def load_task_file(path, templates_file: Optional[str] = None, limit: Optional[i
     if templates_file:
         templates.update(json.loads(Path(templates_file).read_text()))
     samples = []
-    for line_no, record in records[:limit] if limit else records:
+    taken: dict[str, int] = {}
+    for line_no, record in records:
+        dataset = str(record.get("dataset") or path.stem)
+        if limit and taken.get(dataset, 0) >= limit:
+            continue
+        taken[dataset] = taken.get(dataset, 0) + 1
         missing = [f for f in REQUIRED_FIELDS if f not in record or record[f] is None]
         if missing:
             raise ValueError(f"{path}:{line_no}: missing field(s) {missing}; a task record needs {list(REQUIRED_FIELDS)}")
@@ -75,14 +91,17 @@ def load_task_file(path, templates_file: Optional[str] = None, limit: Optional[i
             answers = [answers]
         if not isinstance(answers, (list, tuple)) or not answers:
             raise ValueError(f"{path}:{line_no}: 'answers' must be a non-empty list of strings")
-        dataset = str(record.get("dataset") or path.stem)
         key = _dataset_name(dataset)
+        own_metric = record.get("metric")
+        if own_metric is not None and own_metric not in METRICS:
+            raise ValueError(f"{path}:{line_no}: metric {own_metric!r} is not known; known: {', '.join(sorted(METRICS))}")
+        chosen_metric = metric or own_metric or LONGBENCH_DATASET_METRIC.get(key, DEFAULT_METRIC)
+        max_new = record.get("max_new_tokens") or LONGBENCH_MAX_NEW_TOKENS.get(key, DEFAULT_MAX_NEW_TOKENS)
         template = templates.get(key, templates.get(dataset, _QA))
         sample_id = str(record.get("_id") or f"{path.stem}-{line_no}")
         samples.append(Sample(
             task=dataset, sample_id=sample_id, context=str(record["context"]), input=str(record["input"]),
-            answers=[str(a) for a in answers], metric=LONGBENCH_DATASET_METRIC.get(key, DEFAULT_METRIC),
-            max_new_tokens=LONGBENCH_MAX_NEW_TOKENS.get(key, DEFAULT_MAX_NEW_TOKENS), template=template,
+            answers=[str(a) for a in answers], metric=chosen_metric, max_new_tokens=int(max_new), template=template,
             all_classes=list(record["all_classes"]) if record.get("all_classes") else None,
             meta={"source": str(path), "line": line_no, "dataset": key}))
     return samples
