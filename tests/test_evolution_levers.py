@@ -193,3 +193,37 @@ def test_fitness_functions():
     assert candidate_fitness("task_score", {"b": per_task["b"]}, [0.4], retention_target=0.5) == 1.0
     with pytest.raises(ValueError, match="fitness kind"):
         candidate_fitness("accuracy", per_task, [1.0])
+
+
+def test_sink_tokens_are_always_kept_and_count_towards_the_budget():
+    """With sinks=4 the first four positions survive every update, whatever their scores."""
+    model = tiny_model()
+    ids = _ids(192, seed=9)
+    namm = _random_namm(7, selection="top_k", budget="0.25", sinks=4)
+    seen_keeps = []
+    original = namm.select
+
+    def spy(layer_idx, layer, step):
+        keep = original(layer_idx, layer, step)
+        seen_keeps.append((layer.positions.clone(), keep.clone(), int(step.seen[0])))
+        return keep
+
+    namm.select = spy
+    MemoryManagedLM(model, namm, update_every=32, chunk_size=32).generate(ids, max_new_tokens=1)
+    for positions, keep, seen in seen_keeps:
+        assert (keep.sum(-1) == math.ceil(0.25 * seen)).all()
+        for p in range(4):
+            assert keep[positions == p].all()
+    # without sinks, this scorer evicts some of the first four tokens
+    plain = _random_namm(7, selection="top_k", budget="0.25")
+    kept_first = []
+    original_plain = plain.select
+
+    def spy_plain(layer_idx, layer, step):
+        keep = original_plain(layer_idx, layer, step)
+        kept_first.append(bool(keep[layer.positions < 4].all()))
+        return keep
+
+    plain.select = spy_plain
+    MemoryManagedLM(model, plain, update_every=32, chunk_size=32).generate(ids, max_new_tokens=1)
+    assert not all(kept_first)

@@ -32,7 +32,7 @@ class EvolutionWorker:
                                    share_prefixes=memory.get("shared_prefixes", 0))
         self.namm_config = NAMMConfig(scorer=namm["scorer"], head_dim=namm["head_dim"],
                                       mlp_hidden=list(namm["mlp_hidden"]), selection=namm.get("selection", "threshold"),
-                                      budget=namm.get("budget"), update_every=memory["update_every"],
+                                      budget=namm.get("budget"), sinks=namm.get("sinks", 0), update_every=memory["update_every"],
                                       chunk_size=memory["chunk_size"])
         fitness = fitness or {}
         self.fitness_kind = fitness.get("kind", "task_score")
