@@ -19,6 +19,7 @@ import torch
 from . import attention
 from .cache import MemoryCache
 from .policies import FullCache, MemoryPolicy, StepInfo
+from .sampling import GenerationConfig, TokenChooser, make_generation_config
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class MemoryManagedLM:
         self.policy = policy or FullCache()
         self.update_every, self.chunk_size = resolve_memory_settings(self.policy, update_every, chunk_size)
         self.model = model
+        self.tokenizer = tokenizer
         if tokenizer is not None:
             self.policy.bind_tokenizer(tokenizer)
         model.set_attn_implementation(attention.register())
@@ -137,14 +139,24 @@ class MemoryManagedLM:
     # ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 max_new_tokens: int = 32, eos_token_id=None, pad_token_id: int = 0,
-                 return_logits: bool = False, progress=None, prefix: Optional["SharedPrefix"] = None
-                 ) -> GenerationOutput:
-        """Greedy generation. input_ids [B, T], left-padded where attention_mask is 0.
+                 max_new_tokens: Optional[int] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
+                 return_logits: bool = False, progress=None, prefix: Optional["SharedPrefix"] = None,
+                 generation_config: Optional[GenerationConfig] = None, streamer=None, seed: Optional[int] = None,
+                 **generation_kwargs) -> GenerationOutput:
+        """Generate from input_ids [B, T], left-padded where attention_mask is 0.
 
-        `prefix` (from `shared_prefix`) resumes from a stored state of the same prompt instead
-        of recomputing the columns before the first memory update.
+        Decoding follows a transformers `GenerationConfig` (greedy by default; `do_sample`,
+        `temperature`, `top_k`, `top_p`, `repetition_penalty`, `stop_strings`, EOS/pad ids);
+        keyword arguments override its fields. `seed` makes sampling reproducible. `streamer`
+        (transformers' `TextStreamer` / `TextIteratorStreamer`, batch size 1) receives the
+        prompt and then each new token as it is made. `prefix` (from `shared_prefix`) resumes
+        from a stored state of the same prompt instead of recomputing the columns before the
+        first memory update.
         """
+        config = make_generation_config(generation_config, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                        pad_token_id=pad_token_id, **generation_kwargs)
+        max_new_tokens = config.max_new_tokens
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
         input_ids = input_ids.to(self.device)
         B, T = input_ids.shape
         if attention_mask is None:
@@ -152,7 +164,11 @@ class MemoryManagedLM:
         attention_mask = attention_mask.to(self.device).bool()
         if T == 0 or not attention_mask[:, -1].all():
             raise ValueError("prompts must be non-empty and left-padded (the last column real for every row)")
-        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        if streamer is not None and B != 1:
+            raise ValueError(f"a streamer takes one sequence; got a batch of {B}")
+        chooser = TokenChooser(config, self.device, tokenizer=self.tokenizer, seed=seed)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
 
         t0 = time.perf_counter()
         logits_all = []
@@ -183,11 +199,13 @@ class MemoryManagedLM:
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         next_pos = state.positions[:, -1] + 1
         for i in range(max_new_tokens):
-            token = last_logits.argmax(-1)
+            sequences = torch.cat([input_ids, generated[:, :i]], dim=1)
+            token = chooser(sequences, last_logits)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             generated[:, i] = token
-            if eos:
-                finished |= torch.isin(token, torch.tensor(sorted(eos), device=self.device))
+            if streamer is not None:
+                streamer.put(token.cpu())
+            finished |= chooser.finished(torch.cat([sequences, token[:, None]], dim=1), token)
             if finished.all() or i == max_new_tokens - 1:
                 break
             real = torch.ones(B, 1, dtype=torch.bool, device=self.device)
@@ -197,6 +215,8 @@ class MemoryManagedLM:
             last_logits = logits[:, -1]
             next_pos = next_pos + 1
         stats.decode_seconds = time.perf_counter() - t1
+        if streamer is not None:
+            streamer.end()
 
         stats.tokens_seen = state.seen.tolist()
         stats.kept_per_layer_head = torch.stack([layer.valid.sum(-1).cpu() for layer in cache.layers])

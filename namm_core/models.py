@@ -110,11 +110,42 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+TINY_RANDOM = "tiny-random"
+TINY_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3")
+
+
+def tiny_random_model(architecture: str = "llama", seed: int = 0, tokenizer: str = "smollm2", device=None,
+                      dtype=None, **config_kwargs):
+    """(model, tokenizer): a randomly initialised model of a few layers (milliseconds) with a real
+    tokenizer (default: the embedded SmolLM2's). For smoke runs and tests: its replies are noise."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if architecture not in TINY_ARCHITECTURES:
+        raise ValueError(f"tiny random architecture: expected one of {TINY_ARCHITECTURES}, got {architecture!r}")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    kwargs = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    kwargs.update(config_kwargs)
+    config = AutoConfig.for_model("gemma3_text" if architecture == "gemma3" else architecture, **kwargs)
+    dev = pick_device(device)
+    torch.manual_seed(int(seed))
+    model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(dev, dtype)).to(dev).eval()
+    return model, tok
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, device: Optional[str] = None,
                dtype: Optional[Union[str, torch.dtype]] = None, rope_scaling: Optional[dict] = None,
                max_position_embeddings: Optional[int] = None):
-    """Load (model, tokenizer) ready for MemoryManagedLM. The model is in eval mode."""
+    """Load (model, tokenizer) ready for MemoryManagedLM. The model is in eval mode.
+
+    `tiny-random` is a randomly initialised two-layer Llama (see `tiny_random_model`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path == TINY_RANDOM:
+        return tiny_random_model(device=device, dtype=dtype)
 
     path = resolve_model_path(name_or_path)
     dev = pick_device(device)

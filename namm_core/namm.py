@@ -123,10 +123,10 @@ class NAMM(MemoryPolicy):
     def from_vector(cls, vector, norm: Optional[dict] = None, config: Optional[NAMMConfig] = None) -> "NAMM":
         """A NAMM from a flat parameter vector (as CMA-ES proposes them) and normalisation
         statistics {"mean", "var", "count"} (None: unnormalised)."""
-        namm = cls(config).set_params(torch.as_tensor(np.asarray(vector, dtype=np.float32)))
-        if norm is not None:
-            namm.norm_mean = torch.as_tensor(np.asarray(norm["mean"], dtype=np.float32))
-            namm.norm_var = torch.as_tensor(np.asarray(norm["var"], dtype=np.float32))
+        namm = cls(config).set_params(torch.tensor(np.array(vector, dtype=np.float32)))
+        if norm is not None:   # copies: arrays from Ray's object store are read-only
+            namm.norm_mean = torch.tensor(np.array(norm["mean"], dtype=np.float32))
+            namm.norm_var = torch.tensor(np.array(norm["var"], dtype=np.float32))
             namm.norm_count = float(norm["count"])
         return namm
 

@@ -5,9 +5,9 @@ import argparse
 import logging
 import sys
 
-from . import cmd_eval, cmd_evolve, cmd_export, cmd_generate
+from . import cmd_eval, cmd_evolve, cmd_export, cmd_generate, cmd_import
 
-COMMANDS = [cmd_evolve, cmd_eval, cmd_export, cmd_generate]
+COMMANDS = [cmd_evolve, cmd_eval, cmd_export, cmd_generate, cmd_import]
 
 
 def build_parser() -> argparse.ArgumentParser:

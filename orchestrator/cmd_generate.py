@@ -1,57 +1,133 @@
-"""`namm generate`: answer one prompt under a memory policy and show what the memory kept."""
+"""`namm generate`: answer prompts under memory policies and show what the memory kept."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-HELP = "generate from one prompt under one or more memory policies, with memory statistics"
+HELP = "generate from prompts under one or more memory policies, with memory statistics"
+EPILOG = """examples:
+  namm generate --prompt-file doc.txt --policy full --policy namm --policy snapkv:0.25
+  namm generate --prompt-file doc.txt --policy namm@0.25 --do-sample --temperature 0.7 --top-p 0.9 --seed 0 --stream
+  namm generate --prompts-file prompts.jsonl --policy h2o:0.5      # one {"prompt": ...} per line, one batch
+
+Decoding follows transformers' GenerationConfig (greedy unless --do-sample). A NAMM runs with the
+update interval and chunk size it was evolved with unless --update-every / --chunk-size say
+otherwise (then a warning says so).
+"""
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help=HELP, description=HELP + ".",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("generate", help=HELP, description=HELP + ".", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text")
-    src.add_argument("--prompt-file", type=Path, help="a text file holding the prompt")
-    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded), 'gemma3-270m', a hub id or a local path")
+    src.add_argument("--prompt-file", type=Path, help="a text file holding one prompt")
+    src.add_argument("--prompts-file", type=Path,
+                     help="a .jsonl file, one prompt per line ({\"prompt\": ...} or a JSON string); run as one "
+                          "left-padded batch")
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (embedded, default), 'gemma3-270m', 'tiny-random', a hub id or a local path")
     p.add_argument("--policy", action="append", default=None,
-                   help="memory policy, repeatable: full | streamingllm:B | h2o:B | l2:B | snapkv:B | tova:B | namm[:DIR]")
+                   help="memory policy, repeatable: full | streamingllm:B | h2o:B | l2:B | snapkv:B | tova:B | "
+                        "fastgen[:T] | namm[:DIR][@B] (default: full)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--update-every", type=int, default=512, help="run the memory every N tokens")
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk size")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (transformers default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely (transformers default 50)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.2; 1.0 = none")
+    p.add_argument("--stop", action="append", default=None, help="stop when the reply ends with this text; repeatable")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (reproducible replies)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are made (one prompt at a time)")
+    p.add_argument("--update-every", type=int, default=None, help="run the memory every N tokens")
+    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk size")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
-    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt raw")
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompts raw")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    import torch
+    from transformers import GenerationConfig, TextStreamer
+
     from namm_core import MemoryManagedLM, load_model, parse_policy
     from workers.prompts import encode_prompt
 
     policies = [parse_policy(s) for s in (args.policy or ["full"])]  # validate before loading the model
-    text = args.prompt if args.prompt is not None else _read(args.prompt_file)
+    texts = _prompts(args)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                              stop_strings=args.stop or None)
+    for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    ids = encode_prompt(tokenizer, text, chat=not args.no_chat_template)
-    print(f"prompt: {ids.shape[1]} tokens, model {args.model}")
+    config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    encoded = [encode_prompt(tokenizer, t, chat=not args.no_chat_template)[0] for t in texts]
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):   # left padding: every prompt ends in the last column
+        ids[i, width - len(e):], mask[i, width - len(e):] = e, 1
+    print(f"{len(texts)} prompt(s) of {min(map(len, encoded))}-{width} tokens, model {args.model}")
     rows = []
     for policy in policies:
         lm = MemoryManagedLM(model, policy, update_every=args.update_every, chunk_size=args.chunk_size,
                              tokenizer=tokenizer)
-        out = lm.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
-        answer = tokenizer.decode(out.sequences[0], skip_special_tokens=True).strip()
-        s = out.stats
-        rows.append((policy.describe(), f"{s.mean_retention:.3f}", f"{s.peak_kv_bytes / 2**20:.1f}",
-                     f"{s.seconds:.2f}", answer.replace("\n", " ")[:60]))
-    _print_table(("policy", "retention", "peak KV MiB", "seconds", "answer"), rows)
+        if args.stream:   # one prompt at a time: a streamer takes one sequence
+            outs = []
+            for i in range(len(texts)):
+                print(f"[{policy.describe()}, prompt {i + 1}] ", end="", flush=True)
+                outs.append(lm.generate(ids[i:i + 1, width - len(encoded[i]):], generation_config=config,
+                                        seed=args.seed, streamer=TextStreamer(tokenizer, skip_prompt=True,
+                                                                             skip_special_tokens=True)))
+            results = [(o.sequences[0], o.stats) for o in outs]
+        else:
+            out = lm.generate(ids, attention_mask=mask, generation_config=config, seed=args.seed)
+            results = [(out.sequences[i], out.stats) for i in range(len(texts))]
+        for i, (sequence, stats) in enumerate(results):
+            answer = tokenizer.decode(sequence, skip_special_tokens=True).strip()
+            rows.append((policy.describe(), f"prompt {i + 1}", f"{stats.mean_retention:.3f}",
+                         f"{stats.peak_kv_bytes / 2**20:.1f}", f"{stats.seconds:.2f}", answer.replace("\n", " ")[:60]))
+    _print_table(("policy", "prompt", "retention", "peak KV MiB", "seconds", "answer"), rows)
     return 0
 
 
-def _read(path: Path) -> str:
+def _prompts(args) -> list[str]:
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise ValueError("--prompt is empty")
+        return [args.prompt]
+    if args.prompt_file is not None:
+        return [_read_text(args.prompt_file)]
+    path = args.prompts_file
+    texts = []
+    for line_no, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+        text = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}:{line_no}: expected {{\"prompt\": \"...\"}} or a JSON string with text")
+        texts.append(text)
+    if not texts:
+        raise ValueError(f"prompts file {path} holds no prompts")
+    return texts
+
+
+def _read_text(path: Path) -> str:
+    if path.is_dir():
+        raise ValueError(f"prompt file {path} is a directory")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"prompt file {path} is not UTF-8 text") from None
     if not text.strip():
         raise ValueError(f"prompt file {path} is empty")
     return text

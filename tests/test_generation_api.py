@@ -1,0 +1,118 @@
+"""Generation with Hugging Face's semantics: GenerationConfig, seeded sampling, streamers, stop strings."""
+import json
+import re
+
+import pytest
+import torch
+from transformers import GenerationConfig, TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
+
+from conftest import tiny_model
+from namm_core import MemoryManagedLM, parse_policy
+from orchestrator.cli import main as cli
+
+
+def _ids(T, seed=0, vocab=97):
+    return torch.randint(3, vocab, (1, T), generator=torch.Generator().manual_seed(seed))
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(value.clone())
+
+    def end(self):
+        self.ended = True
+
+
+def test_greedy_with_repetition_penalty_equals_transformers_generate():
+    model = tiny_model()
+    ids = _ids(40)
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=15, do_sample=False, repetition_penalty=1.3,
+                                  pad_token_id=0)[0, 40:]
+    out = MemoryManagedLM(model, None).generate(ids, max_new_tokens=15, repetition_penalty=1.3)
+    assert torch.equal(out.sequences[0], expected)
+    plain = MemoryManagedLM(model, None).generate(ids, max_new_tokens=15)
+    assert not torch.equal(plain.sequences[0], expected)  # the penalty changed the reply
+
+
+def test_seeded_sampling_is_reproducible_and_respects_top_k():
+    model = tiny_model()
+    ids = _ids(50, seed=1)
+    lm = MemoryManagedLM(model, parse_policy("h2o:0.5"), update_every=16, chunk_size=16)
+    config = GenerationConfig(do_sample=True, temperature=1.5, top_k=3, max_new_tokens=20)
+    a = lm.generate(ids, generation_config=config, seed=7, return_logits=True)
+    b = lm.generate(ids, generation_config=config, seed=7)
+    c = lm.generate(ids, generation_config=config, seed=8)
+    assert torch.equal(a.sequences, b.sequences)
+    assert not torch.equal(a.sequences, c.sequences)
+    # every sampled token was among the 3 most likely at its step
+    step_logits = a.logits[0, ids.shape[1] - 1:]
+    for t, token in enumerate(a.sequences[0]):
+        assert token in step_logits[t].topk(3).indices
+    greedy = lm.generate(ids, max_new_tokens=20)
+    top1 = lm.generate(ids, do_sample=True, top_k=1, max_new_tokens=20, seed=3)
+    assert torch.equal(greedy.sequences, top1.sequences)
+
+
+def test_streamer_receives_prompt_then_each_token_and_batches_are_refused():
+    model = tiny_model()
+    ids = _ids(30, seed=2)
+    streamer = Collect()
+    out = MemoryManagedLM(model, None).generate(ids, max_new_tokens=6, streamer=streamer)
+    assert torch.equal(streamer.puts[0], ids)
+    assert torch.equal(torch.cat(streamer.puts[1:]), out.sequences[0])
+    assert streamer.ended
+    with pytest.raises(ValueError, match="streamer takes one sequence"):
+        MemoryManagedLM(model, None).generate(torch.cat([ids, ids]), max_new_tokens=2, streamer=Collect())
+
+
+def test_text_iterator_streamer_and_stop_strings_with_a_real_tokenizer():
+    from workers.modeling import build_model
+
+    model, tok = build_model(tiny_random={"architecture": "llama", "seed": 0})
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 3, return_tensors="pt").input_ids
+    lm = MemoryManagedLM(model, parse_policy("tova:0.5"), update_every=16, chunk_size=16, tokenizer=tok)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True)
+    out = lm.generate(ids, max_new_tokens=12, streamer=streamer)
+    text = tok.decode(out.sequences[0])
+    assert "".join(streamer) == text
+    # stop at a string the greedy reply contains: the reply ends right where it is completed
+    stop = tok.decode(out.sequences[0, 3:5])
+    stopped = lm.generate(ids, max_new_tokens=12, stop_strings=[stop], pad_token_id=tok.pad_token_id)
+    kept = stopped.sequences[0][stopped.sequences[0] != tok.pad_token_id]
+    assert tok.decode(kept).endswith(stop) and kept.numel() <= 5
+    with pytest.raises(ValueError, match="stop_strings need the tokenizer"):
+        MemoryManagedLM(model, None).generate(ids, max_new_tokens=2, stop_strings=["x"])
+
+
+def test_bad_generation_settings():
+    model = tiny_model()
+    lm = MemoryManagedLM(model, None)
+    with pytest.raises(ValueError, match="temperature"):
+        lm.generate(_ids(10), do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        lm.generate(_ids(10), max_new_tokens=0)
+
+
+def test_generate_cli_prompts_file_sampling_and_stream(tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Hello there, how are", "A much longer prompt "
+                                                                     "that goes on and on about cats and dogs"]))
+    args = ["generate", "--model", "tiny-random", "--prompts-file", str(prompts), "--policy", "full",
+            "--policy", "streamingllm:0.5", "--max-new-tokens", "5", "--update-every", "8", "--chunk-size", "8",
+            "--do-sample", "--temperature", "0.8", "--top-p", "0.9", "--seed", "1"]
+    seconds = re.compile(r"\b\d+\.\d{2}\b")   # the only column that changes between runs
+    assert cli(args) == 0
+    first = seconds.sub("", capsys.readouterr().out)
+    assert cli(args) == 0
+    assert seconds.sub("", capsys.readouterr().out) == first     # seeded: the same samples
+    assert first.count("streamingllm:0.5") == 2 and "prompt 2" in first
+    assert cli(["generate", "--model", "tiny-random", "--prompt", "Hi there", "--stream", "--max-new-tokens", "4"]) == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n')
+    assert cli(["generate", "--model", "tiny-random", "--prompts-file", str(bad)]) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
