@@ -14,6 +14,7 @@ every token.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -263,6 +264,7 @@ class NAMM(MemoryPolicy):
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "namm", "num_params": str(self.num_params)})
         config = self.config.to_dict()
         config["num_params"] = self.num_params
+        config["weights_sha256"] = _sha256(tmp / WEIGHTS_NAME)
         config["norm_count"] = self.norm_count
         config["metadata"] = metadata or {}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
@@ -292,6 +294,7 @@ class NAMM(MemoryPolicy):
         except json.JSONDecodeError as e:
             raise ValueError(f"corrupt NAMM config {cfg_path}: {e}") from None
         expected = raw.pop("num_params", None)
+        checksum = raw.pop("weights_sha256", None)
         norm_count = float(raw.pop("norm_count", 0.0))
         metadata = raw.pop("metadata", {})
         try:
@@ -303,6 +306,9 @@ class NAMM(MemoryPolicy):
             tensors = load_file(str(w_path))
         except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"corrupt NAMM weights {w_path}: {e}") from None
+        if checksum is not None and _sha256(w_path) != checksum:
+            raise ValueError(f"NAMM weights {w_path} do not match the checksum in {cfg_path}: the file is corrupt "
+                             "or was changed after it was saved")
         state = {k[len("scorer."):]: v for k, v in tensors.items() if k.startswith("scorer.")}
         try:
             namm.scorer.load_state_dict(state, strict=True)
@@ -317,3 +323,7 @@ class NAMM(MemoryPolicy):
         namm.metadata = metadata
         namm.source = str(directory)
         return namm
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

@@ -69,7 +69,9 @@ class Budget:
         if not number > 0:
             raise ValueError(f"budget {spec!r} must be positive")
         if is_fraction and number > 1:
-            raise ValueError(f"budget fraction {spec!r} is above 1: give a fraction in (0, 1] or an integer token count")
+            if number != int(number):
+                raise ValueError(f"budget {spec!r} is neither a fraction in (0, 1] nor a whole number of tokens")
+            is_fraction = False          # '1e3', 1024.0: a token count written as a float
         if not is_fraction and number != int(number):
             raise ValueError(f"budget {spec!r} must be a whole number of tokens")
         return Budget(number, is_fraction)

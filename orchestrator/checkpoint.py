@@ -29,6 +29,11 @@ def checkpoint_path(directory: Path, generation: int) -> Path:
     return Path(directory) / f"gen-{generation:06d}.ckpt"
 
 
+def generation_of(path) -> int:
+    """The generation count in a checkpoint's file name (gen-000012.ckpt -> 12)."""
+    return int(PATTERN.match(Path(path).name).group(1))
+
+
 def write_checkpoint(directory, generation: int, state: dict, keep: int = 3) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,7 @@ def run(args) -> int:
 
     from namm_core import NAMM, BASELINES, FullCache, load_model, parse_policy
     from namm_core.generation import resolve_memory_settings
+    from namm_core.models import pick_device
     from workers.evaluator import Evaluator
     from workers.report import (format_comparisons, format_table, namm_matched_budget, plot_score_vs_retention,
                                 result_header, write_parquet_atomic)
@@ -66,6 +67,10 @@ def run(args) -> int:
         return 0
     specs = args.policy or ["full"]
     policies = [parse_policy(s) for s in specs]  # bad specs fail before the model loads
+    if not [t for t in args.tasks.split(",") if t.strip()]:
+        raise ValueError("--tasks is empty: name at least one task or task file (see --list-tasks)")
+    check_writable(args.out)
+    pick_device(args.device)
     if args.baselines_at_namm_retention and not any(isinstance(p, NAMM) for p in policies):
         raise ValueError("--baselines-at-namm-retention needs a --policy namm[:DIR]")
     first_namm = next((p for p in policies if isinstance(p, NAMM)), None)
@@ -118,3 +123,18 @@ def run(args) -> int:
         print(f"note: {cropped} prompt runs were cropped in the middle to fit the model window")
     print(f"wrote {out}, {plot}, {out.with_suffix('.md')}")
     return 0
+
+
+def check_writable(out: Path) -> None:
+    """Fail before hours of evaluation, not after, when the results cannot be written."""
+    import os
+
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: directory {parent} is not writable")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a .parquet file name")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 HELP = "evolve a NAMM with CMA-ES on Ray workers, tracked in MLflow, resumable from checkpoints"
@@ -34,15 +35,43 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from . import checkpoint
-    from .config import load_config
-    from .driver import EvolutionRun, init_ray
+    import signal
+
+    from .config import check_context_lengths, check_resources, load_config
+    from .driver import EvolutionRun, Interrupted, init_ray
 
     cfg = load_config(args.config)
-    if args.resume and not checkpoint.list_checkpoints(cfg.run_dir / "checkpoints"):
-        raise ValueError(f"--resume: no checkpoint in {cfg.run_dir / 'checkpoints'}")
-    init_ray(args.num_cpus)
-    summary = EvolutionRun(cfg, stop_after=args.stop_after, allow_config_change=args.allow_config_change).run()
+    check_resources(cfg, args.num_cpus)
+    check_context_lengths(cfg)
+    for i, stage in enumerate(cfg.stages):
+        for task in stage.tasks:
+            if task.file:
+                print(f"stage {i}: task file {task.file}: {task.pool_size} training and {stage.validation_prompts} "
+                      f"validation prompts, disjoint (records shuffled with seed {task.seed})")
+    evolution = EvolutionRun(cfg, stop_after=args.stop_after, allow_config_change=args.allow_config_change)
+    # refusals (locked or unwritable run dir, corrupt checkpoints with --resume, another config,
+    # unreachable tracking server) come before Ray starts or a model loads
+    evolution.prepare(require_checkpoint=args.resume)
+    if evolution.complete:
+        evolution.lock.release()
+        print(f"{cfg.name} is already complete ({evolution.state['global_generation']} generations in "
+              f"{evolution.run_dir}); nothing to do. Export it with `namm export {evolution.ckpt_dir} OUT_DIR`.")
+        return 0
+
+    def on_sigterm(signum, frame):   # `ray job stop` and `kill`: stop as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        init_ray(args.num_cpus)
+        signal.signal(signal.SIGTERM, on_sigterm)   # after ray.init, which installs a handler that aborts
+        summary = evolution.run()
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"namm evolve: interrupted; {e or 'the run resumes from its newest checkpoint when started again'}",
+              file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     best = summary["best_validation"]
     print(f"{'stopped' if summary['stopped'] else 'finished'} after {summary['generations']} generations; "
           f"run dir {summary['run_dir']}")
@@ -50,5 +79,6 @@ def run(args) -> int:
         print(f"best validated CMA mean: fitness {best['fitness']:.4f} at generation {best['generation']}, "
               f"retention {best['retention']:.3f} -> {summary['run_dir']}/artifacts/namm_best")
     print(f"MLflow: {summary['tracking_uri']} (run {summary['mlflow_parent']}); "
-          f"`mlflow ui --backend-store-uri {summary['tracking_uri']}`")
+          f"`mlflow ui --backend-store-uri {summary['tracking_uri']}`, then open the experiment "
+          f"'{cfg.tracking.experiment}' (its runs are under the Runs tab; each stage is a nested run)")
     return 0

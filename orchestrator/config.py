@@ -7,6 +7,7 @@ file's directory, so a job behaves the same from any working directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -215,6 +216,8 @@ def _convert(hint, value, where: str, name: str):
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -253,7 +256,15 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
     if cfg.fitness.retention_weight < 0:
         raise ConfigError(f"fitness.retention_weight: must be 0 or more, got {cfg.fitness.retention_weight}")
     positive(cfg.workers.num_actors, "workers.num_actors")
+    positive(cfg.workers.cpus_per_actor, "workers.cpus_per_actor")
+    positive(cfg.workers.torch_threads, "workers.torch_threads")
     positive(cfg.workers.timeout_seconds, "workers.timeout_seconds")
+    positive(cfg.namm.head_dim, "namm.head_dim")
+    positive(cfg.namm.stats_prompts, "namm.stats_prompts")
+    if not cfg.namm.mlp_hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0
+                                          for h in cfg.namm.mlp_hidden):
+        raise ConfigError(f"namm.mlp_hidden: expected a list of positive layer widths, got {cfg.namm.mlp_hidden!r}")
+    _validate_model(cfg)
     positive(cfg.checkpoint.keep, "checkpoint.keep")
     if cfg.workers.max_retries < 0:
         raise ConfigError("workers.max_retries: must be 0 or more")
@@ -309,6 +320,18 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
                 if check_files and not path.is_file():
                     raise ConfigError(f"{tw}.file: {path} does not exist")
                 task.file = str(path)
+                if check_files:
+                    from workers.tasks.files import load_task_file
+
+                    try:
+                        records = len(load_task_file(path))
+                    except ValueError as e:
+                        raise ConfigError(f"{tw}.file: {e}") from None
+                    if task.pool_size + stage.validation_prompts > records:
+                        raise ConfigError(
+                            f"{tw}.pool_size: {task.pool_size} training + {stage.validation_prompts} validation "
+                            f"prompts ({where}.validation_prompts) need {task.pool_size + stage.validation_prompts} "
+                            f"records; {path} has {records}")
             positive(task.context_length, f"{tw}.context_length")
             positive(task.pool_size, f"{tw}.pool_size")
             if stage.prompts_per_task > task.pool_size:
@@ -321,6 +344,66 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
     if not root.is_absolute():
         cfg.checkpoint.root = str((base_dir / root).resolve())
     return cfg
+
+
+def _validate_model(cfg: RunConfig) -> None:
+    from namm_core.models import pick_dtype
+
+    import torch
+
+    try:
+        pick_dtype(torch.device("cpu"), cfg.model.dtype)
+    except ValueError as e:
+        raise ConfigError(f"model.dtype: {e}") from None
+    device = cfg.model.device
+    if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
+        raise ConfigError(f"model.device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if cfg.model.tiny_random is not None and not isinstance(cfg.model.tiny_random, dict):
+        raise ConfigError("model.tiny_random: expected a mapping of config fields")
+
+
+def check_resources(cfg: RunConfig, num_cpus: Optional[int] = None) -> None:
+    """A local Ray has this machine's CPUs: refuse an actor pool that could never be placed
+    (Ray would wait for it forever)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return   # a cluster: the pool's start-up timeout says what is missing
+    import torch
+
+    # a local run's actors are on this machine: a GPU it does not have is a config error
+    if str(cfg.model.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {cfg.model.device!r}, but this machine has no CUDA device (set auto or "
+                          "cpu, or submit to a GPU cluster: RAY_ADDRESS)")
+    available = num_cpus or os.cpu_count() or 1
+    needed = cfg.workers.num_actors * cfg.workers.cpus_per_actor
+    if needed > available:
+        raise ConfigError(f"workers.num_actors: {cfg.workers.num_actors} actors x {cfg.workers.cpus_per_actor:g} "
+                          f"CPUs (workers.cpus_per_actor) need {needed:g} CPUs; the local Ray has {available}")
+
+
+def check_context_lengths(cfg: RunConfig) -> None:
+    """Refuse synthetic prompts longer than the model's window (read from its config, no weights)."""
+    from transformers import AutoConfig
+
+    from namm_core.models import resolve_model_path
+
+    if cfg.model.tiny_random is not None:
+        window = int(cfg.model.tiny_random.get("max_position_embeddings", 8192))
+    else:
+        try:
+            config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model.name: cannot read the config of {cfg.model.name!r}: {e}") from None
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        window = int(cfg.model.max_position_embeddings or getattr(text, "max_position_embeddings", 0) or 0)
+        if cfg.model.rope_scaling and not cfg.model.max_position_embeddings:
+            window = int(window * float(cfg.model.rope_scaling.get("factor", 1.0)))
+    if not window:
+        return
+    for i, stage in enumerate(cfg.stages):
+        for j, task in enumerate(stage.tasks):
+            if task.task and task.context_length > window:
+                raise ConfigError(f"stages[{i}].tasks[{j}].context_length: {task.context_length} tokens is beyond "
+                                  f"the model's window of {window}")
 
 
 def load_config(path, check_files: bool = True) -> RunConfig:

@@ -30,9 +30,15 @@ from .config import RunConfig
 from .dispatch import ActorPool, Job
 from .es import EvolutionStrategy
 from .fitness import candidate_fitness
-from .tracking import Tracker, resolve_tracking_uri
+from .runlock import RunLock
+from .tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+class Interrupted(RuntimeError):
+    """The run was stopped by Ctrl-C or SIGTERM; the message says where it resumes."""
 VALIDATION_SEED_OFFSET = 1_000_003
 
 
@@ -42,12 +48,20 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def task_payload(task, validation: bool = False, size: Optional[int] = None) -> dict:
+def task_payload(task, stage, validation: bool = False) -> dict:
+    """What a worker needs to build a task's prompt pool.
+
+    Synthetic tasks: validation prompts are generated from another seed. Task files: the records
+    are shuffled with the task's seed and split into disjoint sets, the first
+    `stage.validation_prompts` for validation and the next `pool_size` for training."""
     d = asdict(task)
-    d["key"] = task.key + ("#val" if validation else "")
+    d["split"] = "validation" if validation else "train"
+    d["holdout"] = stage.validation_prompts if task.file else 0
+    d["key"] = task.key + (f"~{d['holdout']}" if task.file else "") + ("#val" if validation else "")
     if validation:
-        d["seed"] = task.seed + VALIDATION_SEED_OFFSET
-        d["pool_size"] = size
+        d["pool_size"] = stage.validation_prompts
+        if not task.file:
+            d["seed"] = task.seed + VALIDATION_SEED_OFFSET
     return d
 
 
@@ -61,19 +75,59 @@ class EvolutionRun:
         self.stop_after = stop_after
         self.allow_config_change = allow_config_change
         self.state: dict = {}
+        self.prepared = False
 
     # ------------------------------------------------------------------------------------
+    def prepare(self, require_checkpoint: bool = False) -> "EvolutionRun":
+        """Everything that can refuse a run, before Ray starts or a model loads: the run
+        directory (writable, locked against a second driver), the checkpoints (corrupt ones moved
+        aside, never overwritten; the config they were made with), the tracking URI. Idempotent."""
+        if self.prepared:
+            return self
+        cfg = self.cfg
+        root = Path(cfg.checkpoint.root)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"checkpoint.root: {root} is a file, not a directory")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"checkpoint.root: cannot create the run directory {self.run_dir}: {e.strerror}") from None
+        if not os.access(self.run_dir, os.W_OK):
+            raise ValueError(f"checkpoint.root: the run directory {self.run_dir} is not writable")
+        self.lock = RunLock(self.run_dir).acquire()
+        try:
+            self._load_or_init(require_checkpoint)
+            self.tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri, self.run_dir)
+            check_tracking_uri(self.tracking_uri)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.prepared = True
+        return self
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.state) and self.state["stage"] >= len(self.cfg.stages)
+
     def run(self) -> dict:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        pool = self.pool_factory(cfg)
+        self.prepare()
         try:
-            num_params = pool.call_all("num_params")[0]
-            self._load_or_init(num_params)
-            self.tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri, self.run_dir), cfg.tracking.experiment)
-            st = self.state
-            st["mlflow"]["parent"] = self.tracker.parent_run(st["mlflow"].get("parent"), cfg.name, cfg.to_dict())
-            self._relog_last_generation()
+            if self.complete:
+                log.info("%s is already complete (%d generations); nothing to do", cfg.name,
+                         self.state["global_generation"])
+                return self._summary(stopped=False, already_complete=True)
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict:
+        cfg, st = self.cfg, self.state
+        self.tracker = Tracker(self.tracking_uri, cfg.tracking.experiment)
+        self._open_tracking()
+        pool = self.pool_factory(cfg)
+        bar = None
+        try:
             if st["norm"] is None:
                 st["norm"] = self._collect_statistics(pool)
             if st["es"] is None:
@@ -84,13 +138,14 @@ class EvolutionRun:
             while st["stage"] < len(cfg.stages):
                 stage = cfg.stages[st["stage"]]
                 stage_key = str(st["stage"])
+                if self._stop_requested():
+                    return self._stop(bar)
                 st["mlflow"]["stages"][stage_key] = self.tracker.stage_run(
                     st["mlflow"]["stages"].get(stage_key), st["mlflow"]["parent"],
                     f"stage {st['stage']}: {stage.name}", asdict(stage))
                 while st["stage_generation"] < stage.generations:
-                    if self.stop_after is not None and st["global_generation"] >= self.stop_after:
-                        bar.close()
-                        return self._summary(stopped=True)
+                    if self._stop_requested():
+                        return self._stop(bar)
                     metrics = self._generation(pool, stage)
                     bar.update(1)
                     bar.set_postfix_str(f"best {metrics['fitness_best']:.3f} mean {metrics['fitness_mean']:.3f} "
@@ -103,32 +158,119 @@ class EvolutionRun:
             self._export_artifacts(final=True)
             self.tracker.finish(st["mlflow"]["parent"])
             return self._summary(stopped=False)
+        except KeyboardInterrupt:   # Ctrl-C, or SIGTERM (`ray job stop`) turned into one by the CLI
+            if bar is not None:
+                bar.close()
+            self._mark_runs("KILLED")
+            log.warning("interrupted: %s", self._resume_point())
+            raise Interrupted(self._resume_point()) from None
+        except BaseException:
+            self._mark_runs("FAILED")
+            raise
         finally:
             pool.shutdown()
 
+    def _stop_requested(self) -> bool:
+        return self.stop_after is not None and self.state["global_generation"] >= self.stop_after
+
+    def _stop(self, bar) -> dict:
+        bar.close()
+        self._mark_runs("KILLED")
+        log.info("stopped after %d generations (--stop-after): %s", self.state["global_generation"],
+                 self._resume_point())
+        return self._summary(stopped=True)
+
+    def _resume_point(self) -> str:
+        found = ckpt.list_checkpoints(self.ckpt_dir)
+        where = found[-1].name if found else "the start (no checkpoint yet)"
+        return f"the run resumes from {where} (generation {self.state['global_generation']}) when started again"
+
+    def _mark_runs(self, status: str) -> None:
+        """End the MLflow runs this driver has open (the stage and the parent)."""
+        tracker = getattr(self, "tracker", None)
+        if tracker is None:
+            return
+        ids = [self.state["mlflow"]["stages"].get(str(self.state["stage"])), self.state["mlflow"]["parent"]]
+        for run_id in ids:
+            if run_id:
+                try:
+                    tracker.finish(run_id, status=status)
+                except Exception as e:  # the tracking server may be what failed
+                    log.warning("could not mark MLflow run %s %s: %s", run_id, status, e)
+
+    def _open_tracking(self) -> None:
+        """Continue the run's MLflow runs; when metrics were logged past the checkpoint being
+        resumed (the newest checkpoint was corrupt), start clean runs instead, re-log the
+        checkpointed history into them, and end the old ones KILLED: steps stay unique."""
+        st, cfg = self.state, self.cfg
+        mlf = st["mlflow"]
+        old_parent = mlf.get("parent")
+        done = st["global_generation"]
+        if old_parent and self.tracker.last_step(old_parent, "fitness_best") >= done:
+            old_stages = dict(mlf["stages"])
+            log.warning("MLflow run %s holds metrics past generation %d, the checkpoint this run resumes from; "
+                        "continuing in a new MLflow run (the old one is marked KILLED)", old_parent, done)
+            self.tracker.supersede([old_parent, *old_stages.values()], reason=f"resumed from generation {done}")
+            mlf["parent"], mlf["stages"] = None, {}
+            mlf["parent"] = self.tracker.parent_run(None, cfg.name, cfg.to_dict(), tags={"namm.resumed_from": old_parent})
+            for entry in st.get("metrics_log", []):
+                key = str(entry["stage"])
+                if key not in mlf["stages"]:
+                    stage = cfg.stages[entry["stage"]]
+                    mlf["stages"][key] = self.tracker.stage_run(None, mlf["parent"], f"stage {key}: {stage.name}",
+                                                                asdict(stage))
+                self.tracker.log_metrics([mlf["parent"], mlf["stages"][key]], entry["metrics"], entry["step"])
+            for key, run_id in mlf["stages"].items():
+                if int(key) < st["stage"]:
+                    self.tracker.finish(run_id)
+        else:
+            mlf["parent"] = self.tracker.parent_run(old_parent, cfg.name, cfg.to_dict())
+            self._relog_last_generation()
+        self.tracker.end_orphans(mlf["parent"], keep=set(mlf["stages"].values()))
+
     # ------------------------------------------------------------------------------------
-    def _load_or_init(self, num_params: int) -> None:
+    def _load_or_init(self, require_checkpoint: bool = False) -> None:
+        files = ckpt.list_checkpoints(self.ckpt_dir)
         found = ckpt.load_latest(self.ckpt_dir)
         digest = config_hash(self.cfg)
+        if files and found is None and require_checkpoint:
+            raise ValueError(f"--resume: every checkpoint in {self.ckpt_dir} is corrupt "
+                             f"({', '.join(p.name for p in files)}); nothing to resume from")
+        newer = [p for p in files if found is None or ckpt.generation_of(p) > ckpt.generation_of(found[0])]
+        if newer:   # corrupt checkpoints are kept for inspection, out of the way of new ones
+            aside = self.run_dir / f"corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.mkdir(parents=True, exist_ok=True)
+            for p in newer:
+                os.replace(p, aside / p.name)
+            log.warning("moved %d corrupt checkpoint(s) to %s", len(newer), aside)
+        if found is None and require_checkpoint:
+            raise ValueError(f"--resume: no checkpoint in {self.ckpt_dir}")
         if found is not None:
             path, state = found
+            if state.get("version") != STATE_VERSION:
+                raise ValueError(f"{path}: a checkpoint of state version {state.get('version')}; this driver "
+                                 f"reads version {STATE_VERSION}")
             if state["config_hash"] != digest and not self.allow_config_change:
                 raise ValueError(
                     f"{self.run_dir} holds a run with a different config; resume it with the same config, "
                     f"pass --allow-config-change, or choose another run name")
             state["es"] = None if state["es"] is None else EvolutionStrategy.loads(state["es"])
             state["sampler"] = _rng_from_state(state["sampler"])
+            state.setdefault("metrics_log", [])
             self.state = state
             log.info("resuming %s from %s (generation %d)", self.cfg.name, path.name, state["global_generation"])
             return
+        from namm_core import NAMM
+
         self.state = {
-            "version": 1, "config_hash": digest, "num_params": num_params,
+            "version": STATE_VERSION, "config_hash": digest,
+            "num_params": NAMM(self.cfg.namm.namm_config(self.cfg.memory)).num_params,
             "namm_spec": namm_spec(self.cfg), "model": self.cfg.model.name,
             "es": None, "warm_start": None,   # the ES starts once the statistics (and a warm start) exist
             "sampler": np.random.RandomState(self.cfg.es.seed + 17),
             "stage": 0, "stage_generation": 0, "global_generation": 0,
             "norm": None, "references": {}, "history": [], "validation": [],
-            "best": None, "best_validation": None, "last_metrics": None,
+            "best": None, "best_validation": None, "last_metrics": None, "metrics_log": [],
             "mlflow": {"parent": None, "stages": {}},
         }
 
@@ -142,12 +284,15 @@ class EvolutionRun:
     def _collect_statistics(self, pool: ActorPool) -> dict:
         """Normalisation moments of the zero NAMM on the first stage's prompts, merged over actors."""
         stage = self.cfg.stages[0]
-        tasks = [task_payload(t) for t in stage.tasks]
+        tasks = [task_payload(t, stage) for t in stage.tasks]
         n = self.cfg.namm.stats_prompts
         requests = [(t["key"], i) for t in tasks for i in range(min(n, t["pool_size"]))]
         chunks = _split(requests, len(pool.actors))
+        failures_before = len(pool.failures)
         results = pool.run([Job("collect_statistics", (c, tasks), "statistics") for c in chunks])
         merged = None
+        self.tracker.log_metrics([self.state["mlflow"]["parent"]],
+                                 {"statistics_failures": len(pool.failures) - failures_before}, 0)
         for r in results:
             if r is None:
                 raise RuntimeError("collecting normalisation statistics failed on every retry: " +
@@ -162,7 +307,7 @@ class EvolutionRun:
         if ws is None:
             return None
         stage = self.cfg.stages[0]
-        tasks = [task_payload(t) for t in stage.tasks]
+        tasks = [task_payload(t, stage) for t in stage.tasks]
         per_task = max(1, ws.prompts // len(tasks))
         requests = [(t["key"], i) for t in tasks for i in range(min(per_task, t["pool_size"]))]
         job = Job("warm_start", (ws.imitate, self.state["norm"], requests, ws.steps, ws.lr, self.cfg.es.seed, tasks),
@@ -172,6 +317,8 @@ class EvolutionRun:
             raise RuntimeError("warm start failed on every retry: " + "; ".join(pool.failures[-3:]))
         report = result["report"]
         self.state["warm_start"] = {"imitate": ws.imitate, **report}
+        self.tracker.log_metrics([self.state["mlflow"]["parent"]],
+                                 {f"warm_start/{k}": v for k, v in report.items() if isinstance(v, (int, float))}, 0)
         log.info("warm start imitating %s: sign agreement %.3f, rank agreement %.3f (%d rows, %.1f s fit)",
                  ws.imitate, report["sign_agreement"], report["rank_agreement"], report["rows"], report["seconds"])
         return np.asarray(result["vector"], dtype=float)
@@ -190,7 +337,7 @@ class EvolutionRun:
                 refs[f"{r[0]}|{r[1]}"] = float(s)
 
     def _sample_prompts(self, stage) -> tuple[list, list]:
-        tasks = [task_payload(t) for t in stage.tasks]
+        tasks = [task_payload(t, stage) for t in stage.tasks]
         rng = self.state["sampler"]
         requests = []
         for t in tasks:
@@ -264,6 +411,7 @@ class EvolutionRun:
         st["stage_generation"] += 1
         st["last_metrics"] = {"step": g, "metrics": metrics,
                               "retention_per_layer": results[best_i]["retention_per_layer"]}
+        st["metrics_log"].append({"step": g, "stage": st["stage"], "metrics": metrics})
         stage_done = st["stage_generation"] >= stage.generations
         if st["stage_generation"] % stage.validation_every == 0 or stage_done:
             metrics["validation_fitness"] = self._validate(pool, stage)
@@ -275,7 +423,7 @@ class EvolutionRun:
     def _validate(self, pool: ActorPool, stage) -> float:
         """Fitness of the CMA mean on a fixed validation set; export it when it is the best."""
         st = self.state
-        tasks = [task_payload(t, validation=True, size=stage.validation_prompts) for t in stage.tasks]
+        tasks = [task_payload(t, stage, validation=True) for t in stage.tasks]
         requests = [(t["key"], i) for t in tasks for i in range(stage.validation_prompts)]
         self._ensure_references(pool, requests, tasks)
         mean = st["es"].mean.astype(np.float32)
@@ -350,11 +498,12 @@ class EvolutionRun:
                 if (out / f).exists():
                     self.tracker.log_artifact(parent, out / f)
 
-    def _summary(self, stopped: bool) -> dict:
+    def _summary(self, stopped: bool, already_complete: bool = False) -> dict:
         st = self.state
-        return {"generations": st["global_generation"], "stopped": stopped, "mean": st["es"].mean,
+        return {"generations": st["global_generation"], "stopped": stopped, "already_complete": already_complete,
+                "mean": None if st["es"] is None else st["es"].mean,
                 "best": st["best"], "best_validation": st["best_validation"], "run_dir": str(self.run_dir),
-                "mlflow_parent": st["mlflow"]["parent"], "tracking_uri": self.tracker.uri}
+                "mlflow_parent": st["mlflow"]["parent"], "tracking_uri": self.tracking_uri}
 
 
 # ----------------------------------------------------------------------------------------

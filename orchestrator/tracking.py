@@ -20,6 +20,27 @@ def resolve_tracking_uri(configured: Optional[str], run_dir: Path) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
 
 
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with one line naming the URI, when the tracking store cannot be reached
+    (MLflow's own client retries for minutes before it gives up)."""
+    import urllib.error
+    import urllib.request
+
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                if response.status >= 400:
+                    raise OSError(f"HTTP {response.status}")
+        except (OSError, urllib.error.URLError) as e:
+            reason = getattr(e, "reason", e)
+            raise ValueError(f"MLflow tracking server {uri} is not reachable ({reason}); start it, or set "
+                             "tracking.tracking_uri / MLFLOW_TRACKING_URI to a reachable one") from None
+    elif uri.startswith("sqlite:///"):
+        directory = Path(uri[len("sqlite:///"):]).parent
+        if not directory.is_dir() or not os.access(directory, os.W_OK):
+            raise ValueError(f"MLflow tracking store {uri}: directory {directory} does not exist or is not writable")
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in d.items():
@@ -48,12 +69,15 @@ class Tracker:
             if tracking_uri.startswith("sqlite:///"):
                 location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        # MLflow 3's UI opens an untagged experiment in its GenAI view (traces); this is training
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
 
-    def parent_run(self, run_id: Optional[str], name: str, params: dict) -> str:
+    def parent_run(self, run_id: Optional[str], name: str, params: dict, tags: Optional[dict] = None) -> str:
         if run_id:  # resume: params are immutable, never re-logged
             self.client.update_run(run_id, status="RUNNING")
             return run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={"namm.kind": "evolution"})
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"namm.kind": "evolution", **(tags or {})})
         items = [Param(k, v) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run.info.run_id, params=items[i:i + 100])
@@ -86,3 +110,19 @@ class Tracker:
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def supersede(self, run_ids: list[str], reason: str) -> None:
+        """End runs that a clean run replaces (their metrics ran past the resumed checkpoint)."""
+        for run_id in run_ids:
+            self.client.set_tag(run_id, "namm.superseded", reason)
+            self.client.set_terminated(run_id, status="KILLED")
+
+    def end_orphans(self, parent_id: str, keep: set) -> None:
+        """Stage runs of this parent left RUNNING by a driver that died before checkpointing them."""
+        runs = self.client.search_runs([self.experiment_id],
+                                       filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and "
+                                                     "attributes.status = 'RUNNING'")
+        for run in runs:
+            if run.info.run_id not in keep:
+                self.client.set_tag(run.info.run_id, "namm.superseded", "not in the resumed checkpoint")
+                self.client.set_terminated(run.info.run_id, status="KILLED")

@@ -110,9 +110,15 @@ def test_budget_counts(spec):
     assert not b.is_fraction and b.value == int(spec)
 
 
+def test_budget_token_counts_written_as_floats():
+    assert Budget.parse("1e3") == Budget(1000.0, False)
+    assert Budget.parse(1024.0) == Budget(1024.0, False)
+    assert Budget.parse("1.0").is_fraction
+
+
 @pytest.mark.parametrize("spec,words", [
     (0, "positive"), (-1, "positive"), ("0", "positive"), ("-0.5", "positive"),
-    ("1.5", "above 1"), (2.5, "above 1"),
+    ("1.5", "neither a fraction"), (2.5, "neither a fraction"),
     ("abc", "not a number"), ("", "not a number"),
 ])
 def test_budget_rejects_with_reason(spec, words):

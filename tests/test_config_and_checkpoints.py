@@ -48,6 +48,22 @@ def _with(path: str, value):
     ("fitness.retention_target", 1.5, "fitness.retention_target: must be in"),
     ("fitness.retention_weight", -1, "fitness.retention_weight: must be 0 or more"),
     ("memory.shared_prefixes", -1, "memory.shared_prefixes"),
+    ("es.sigma0", float("nan"), "es.sigma0: expected a finite number"),
+    ("es.sigma0", float("inf"), "es.sigma0: expected a finite number"),
+    ("model.dtype", "float33", "model.dtype: unknown dtype 'float33'"),
+    ("model.device", "tpu", "model.device: expected auto, cpu, cuda"),
+    ("namm.head_dim", 0, "namm.head_dim: must be positive"),
+    ("namm.mlp_hidden", ["a"], "namm.mlp_hidden: expected a list of positive layer widths"),
+    ("namm.stats_prompts", 0, "namm.stats_prompts: must be positive"),
+    ("namm.selection", "top_k", "namm: NAMM selection 'top_k' needs a budget"),
+    ("namm.budget", 2.5, "namm: budget 2.5 is neither a fraction"),
+    ("workers.torch_threads", 0, "workers.torch_threads: must be positive"),
+    ("workers.cpus_per_actor", 0, "workers.cpus_per_actor: must be positive"),
+    ("fitness.kind", "accuracy", "fitness.kind: expected one of"),
+    ("fitness.loglik_target", "oracle", "fitness.loglik_target"),
+    ("es.warm_start", {"imitate": "full"}, "es.warm_start.imitate: expected a baseline with a budget"),
+    ("es.warm_start", {"imitate": "h2o:7.5"}, "es.warm_start.imitate"),
+    ("es.warm_start", {"imitate": "tova:0.5", "steps": 0}, "es.warm_start.steps: must be positive"),
 ])
 def test_bad_configs_name_the_field(path, value, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -69,8 +85,9 @@ def test_missing_required_field_and_bad_yaml(tmp_path):
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path):
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "x.jsonl").write_text('{"input": "q", "context": "c", "answers": ["a"]}\n')
-    data = _with("stages.0.tasks", [{"file": "data/x.jsonl"}])
+    (tmp_path / "data" / "x.jsonl").write_text('{"input": "q", "context": "c", "answers": ["a"]}\n' * 3)
+    data = _with("stages.0.tasks", [{"file": "data/x.jsonl", "pool_size": 2}])
+    data["stages"][0].update(prompts_per_task=1, validation_prompts=1)
     data["checkpoint"] = {"root": "out"}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -199,3 +216,51 @@ def test_fitness_is_the_task_ratio_less_the_retention_over_the_target(target, we
                                      [("passkey@512", 0), ("passkey@512", 1)])
     assert fitness == pytest.approx(expected)
     assert per_task == {"passkey@512": 0.5}
+
+
+def test_task_files_are_checked_when_the_config_loads(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "q", "context": "c", "answers": ["a"]}\n{not json\n')
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.tasks\[0\]\.file: .*bad.jsonl:2: not valid JSON"):
+        config_from_dict(_with("stages.0.tasks", [{"file": str(bad)}]), base_dir=tmp_path)
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"input": "q", "context": "c", "answers": ["a"]}\n' * 10)
+    data = _with("stages.0.tasks", [{"file": str(small), "pool_size": 8}])
+    data["stages"][0]["validation_prompts"] = 4
+    with pytest.raises(ConfigError, match="8 training \\+ 4 validation prompts .* need 12 records; .* has 10"):
+        config_from_dict(data, base_dir=tmp_path)
+
+
+def test_task_file_training_and_validation_prompts_are_disjoint(tmp_path):
+    from workers.tasks import split_task_file
+
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(f'{{"input": "q{i}", "context": "c", "answers": ["a"]}}\n' for i in range(20)))
+    train = split_task_file(path, seed=3, holdout=5, pool_size=15, split="train")
+    val = split_task_file(path, seed=3, holdout=5, pool_size=15, split="validation")
+    assert len(train) == 15 and len(val) == 5
+    assert not {s.input for s in train} & {s.input for s in val}
+    assert {s.input for s in val} != {f"q{i}" for i in range(5)}            # shuffled, not the first records
+    assert [s.input for s in split_task_file(path, 3, 5, 15, "validation")] == [s.input for s in val]  # seeded
+    with pytest.raises(ValueError, match="need 21 records; it has 20"):
+        split_task_file(path, seed=3, holdout=5, pool_size=16)
+
+
+def test_resources_and_context_lengths_are_checked_before_ray(monkeypatch):
+    from orchestrator.config import check_context_lengths, check_resources
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = config_from_dict(_with("workers.num_actors", 8))
+    with pytest.raises(ConfigError, match="workers.num_actors: 8 actors x 1 CPUs .* need 8 CPUs; the local Ray has 2"):
+        check_resources(cfg, num_cpus=2)
+    check_resources(config_from_dict(_with("workers.num_actors", 2)), num_cpus=2)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="model.device: 'cuda', but this machine has no CUDA device"):
+            check_resources(config_from_dict(_with("model.device", "cuda")), num_cpus=2)
+    data = _with("stages.0.tasks", [{"task": "passkey", "context_length": 1_000_000, "pool_size": 4}])
+    data["model"] = {"tiny_random": {"architecture": "llama"}}
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.tasks\[0\]\.context_length: 1000000 tokens is beyond "
+                                          "the model's window of 8192"):
+        check_context_lengths(config_from_dict(data))

@@ -284,3 +284,54 @@ def test_folding_rows_frame_by_frame_equals_folding_all_frames_at_once(n_fft, ho
     assert torch.allclose(fold_rows(ema, prefix_view, rows, first, cfg), expected, atol=1e-5)
     if late_keys != "none" and k > 1:  # the mask matters: without it the result differs
         assert not torch.allclose(fold_rows(ema, prefix, rows, torch.zeros_like(first), cfg), expected, atol=1e-5)
+
+
+def test_flipped_weight_bytes_are_refused_by_the_checksum(tmp_path):
+    namm = NAMM().set_params(torch.randn(4172, generator=torch.Generator().manual_seed(0)))
+    namm.save_pretrained(tmp_path / "n")
+    assert "weights_sha256" in json.loads((tmp_path / "n" / "namm_config.json").read_text())
+    NAMM.from_pretrained(tmp_path / "n")
+    data = bytearray((tmp_path / "n" / "namm.safetensors").read_bytes())
+    data[-100] ^= 0x40                      # one bit of one weight: still a valid safetensors file
+    (tmp_path / "n" / "namm.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="do not match the checksum"):
+        NAMM.from_pretrained(tmp_path / "n")
+
+
+def test_a_namm_config_with_an_unknown_field_names_the_file(tmp_path):
+    NAMM().save_pretrained(tmp_path / "n")
+    path = tmp_path / "n" / "namm_config.json"
+    raw = json.loads(path.read_text())
+    raw["colour"] = "blue"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=f"{path}.*colour"):
+        NAMM.from_pretrained(tmp_path / "n")
+
+
+def test_format_1_namm_scores_with_the_legacy_formulas():
+    """A NAMM saved under format 1 (the shipped one) decides exactly as before format 2 existed:
+    interleaved float32 recency, (x - mean) / sqrt(var + 1e-6), re-computed here by hand."""
+    from namm_core.cache import MemoryLayer
+    from namm_core.registry import DEFAULT_NAMM_DIR
+
+    namm = NAMM.from_pretrained(DEFAULT_NAMM_DIR)
+    assert namm.config.format_version == 1
+    S = 48
+    g = torch.Generator().manual_seed(3)
+    ema = torch.rand(1, 1, S, 17, generator=g) * 0.05
+    layer = MemoryLayer()
+    kv = torch.zeros(1, 1, S, 4)
+    cols = torch.arange(S).view(1, S)
+    layer.append(kv, kv, cols, torch.ones(1, S, dtype=torch.bool), cols, namm.aux_shapes)
+    layer.aux["namm_ema"] = ema.clone()
+    age = (S - 1 - torch.arange(S)).float()
+    freqs = 50000.0 ** (-2.0 * torch.arange(4, dtype=torch.float32) / 8)
+    angles = age[:, None] * freqs
+    recency = torch.stack([angles.sin(), angles.cos()], -1).flatten(-2)          # sin, cos interleaved
+    normed = (ema[0, 0] - namm.norm_mean) / torch.sqrt(namm.norm_var + 1e-6)
+    x = torch.cat([recency, normed], -1)
+    with torch.no_grad():
+        expected = namm.scorer.reference_forward(x[None], torch.arange(S)[None], torch.ones(1, S, dtype=torch.bool))[0]
+        got = namm.score(layer)[0, 0]
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert (got >= 0).any() and (got < 0).any()

@@ -47,15 +47,18 @@ class EvolutionWorker:
 
     def prepare(self, tasks: list[dict]) -> dict[str, int]:
         """Build the prompt pools of these task specs (TaskSpec fields); returns their sizes."""
-        from workers.tasks import load_tasks
+        from workers.tasks import load_tasks, split_task_file
 
         for spec in tasks:
             key = spec["key"]
             if key in self.pools:
                 continue
-            source = spec["file"] or spec["task"]
-            samples = load_tasks([source], self.tokenizer, num_prompts=spec["pool_size"],
-                                 context_length=spec["context_length"], seed=spec["seed"])
+            if spec["file"]:
+                samples = split_task_file(spec["file"], spec["seed"], spec["holdout"], spec["pool_size"],
+                                          spec.get("split", "train"))
+            else:
+                samples = load_tasks([spec["task"]], self.tokenizer, num_prompts=spec["pool_size"],
+                                     context_length=spec["context_length"], seed=spec["seed"])
             if not samples:
                 raise ValueError(f"task {key}: no prompts")
             self.pools[key] = samples

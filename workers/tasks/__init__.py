@@ -47,6 +47,23 @@ def load_tasks(specs: list[str], tokenizer, num_prompts: int, context_length: in
     return samples
 
 
+def split_task_file(path, seed: int, holdout: int, pool_size: int, split: str = "train") -> list[Sample]:
+    """Disjoint, seeded training and validation sets from one task file: the records shuffled
+    with `seed`, the first `holdout` for validation, the next `pool_size` for training."""
+    import random
+
+    from .files import load_task_file
+
+    samples = load_task_file(path)
+    if holdout + pool_size > len(samples):
+        raise ValueError(f"task file {path}: {pool_size} training + {holdout} validation prompts need "
+                         f"{holdout + pool_size} records; it has {len(samples)}")
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    chosen = order[:holdout] if split == "validation" else order[holdout:holdout + pool_size]
+    return [samples[i] for i in chosen]
+
+
 def _first_per_task(samples: list[Sample], n: int) -> list[Sample]:
     counts: dict[str, int] = {}
     out = []

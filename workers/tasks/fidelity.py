@@ -15,14 +15,15 @@ CORPUS = Path(__file__).resolve().parent.parent / "data" / "corpus.txt"
 
 def fidelity_samples(tokenizer, n: int, length: int, seed: int) -> list[Sample]:
     paragraphs = [p.strip() for p in CORPUS.read_text().split("\n\n") if p.strip()]
-    samples = []
+    samples, counts = [], {}
     for i in range(n):
         rng = random.Random(f"fidelity-{seed}-{i}")
-        text, tokens = "", 0
+        # count each paragraph once (linear in the length, not quadratic), then cut the joined text
+        parts, tokens = [], 0
         while tokens < length:
-            text += rng.choice(paragraphs) + "\n\n"
-            tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
-        ids = tokenizer(text, add_special_tokens=False).input_ids[:length]
+            parts.append(rng.choice(paragraphs) + "\n\n")
+            tokens += counts.setdefault(parts[-1], len(tokenizer(parts[-1], add_special_tokens=False).input_ids))
+        ids = tokenizer("".join(parts), add_special_tokens=False).input_ids[:length]
         samples.append(Sample(task="fidelity", sample_id=f"fidelity-{length}-{seed}-{i}",
                               context=tokenizer.decode(ids), input="", answers=[""], metric="fidelity",
                               max_new_tokens=0, meta={"target_tokens": length}))
