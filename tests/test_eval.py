@@ -1,5 +1,6 @@
 """`namm eval`, the Evaluator and task files: outputs, crops, references, bad input."""
 import json
+import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -139,3 +140,78 @@ def test_smollm2_full_cache_answers_passkey_at_4k(smollm2):
     results = Evaluator(model, tok).evaluate(samples, FullCache())
     assert all(abs(r.prompt_tokens - 4096) < 0.05 * 4096 for r in results)
     assert sum(r.score for r in results) >= 2, [r.prediction for r in results]
+
+
+def test_task_file_metric_and_per_dataset_prompt_counts(tmp_path):
+    rows = [{"input": f"q{i}", "context": "c", "answers": ["42"], "dataset": d}
+            for d in ("alpha", "beta") for i in range(5)]
+    rows[0]["metric"] = "contains_answer"
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = load_task_file(path, limit=3)
+    assert [s.task for s in samples] == ["alpha"] * 3 + ["beta"] * 3      # per dataset, not the first 3 records
+    assert samples[0].metric == "contains_answer" and samples[1].metric == "qa_f1_score"
+    forced = load_task_file(path, limit=2, metric="contains_answer")
+    assert {s.metric for s in forced} == {"contains_answer"}
+    from workers.metrics import score_prediction
+
+    assert score_prediction("The answer is 42.", ["42"], "contains_answer") == 1.0
+    assert score_prediction("The answer is 42.", ["42"], "qa_f1_score") < 1.0
+    rows[1]["metric"] = "no_such_metric"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="mixed.jsonl:2: metric 'no_such_metric'"):
+        load_task_file(path)
+    with pytest.raises(ValueError, match="metric 'nope' is not known"):
+        load_task_file(path, metric="nope")
+
+
+def test_eval_table_intervals_comparisons_and_the_real_prompt_length(tiny_dir, tmp_path, capsys):
+    rows = [{"input": "What is the number?", "context": "The number is 42. " * 20, "answers": ["42"],
+             "dataset": "numbers", "metric": "contains_answer"}] * 3
+    path = tmp_path / "n.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    namm = NAMM()
+    namm.save_pretrained(tmp_path / "namm")
+    out = tmp_path / "e.parquet"
+    assert main(["eval", "--model", str(tiny_dir), "--policy", f"namm:{tmp_path / 'namm'}@0.5", "--policy", "full",
+                 "--tasks", str(path), "--num-prompts", "3", "--update-every", "64", "--chunk-size", "64",
+                 "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert "95% CI" in md and "Commit:" in md and "Command:" in md
+    assert "tokens (median prompt" in md and "4096 tokens" not in md
+    assert "| vs |" in md and ("tie" in md or "better" in md or "worse" in md)
+
+
+def test_eval_refuses_bad_arguments_before_any_work(tmp_path, capsys):
+    assert main(["eval", "--tasks", "", "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "--tasks is empty" in capsys.readouterr().err
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):   # root ignores permissions: then a file stands in the way
+            assert main(["eval", "--out", str(locked / "x.parquet")]) == 2
+            assert "not writable" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+    (tmp_path / "file").write_text("")
+    assert main(["eval", "--out", str(tmp_path / "file" / "x.parquet")]) == 2
+    assert "cannot create" in capsys.readouterr().err
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        assert main(["eval", "--device", "cuda", "--out", str(tmp_path / "y.parquet")]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert main(["eval", "--policy", "h2o:1e3", "--tasks", "", "--out", str(tmp_path / "z.parquet")]) == 2
+    assert "above 1" not in capsys.readouterr().err      # 1e3 is a token count
+
+
+def test_generate_refuses_bad_prompts(tmp_path, capsys):
+    assert main(["generate", "--prompt", "  "]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err
+    assert main(["generate", "--prompt-file", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    binary = tmp_path / "b.bin"
+    binary.write_bytes(b"\xff\xfe\x00\x80" * 10)
+    assert main(["generate", "--prompt-file", str(binary)]) == 2
+    assert f"{binary} is not UTF-8 text" in capsys.readouterr().err
