@@ -120,7 +120,13 @@ EAGER_BLOCK_BYTES_ACCELERATOR = 256 << 20
 
 
 def register() -> str:
-    """Register the memory attention (idempotent); returns its implementation name."""
-    AttentionInterface.register(ATTN_IMPLEMENTATION, namm_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    """Register the memory attention once; returns its implementation name."""
+    global _registered
+    if not _registered:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, namm_attention_forward)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+        _registered = True
     return ATTN_IMPLEMENTATION
+
+
+_registered = False

@@ -9,6 +9,7 @@ at those boundaries) and in decoding alike.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -89,6 +90,24 @@ def check_supported(model) -> None:
                         "the memory serves pure attention decoders")
 
 
+def _with_memory_attention(method):
+    """Run `method` with the model on the memory's attention function, then give the model back
+    its own (the caller's model is left as it was found)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        model = self.model
+        previous = model.config._attn_implementation
+        name = attention.register()
+        if previous == name:   # nested call
+            return method(self, *args, **kwargs)
+        model.set_attn_implementation(name)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            model.set_attn_implementation(previous)
+    return wrapper
+
+
 DEFAULT_UPDATE_EVERY = 512
 DEFAULT_CHUNK_SIZE = 512
 
@@ -130,13 +149,14 @@ class MemoryManagedLM:
         self.tokenizer = tokenizer
         if tokenizer is not None:
             self.policy.bind_tokenizer(tokenizer)
-        model.set_attn_implementation(attention.register())
+        attention.register()
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     # ------------------------------------------------------------------------------------
+    @_with_memory_attention
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  max_new_tokens: Optional[int] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
@@ -224,6 +244,7 @@ class MemoryManagedLM:
         return GenerationOutput(sequences=generated, stats=stats,
                                 logits=torch.cat(logits_all, dim=1) if return_logits else None)
 
+    @_with_memory_attention
     @torch.inference_mode()
     def shared_prefix(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
                       ) -> "SharedPrefix":
@@ -254,6 +275,7 @@ class MemoryManagedLM:
         return SharedPrefix(key=key, input_ids=input_ids[:, :stop].cpu(), update_every=self.update_every,
                             cache=cache, state=state, stats=stats, end=stop, last_logits=last_logits)
 
+    @_with_memory_attention
     @torch.inference_mode()
     def continuation_logprobs(self, input_ids: torch.Tensor, continuation_ids: torch.Tensor,
                               prefix: Optional["SharedPrefix"] = None) -> tuple[torch.Tensor, MemoryStats]:

@@ -146,3 +146,20 @@ def test_shipped_namm_evicts_on_its_own_model(smollm2):
     result = Evaluator(model, tok, update_every=256, chunk_size=256).run_sample(sample, parse_policy("namm"))
     assert 0.05 < result.retention < 1.0
     assert result.peak_kv_bytes > result.final_kv_bytes
+
+
+def test_the_callers_model_keeps_its_attention_implementation(tiny_llama):
+    """MemoryManagedLM switches to the memory's attention only while it runs, and restores it."""
+    from namm_core import parse_policy
+
+    before = tiny_llama.config._attn_implementation
+    lm = MemoryManagedLM(tiny_llama, parse_policy("h2o:0.5"), update_every=8, chunk_size=8)
+    assert tiny_llama.config._attn_implementation == before
+    ids = torch.randint(0, 97, (1, 20))
+    lm.generate(ids, max_new_tokens=3)
+    assert tiny_llama.config._attn_implementation == before
+    lm.continuation_logprobs(ids, ids[:, :3])
+    MemoryManagedLM(tiny_llama, NAMM(), update_every=8, chunk_size=8).shared_prefix(ids)
+    assert tiny_llama.config._attn_implementation == before
+    with torch.no_grad():
+        tiny_llama(ids)   # the model still runs on its own
