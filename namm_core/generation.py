@@ -53,20 +53,6 @@ class MemoryStats:
     def seconds(self) -> float:
         return self.prefill_seconds + self.decode_seconds
 
-    def as_dict(self) -> dict:
-        return {
-            "tokens_seen": float(sum(self.tokens_seen) / max(len(self.tokens_seen), 1)),
-            "mean_retention": self.mean_retention,
-            "peak_kv_bytes": self.peak_kv_bytes,
-            "final_kv_bytes": self.final_kv_bytes,
-            "prefill_seconds": self.prefill_seconds,
-            "decode_seconds": self.decode_seconds,
-            "policy_seconds": self.policy_seconds,
-            "observe_seconds": self.observe_seconds,
-            "select_seconds": self.select_seconds,
-            "updates": self.updates,
-        }
-
 
 @dataclass
 class GenerationOutput:
@@ -160,7 +146,7 @@ class MemoryManagedLM:
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  max_new_tokens: Optional[int] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
-                 return_logits: bool = False, progress=None, prefix: Optional["SharedPrefix"] = None,
+                 return_logits: bool = False, prefix: Optional["SharedPrefix"] = None,
                  generation_config: Optional[GenerationConfig] = None, streamer=None, seed: Optional[int] = None,
                  **generation_kwargs) -> GenerationOutput:
         """Generate from input_ids [B, T], left-padded where attention_mask is 0.
@@ -209,8 +195,6 @@ class MemoryManagedLM:
             if return_logits:
                 logits_all.append(logits)
             last_logits = logits[:, -1]
-            if progress is not None:
-                progress(end - start)
             start = end
         stats.prefill_seconds += time.perf_counter() - t0
 
@@ -417,10 +401,6 @@ class SharedPrefix:
         state.seen = self.state.seen.clone()
         stats = copy.deepcopy(self.stats)
         return cache, state, stats, self.end, self.last_logits
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.cache.layers
-                   for t in [layer.keys, layer.values, *layer.aux.values()] if t is not None)
 
 
 def _clone_layer(layer):

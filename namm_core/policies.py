@@ -202,9 +202,6 @@ class H2O(BudgetPolicy):
         heavy = keep_top(heavy_scores, layer.valid & ~recent, k - n_recent)
         return recent | heavy
 
-    def score(self, layer_idx, layer, step):  # pragma: no cover - select is overridden
-        return layer.aux["h2o_acc"]
-
 
 class TOVA(BudgetPolicy):
     """Oren et al. 2024: keep the tokens the newest query attends to most."""

@@ -38,8 +38,8 @@ class ActorPool:
         self.actors = [make_actor(i) for i in range(size)]
         self.max_retries, self.timeout, self.poll = max_retries, timeout_seconds, poll_seconds
         self.failures: list[str] = []       # what went wrong, for logs and MLflow
-        self.restarts = 0
         self._probes: dict = {}
+        self._reprobe: list[tuple[float, int]] = []   # (when, actor): health checks to ask again
 
     def wait_ready(self, timeout: float = 900.0) -> list[int]:
         """Block until every actor has started (and loaded its model); returns their PIDs."""
@@ -48,7 +48,7 @@ class ActorPool:
     def call_all(self, method: str, *args, timeout: float = 900.0) -> list:
         return ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=timeout)
 
-    def run(self, jobs: list[Job], on_result: Optional[Callable[[int, Any], None]] = None) -> list:
+    def run(self, jobs: list[Job]) -> list:
         """Results in job order; None for a job that failed every attempt."""
         results: list = [None] * len(jobs)
         attempts = [0] * len(jobs)
@@ -66,6 +66,10 @@ class ActorPool:
                 idle.remove(choice)
                 ref = getattr(self.actors[choice], jobs[j].method).remote(*jobs[j].args)
                 in_flight[ref] = _InFlight(j, choice, time.monotonic())
+            now = time.monotonic()
+            for due, actor_index in [r for r in self._reprobe if r[0] <= now]:
+                self._reprobe.remove((due, actor_index))
+                self._probe(actor_index, probes)
             ready, _ = ray.wait(list(in_flight) + list(probes), num_returns=1, timeout=self.poll)
             for ref in ready:
                 if ref in probes:
@@ -74,8 +78,6 @@ class ActorPool:
                 flight = in_flight.pop(ref)
                 try:
                     results[flight.job_index] = ray.get(ref)
-                    if on_result:
-                        on_result(flight.job_index, results[flight.job_index])
                     idle.append(flight.actor_index)
                 except Exception as e:  # actor died, task raised, object lost: retry elsewhere
                     self._failed(jobs, flight, attempts, last_actor, queue, f"{type(e).__name__}: {_short(e)}")
@@ -88,10 +90,9 @@ class ActorPool:
                 if now - flight.started > self.timeout:
                     in_flight.pop(ref)
                     ray.kill(self.actors[flight.actor_index], no_restart=False)  # Ray restarts it
-                    self.restarts += 1
                     self._failed(jobs, flight, attempts, last_actor, queue, f"timed out after {self.timeout:.0f}s")
                     self._probe(flight.actor_index, probes)
-            if queue and not idle and not in_flight and not probes:  # pragma: no cover - defensive
+            if queue and not idle and not in_flight and not probes and not self._reprobe:  # pragma: no cover
                 raise RuntimeError("no actor left to run the remaining jobs")
         return results
 
@@ -107,11 +108,11 @@ class ActorPool:
         except ray.exceptions.ActorDiedError:
             log.warning("actor %d is gone for good; starting a replacement", actor_index)
             self.actors[actor_index] = self.make_actor(actor_index)
-            self.restarts += 1
             self._probe(actor_index, probes)
-        except Exception:  # still restarting: ask again shortly
-            time.sleep(self.poll)
-            self._probe(actor_index, probes)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            # still restarting: ask again after a poll interval, without holding up other results
+            log.debug("actor %d not back yet: %s", actor_index, type(e).__name__)
+            self._reprobe.append((time.monotonic() + self.poll, actor_index))
 
     def _failed(self, jobs, flight, attempts, last_actor, queue, reason: str) -> None:
         j = flight.job_index

@@ -55,10 +55,9 @@ class SampleResult:
 
 class Evaluator:
     def __init__(self, model, tokenizer, update_every: Optional[int] = None, chunk_size: Optional[int] = None,
-                 chat: bool = True,
                  max_context: Optional[int] = None, fidelity_kl: bool = True, share_prefixes: int = 0):
         self.model, self.tokenizer = model, tokenizer
-        self.update_every, self.chunk_size, self.chat = update_every, chunk_size, chat
+        self.update_every, self.chunk_size = update_every, chunk_size
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.max_context = max_context or int(getattr(text_config, "max_position_embeddings", 8192))
         self._encoded: dict[str, tuple[torch.Tensor, int]] = {}
@@ -98,7 +97,7 @@ class Evaluator:
     def _encode_text(self, sample: Sample, text: str, raw: bool = False) -> torch.Tensor:
         if sample.metric == FIDELITY_METRIC:  # plain text: no template
             return self.tokenizer(sample.context, return_tensors="pt").input_ids
-        return encode_prompt(self.tokenizer, text, chat=self.chat)
+        return encode_prompt(self.tokenizer, text)
 
     # --- evaluation --------------------------------------------------------------------
     def run_sample(self, sample: Sample, policy: MemoryPolicy) -> SampleResult:
