@@ -31,7 +31,6 @@ from bench.tables import markdown_table, write_result  # noqa: E402
 from namm_core import NAMM, NAMMConfig, load_model  # noqa: E402
 from namm_core.features import SpectrogramConfig, fold_frames, fold_rows, frame_magnitudes  # noqa: E402
 from workers.evaluator import Evaluator  # noqa: E402
-from workers.report import result_header  # noqa: E402
 from workers.tasks import load_tasks  # noqa: E402
 
 
@@ -125,8 +124,7 @@ def main(argv=None) -> int:
         base = rows[i - i % 2][2]
         table.append((work, how, f"{s:.3f}", f"{s / base:.2f}"))
     n_prompts = len(args.tasks.split(",")) * args.prompts_per_task
-    text = (result_header() + "\n"
-            f"Candidate evaluations: SmolLM2 on CPU ({'with' if bf16 else 'without'} bf16 instructions), one "
+    text = (f"Candidate evaluations: SmolLM2 on CPU ({'with' if bf16 else 'without'} bf16 instructions), one "
             f"thread, one run: {args.candidates} random NAMMs (sigma 0.065, as CMA-ES proposes) x {n_prompts} "
             f"prompts of 1k tokens ({args.tasks}), updates every 256 tokens; CPU seconds by process_time "
             "(shared-prefix rows include building each prefix once).\n\n"

@@ -11,7 +11,11 @@ def markdown_table(header, rows) -> str:
 
 
 def write_result(path: Path, text: str) -> None:
-    """Write a result table (creating bench/results/) and show it."""
+    """Write a result table (creating bench/results/) headed by the command and git commit that
+    produced it, and show it."""
+    from workers.report import result_header
+
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = result_header() + "\n" + text
     path.write_text(text)
     print(text, flush=True)
