@@ -18,12 +18,12 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from namm_core import load_model, parse_policy  # noqa: E402
+from namm_core import budgeted_baselines, load_model, parse_policy  # noqa: E402
 from workers.evaluator import Evaluator  # noqa: E402
 from workers.report import format_table, plot_score_vs_retention, write_parquet_atomic  # noqa: E402
 from workers.tasks import load_tasks  # noqa: E402
 
-BASELINES = ["streamingllm", "h2o", "l2", "snapkv", "tova"]
+BASELINES = budgeted_baselines()
 
 
 def main(argv=None) -> int:

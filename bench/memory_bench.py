@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.tables import markdown_table, write_result  # noqa: E402
-from namm_core import NAMM, MemoryManagedLM, load_model, parse_policy  # noqa: E402
+from namm_core import NAMM, MemoryManagedLM, budgeted_baselines, load_model, parse_policy  # noqa: E402
 
 
 def make_ids(tokenizer, n_tokens: int, seed: int = 0) -> torch.Tensor:
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
     p.add_argument("--budgets", nargs="+", default=["0.25", "0.5"])
-    p.add_argument("--policies", nargs="*", default=["streamingllm", "h2o", "l2", "snapkv", "tova"])
+    p.add_argument("--policies", nargs="*", default=budgeted_baselines())
     p.add_argument("--fastgen", nargs="*", default=["0.85"], help="FastGen recovery thresholds (no budget)")
     p.add_argument("--namm", type=Path, default=ROOT / "namms" / "smollm2", help="an evolved NAMM for its own row")
     p.add_argument("--new-tokens", type=int, default=32)

@@ -33,14 +33,14 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from namm_core import NAMM, load_model, parse_policy  # noqa: E402
+from namm_core import NAMM, budgeted_baselines, load_model, parse_policy  # noqa: E402
 from namm_core.policies import Budget  # noqa: E402
 from workers.evaluator import Evaluator  # noqa: E402
 from workers.report import (format_comparisons, format_table, namm_matched_budget,  # noqa: E402
                             plot_score_vs_retention, result_header, write_parquet_atomic)
 from workers.tasks import load_tasks  # noqa: E402
 
-BASELINES = ["streamingllm", "h2o", "l2", "snapkv", "tova"]
+BASELINES = budgeted_baselines()
 FASTGEN = "fastgen:0.85"
 DEFAULT_CELLS = ["smollm2:1024:0.5,0.25:24", "smollm2:2048:0.5:12", "gemma3-270m:1024:0.5:24"]
 

@@ -10,11 +10,11 @@ from .features import SpectrogramConfig
 from .generation import GenerationOutput, MemoryManagedLM, MemoryStats, SharedPrefix
 from .models import DEFAULT_MODEL, load_model
 from .namm import NAMM, NAMMConfig
-from .policies import H2O, TOVA, BASELINES, Budget, FastGen, FullCache, L2Norm, MemoryPolicy, SnapKV, StreamingLLM
-from .registry import DEFAULT_NAMM_DIR, POLICY_HELP, parse_policy
+from .policies import H2O, TOVA, Budget, FastGen, FullCache, L2Norm, MemoryPolicy, SnapKV, StreamingLLM
+from .registry import DEFAULT_NAMM_DIR, POLICY_HELP, REGISTRY, budgeted_baselines, parse_policy
 
 __all__ = [
     "SpectrogramConfig", "GenerationOutput", "MemoryManagedLM", "SharedPrefix", "MemoryStats", "DEFAULT_MODEL", "load_model",
-    "NAMM", "NAMMConfig", "H2O", "TOVA", "BASELINES", "Budget", "FastGen", "FullCache", "L2Norm", "MemoryPolicy",
-    "SnapKV", "StreamingLLM", "DEFAULT_NAMM_DIR", "POLICY_HELP", "parse_policy",
+    "NAMM", "NAMMConfig", "H2O", "TOVA", "Budget", "FastGen", "FullCache", "L2Norm", "MemoryPolicy",
+    "SnapKV", "StreamingLLM", "DEFAULT_NAMM_DIR", "POLICY_HELP", "REGISTRY", "budgeted_baselines", "parse_policy",
 ]

@@ -341,5 +341,3 @@ class FastGen(MemoryPolicy):
     def describe(self) -> str:
         return f"fastgen:{self.recovery:g}"
 
-
-BASELINES = {cls.name: cls for cls in (FullCache, StreamingLLM, L2Norm, H2O, TOVA, SnapKV)}

@@ -9,7 +9,7 @@ EPILOG = """examples:
   namm eval --policy full --policy h2o:0.25 --policy namm:namms/smollm2 --tasks passkey,vt --num-prompts 20
   namm eval --policy namm --baselines-at-namm-retention --tasks niah_single,kv_retrieval,my_longbench.jsonl
 
-policies: full | streamingllm:B | h2o:B | l2:B | snapkv:B | tova:B | fastgen[:T] | namm[:DIR][@B]
+policies: {policies}
   B is a fraction of the tokens seen (0.25) or a token count (1024). A NAMM keeps what it was
   saved with (score >= 0, or its budget); namm@B keeps its B best-scored tokens per layer and head.
 tasks: synthetic names (see `namm eval --list-tasks`), `fidelity` (agreement with the full cache
@@ -24,7 +24,10 @@ The table gives each mean with a bootstrap 95% interval over prompts; with a NAM
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help=HELP, description=HELP + ".", epilog=EPILOG,
+    from namm_core.registry import REGISTRY
+
+    epilog = EPILOG.replace("{policies}", " | ".join(k.syntax for k in REGISTRY.values()))
+    p = sub.add_parser("eval", help=HELP, description=HELP + ".", epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded, default), 'gemma3-270m', a hub id or path")
     p.add_argument("--policy", action="append", default=None, help="a memory policy; repeatable (default: full)")
@@ -54,7 +57,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from namm_core import NAMM, BASELINES, FullCache, load_model, parse_policy
+    from namm_core import NAMM, FullCache, budgeted_baselines, load_model, parse_policy
     from namm_core.generation import resolve_memory_settings
     from namm_core.models import pick_device
     from workers.evaluator import Evaluator
@@ -84,7 +87,8 @@ def run(args) -> int:
     evaluator = Evaluator(model, tokenizer, update_every=update_every, chunk_size=chunk_size)
 
     rows = []
-    total = len(samples) * (len(policies) + (len(BASELINES) - 1 if args.baselines_at_namm_retention else 0))
+    baselines = budgeted_baselines() if args.baselines_at_namm_retention else []
+    total = len(samples) * (len(policies) + len(baselines))
     with tqdm(total=total, desc="eval", unit="prompt") as bar:
         def tick(result):
             bar.set_postfix_str(f"{result.policy} {result.task} score={result.score:.2f}")
@@ -96,10 +100,9 @@ def run(args) -> int:
             namm_label = next(p.describe() for p in policies if isinstance(p, NAMM))
             retention, fraction = namm_matched_budget(model, [r for r in rows if r["policy"] == namm_label])
             bar.write(f"NAMM retention {retention:.3f} on full-attention layers: baselines at {fraction}")
-            for name in BASELINES:
-                if name != "full":
-                    rows += [r.to_row() for r in evaluator.evaluate(samples, parse_policy(f"{name}:{fraction}"),
-                                                                    progress=tick)]
+            for name in baselines:
+                rows += [r.to_row() for r in evaluator.evaluate(samples, parse_policy(f"{name}:{fraction}"),
+                                                                progress=tick)]
     for row in rows:
         row["model"] = args.model
         row["context_length"] = args.context_length

@@ -28,9 +28,10 @@ def add_parser(sub) -> None:
                           "left-padded batch")
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (embedded, default), 'gemma3-270m', 'tiny-random', a hub id or a local path")
+    from namm_core.registry import policy_help
+
     p.add_argument("--policy", action="append", default=None,
-                   help="memory policy, repeatable: full | streamingllm:B | h2o:B | l2:B | snapkv:B | tova:B | "
-                        "fastgen[:T] | namm[:DIR][@B] (default: full)")
+                   help=f"memory policy, repeatable (default: full): {policy_help()}")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (transformers default 1.0)")

@@ -232,7 +232,6 @@ def _convert(hint, value, where: str, name: str):
 
 
 def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunConfig:
-    from namm_core.policies import BASELINES  # noqa: F401  (namm_core is importable: no Ray/MLflow)
     from workers.tasks import task_names
 
     def positive(value, where):
@@ -284,13 +283,13 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
         raise ConfigError(f"fitness.loglik_target: expected 'reference' or 'full_cache', got {cfg.fitness.loglik_target!r}")
     ws = cfg.es.warm_start
     if ws is not None:
-        from namm_core import BASELINES, parse_policy
+        from namm_core import budgeted_baselines, parse_policy
 
         try:
             imitated = parse_policy(ws.imitate)
         except ValueError as e:
             raise ConfigError(f"es.warm_start.imitate: {e}") from None
-        if imitated.name not in BASELINES or imitated.name == "full":
+        if imitated.name not in budgeted_baselines():
             raise ConfigError(f"es.warm_start.imitate: expected a baseline with a budget, e.g. streamingllm:0.5, "
                               f"got {ws.imitate!r}")
         positive(ws.prompts, "es.warm_start.prompts")

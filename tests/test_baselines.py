@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from namm_core.cache import MemoryLayer
 from namm_core.generation import MemoryManagedLM
+from namm_core.registry import budgeted_baselines, parse_policy
 from namm_core.policies import (H2O, L2Norm, SnapKV, StreamingLLM, TOVA, Budget, FullCache,
                                 StepInfo, keep_top)
 
@@ -500,14 +501,9 @@ def test_full_cache_logits_equal_model_forward():
     assert out.stats.kept_per_layer_head.tolist() == [[[T, T], [T - pad, T - pad]]] * 2
 
 
-EVICTING = {
-    "streamingllm": lambda: StreamingLLM(0.5),
-    "l2": lambda: L2Norm(0.5),
-    "h2o": lambda: H2O(0.5),
-    "tova": lambda: TOVA(0.5),
-    "snapkv": lambda: SnapKV(0.5),
-    "snapkv_small_window": lambda: SnapKV(0.5, window=8, kernel=3),
-}
+# every budgeted baseline in the registry, and SnapKV with a window shorter than an update
+EVICTING = {name: (lambda name=name: parse_policy(f"{name}:0.5")) for name in budgeted_baselines()}
+EVICTING["snapkv_small_window"] = lambda: SnapKV(0.5, window=8, kernel=3)
 
 
 @pytest.fixture(scope="module")

@@ -189,31 +189,6 @@ def test_random_eviction_equals_masked_full_attention_on_the_eager_path(monkeypa
     assert_equals_masked_reference(model, ids, mask, out, policy.evicted, 3, 2)
 
 
-@pytest.mark.parametrize("spec", ["namm", "h2o:0.5", "snapkv:0.4", "tova:0.5"])
-@pytest.mark.parametrize("chunk", [64, 40])
-def test_policies_decide_the_same_when_attention_arrives_in_row_blocks(monkeypatch, spec, chunk):
-    """Observing a chunk's attention in blocks of 16 rows equals observing it at once."""
-    from namm_core import attention
-    from namm_core.registry import parse_policy
-
-    def run(block_bytes):
-        monkeypatch.setattr(attention, "EAGER_BLOCK_BYTES", block_bytes)
-        if spec == "namm":
-            policy = NAMM().set_params(torch.randn(4172, generator=torch.Generator().manual_seed(8)) * 0.2)
-        else:
-            policy = parse_policy(spec)
-        model = tiny_model("llama")
-        ids = torch.randint(0, 97, (1, 160), generator=torch.Generator().manual_seed(9))
-        return MemoryManagedLM(model, policy, update_every=64, chunk_size=chunk).generate(
-            ids, max_new_tokens=20, return_logits=True)
-
-    blocked, whole = run(1), run(1 << 30)
-    assert whole.stats.mean_retention < 0.95, "the policy must evict for this test to mean anything"
-    assert torch.equal(blocked.stats.kept_per_layer_head, whole.stats.kept_per_layer_head)
-    assert torch.equal(blocked.sequences, whole.sequences)
-    assert torch.allclose(blocked.logits, whole.logits, atol=1e-5)
-
-
 def test_decoded_tokens_are_written_in_place_and_equal_concatenation():
     """A decoded token goes into the layer's reserve (no copy of the layer); the result equals
     plain concatenation, and a field a policy replaced gets a fresh buffer with its values."""
