@@ -245,29 +245,7 @@ class RunningMoments:
         return self.m2 / self.count
 
 
-def reference_ema_features(attn: torch.Tensor, arrival: torch.Tensor, cfg: SpectrogramConfig) -> torch.Tensor:
-    """Plain, non-streaming computation of the EMA spectrogram features, for tests.
-
-    attn: [Q, S] attention rows of one head for Q queries (Q a multiple of hop), starting
-    from an empty memory; arrival[s] is the query row at which key s arrived.
-    Uses torch.stft on the zero-prefixed column, then the paper's discounted sum.
-    """
-    Q, S = attn.shape
-    col = torch.cat([attn.new_zeros(cfg.carry, S), attn], 0).T  # [S, carry+Q]
-    spec = torch.stft(col, n_fft=cfg.n_fft, hop_length=cfg.hop, center=False,
-                      window=hann_window(cfg.n_fft, dtype=attn.dtype), onesided=True,
-                      return_complex=True).abs()  # [S, n_freq, F]
-    F = spec.shape[-1]
-    g = cfg.frame_decay
-    out = torch.zeros(S, cfg.n_freq, dtype=attn.dtype)
-    for s in range(S):
-        first = int(arrival[s]) // cfg.hop
-        for f in range(first, F):
-            out[s] += (1 - g) * g ** (F - 1 - f) * spec[s, :, f]
-    return out
-
-
 __all__ = [
     "SpectrogramConfig", "frame_magnitudes", "fold_frames", "recency_embedding",
-    "fold_rows", "RunningMoments", "reference_ema_features", "hann_window",
+    "fold_rows", "RunningMoments", "hann_window",
 ]

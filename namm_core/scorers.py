@@ -68,16 +68,6 @@ class BAMScorer(FlatParams):
         scores = self.readout(xs * (1.0 + mult) + res).squeeze(-1)
         return torch.empty_like(scores).scatter_(1, order, scores)
 
-    def reference_forward(self, x, positions, valid):
-        """Plain dense-mask version of forward, for tests."""
-        q, k, v = self.qkv(x).split(self.head_dim, dim=-1)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
-        mask = (positions.unsqueeze(-1) <= positions.unsqueeze(-2)) & valid.unsqueeze(-2)
-        mask = mask | torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
-        attended = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1) @ v
-        res, mult = self.modulation(attended).split(self.in_dim, dim=-1)
-        return self.readout(x * (1.0 + mult) + res).squeeze(-1)
-
 
 class MLPScorer(FlatParams):
     def __init__(self, in_dim: int = 25, hidden: tuple[int, ...] = (32,)):

@@ -67,11 +67,11 @@ def task_payload(task, stage, validation: bool = False) -> dict:
 
 class EvolutionRun:
     def __init__(self, cfg: RunConfig, pool_factory=None, stop_after: Optional[int] = None,
-                 allow_config_change: bool = False, actor_env: Optional[dict] = None):
+                 allow_config_change: bool = False):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.pool_factory = pool_factory or (lambda c: default_pool_factory(c, actor_env))
+        self.pool_factory = pool_factory or default_pool_factory
         self.stop_after = stop_after
         self.allow_config_change = allow_config_change
         self.state: dict = {}
@@ -507,11 +507,14 @@ class EvolutionRun:
 
 
 # ----------------------------------------------------------------------------------------
-def default_pool_factory(cfg: RunConfig, actor_env: Optional[dict] = None) -> ActorPool:
+def default_pool_factory(cfg: RunConfig, actor_class=None) -> ActorPool:
+    """The run's actors (one per GPU, or `workers.num_actors` CPU actors), ready to work.
+    `actor_class` replaces the worker class (tests inject faults with a subclass)."""
     import ray
 
-    from workers.actor import EvolutionActor
+    from workers.actor import EvolutionActor, remote_actor
 
+    actor = remote_actor(actor_class) if actor_class is not None else EvolutionActor
     gpus = cfg.workers.gpus_per_actor
     if gpus == "auto":
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -520,9 +523,7 @@ def default_pool_factory(cfg: RunConfig, actor_env: Optional[dict] = None) -> Ac
 
     def make(i):
         options = dict(num_cpus=cfg.workers.cpus_per_actor, num_gpus=gpus)
-        if actor_env:
-            options["runtime_env"] = {"env_vars": {k: str(v) for k, v in actor_env.items()}}
-        return EvolutionActor.options(**options).remote(**init)
+        return actor.options(**options).remote(**init)
 
     pool = ActorPool(make, cfg.workers.num_actors, cfg.workers.max_retries, cfg.workers.timeout_seconds)
     pids = pool.wait_ready()

@@ -23,7 +23,7 @@ def ray_cluster():
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+             runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -85,10 +85,14 @@ def test_smoke_job_end_to_end_with_mlflow(reference_run):
 
 def test_worker_killed_mid_generation_loses_nothing(reference_run, tmp_path):
     ref_cfg, ref, _ = reference_run
+    from faulty_actors import CrashOnceActor
+    from orchestrator.driver import default_pool_factory
+
     flag = tmp_path / "crash-once"
     flag.write_text("")
+    crashing = type("CrashOnceHere", (CrashOnceActor,), {"flag": str(flag)})
     cfg = load_config(write_job(tmp_path, "crash"))
-    run = EvolutionRun(cfg, actor_env={"NAMM_TEST_CRASH_ONCE_FILE": str(flag)})
+    run = EvolutionRun(cfg, pool_factory=lambda c: default_pool_factory(c, actor_class=crashing))
     summary = run.run()
     assert not flag.exists(), "a worker crashed"
     history = run.state["history"]

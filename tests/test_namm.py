@@ -7,7 +7,8 @@ import torch
 
 from conftest import tiny_model
 from namm_core.cache import MemoryLayer
-from namm_core.features import SpectrogramConfig, recency_embedding, reference_ema_features
+from namm_core.features import SpectrogramConfig, recency_embedding
+from reference import bam_reference_forward, reference_ema_features
 from namm_core.generation import MemoryManagedLM
 from namm_core.namm import NAMM, NAMMConfig
 from namm_core.policies import StepInfo
@@ -126,7 +127,7 @@ def test_bam_backward_mask_matches_dense_reference():
     x = torch.randn(3, 40, 25)
     positions = torch.arange(40).expand(3, 40)
     valid = torch.rand(3, 40) > 0.3
-    fast, ref = scorer(x, positions, valid), scorer.reference_forward(x, positions, valid)
+    fast, ref = scorer(x, positions, valid), bam_reference_forward(scorer, x, positions, valid)
     assert torch.allclose(fast[valid], ref[valid], rtol=1e-4, atol=1e-3)
     # backward mask: changing the oldest token cannot change the newest token's score
     x2 = x.clone()
@@ -345,7 +346,8 @@ def test_format_1_namm_scores_with_the_legacy_formulas():
     normed = (ema[0, 0] - namm.norm_mean) / torch.sqrt(namm.norm_var + 1e-6)
     x = torch.cat([recency, normed], -1)
     with torch.no_grad():
-        expected = namm.scorer.reference_forward(x[None], torch.arange(S)[None], torch.ones(1, S, dtype=torch.bool))[0]
+        expected = bam_reference_forward(namm.scorer, x[None], torch.arange(S)[None],
+                                         torch.ones(1, S, dtype=torch.bool))[0]
         got = namm.score(layer)[0, 0]
     assert torch.allclose(got, expected, atol=1e-5)
     assert (got >= 0).any() and (got < 0).any()

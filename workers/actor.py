@@ -2,27 +2,12 @@
 generations so the model is loaded once. Ray restarts it if its process dies."""
 from __future__ import annotations
 
-import os
-
 import ray
 
 from .evolution_worker import EvolutionWorker
 
-# Fault injection for tests of the driver's recovery: when the file named by this variable
-# exists, the next evaluate() call deletes it and kills its own process (once).
-CRASH_ONCE_ENV = "NAMM_TEST_CRASH_ONCE_FILE"
-
-
 class _Actor(EvolutionWorker):
     def evaluate(self, vector, norm, requests, tasks=None):
-        flag = os.environ.get(CRASH_ONCE_ENV)
-        if flag:
-            try:
-                os.unlink(flag)
-            except FileNotFoundError:
-                pass
-            else:
-                os._exit(1)
         if tasks:
             self.prepare(tasks)
         return super().evaluate(vector, norm, requests)
@@ -43,4 +28,9 @@ class _Actor(EvolutionWorker):
         return super().collect_statistics(requests)
 
 
-EvolutionActor = ray.remote(max_restarts=-1, max_task_retries=0)(_Actor)
+def remote_actor(cls=None):
+    """The Ray actor class of `cls` (an _Actor subclass; tests inject faulty ones)."""
+    return ray.remote(max_restarts=-1, max_task_retries=0)(cls or _Actor)
+
+
+EvolutionActor = remote_actor()
