@@ -36,8 +36,14 @@ sys.path.insert(0, str(ROOT))
 from namm_core import NAMM, budgeted_baselines, load_model, parse_policy  # noqa: E402
 from namm_core.policies import Budget  # noqa: E402
 from workers.evaluator import Evaluator  # noqa: E402
-from workers.report import (format_comparisons, format_table, namm_matched_budget,  # noqa: E402
-                            plot_score_vs_retention, result_header, write_parquet_atomic)
+from workers.report import (  # noqa: E402
+    format_comparisons,
+    format_table,
+    namm_matched_budget,
+    plot_score_vs_retention,
+    result_header,
+    write_parquet_atomic,
+)
 from workers.tasks import load_tasks  # noqa: E402
 
 BASELINES = budgeted_baselines()
@@ -96,7 +102,7 @@ def main(argv=None) -> int:
         ev = Evaluator(model, tok, update_every=update_every, chunk_size=chunk_size)
         total = len(samples) * (2 + len(cell.budgets) * (1 + len(BASELINES)))
         with tqdm(total=total, desc=f"{cell.model} {cell.length}", unit="prompt") as bar:
-            def run(policy) -> list[dict]:
+            def run(policy, cell=cell, samples=samples, ev=ev, bar=bar) -> list[dict]:
                 out = []
                 for sample in samples:
                     key = (cell.model, cell.length, policy.describe(), sample.sample_id)

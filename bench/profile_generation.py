@@ -25,8 +25,7 @@ from transformers import AttentionInterface  # noqa: E402
 
 from bench.memory_bench import make_ids  # noqa: E402
 from bench.tables import markdown_table, write_result  # noqa: E402
-from namm_core import NAMM, MemoryManagedLM, load_model, parse_policy  # noqa: E402
-from namm_core import attention, cache, scorers  # noqa: E402
+from namm_core import NAMM, MemoryManagedLM, attention, cache, load_model, parse_policy, scorers  # noqa: E402  # noqa: E402
 from namm_core import namm as namm_module  # noqa: E402
 
 PARTS = ("attention", "observe", "scorer", "append", "compact")

@@ -100,7 +100,7 @@ def fit_scorer(namm: NAMM, data: ImitationData, steps: int = 300, lr: float = 0.
     pos_rate = min(max(data.keep_rate, 1e-3), 1 - 1e-3)
     pos_weight = torch.tensor((1 - pos_rate) / pos_rate)
     losses, t0 = [], time.perf_counter()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(len(data), (min(batch_rows, len(data)),), generator=gen).tolist()
         x, positions, valid, keep = _batch(data, idx)
         with torch.enable_grad():

@@ -61,8 +61,14 @@ def run(args) -> int:
     from namm_core.generation import resolve_memory_settings
     from namm_core.models import pick_device
     from workers.evaluator import Evaluator
-    from workers.report import (format_comparisons, format_table, namm_matched_budget, plot_score_vs_retention,
-                                result_header, write_parquet_atomic)
+    from workers.report import (
+        format_comparisons,
+        format_table,
+        namm_matched_budget,
+        plot_score_vs_retention,
+        result_header,
+        write_parquet_atomic,
+    )
     from workers.tasks import load_tasks, task_names
 
     if args.list_tasks:

@@ -346,9 +346,9 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
 
 
 def _validate_model(cfg: RunConfig) -> None:
-    from namm_core.models import pick_dtype
-
     import torch
+
+    from namm_core.models import pick_dtype
 
     try:
         pick_dtype(torch.device("cpu"), cfg.model.dtype)

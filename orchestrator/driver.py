@@ -359,7 +359,7 @@ class EvolutionRun:
         return fitness, {k: float(np.mean(s)) for k, (s, _) in per_task.items()}
 
     def _generation(self, pool: ActorPool, stage) -> dict:
-        st, cfg = self.state, self.cfg
+        st = self.state
         t0 = time.perf_counter()
         requests, tasks = self._sample_prompts(stage)
         self._ensure_references(pool, requests, tasks)

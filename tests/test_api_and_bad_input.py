@@ -4,9 +4,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from namm_core import MemoryManagedLM, NAMM, load_model, parse_policy
+
+from namm_core import NAMM, MemoryManagedLM, load_model, parse_policy
 from namm_core.models import pick_dtype, resolve_model_path
 
 
@@ -20,7 +20,7 @@ def test_namm_core_imports_neither_ray_nor_mlflow():
     ("h2o", "needs a budget"),
     ("h2o:0", "must be positive"),
     ("h2o:-3", "must be positive"),
-    ("snapkv:1.5", "neither a fraction in \(0, 1\] nor a whole number"),
+    ("snapkv:1.5", r"neither a fraction in \(0, 1\] nor a whole number"),
     ("l2:abc", "not a number"),
     ("tova:10.5", "neither a fraction"),
     ("full:0.5", "takes no budget"),
@@ -74,8 +74,8 @@ def test_other_architectures_run_end_to_end_with_a_namm(kind):
 
 
 def test_load_model_from_a_local_directory(tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     model = tiny_model("llama")
     model.save_pretrained(tmp_path)

@@ -13,9 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from namm_core.cache import MemoryLayer
 from namm_core.generation import MemoryManagedLM
+from namm_core.policies import H2O, TOVA, Budget, FullCache, L2Norm, SnapKV, StepInfo, StreamingLLM, keep_top
 from namm_core.registry import budgeted_baselines, parse_policy
-from namm_core.policies import (H2O, L2Norm, SnapKV, StreamingLLM, TOVA, Budget, FullCache,
-                                StepInfo, keep_top)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,9 +7,8 @@ import pytest
 import yaml
 
 from orchestrator import checkpoint as ckpt
-from orchestrator.config import ConfigError, config_from_dict, load_config
+from orchestrator.config import ConfigError, ESConfig, config_from_dict, load_config
 from orchestrator.es import EvolutionStrategy
-from orchestrator.config import ESConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {

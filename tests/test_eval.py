@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from namm_core import FullCache, NAMM, parse_policy
+from namm_core import NAMM, FullCache, parse_policy
 from orchestrator.cli import main
 from workers.evaluator import Evaluator
 from workers.modeling import build_model

@@ -86,6 +86,7 @@ def test_smoke_job_end_to_end_with_mlflow(reference_run):
 def test_worker_killed_mid_generation_loses_nothing(reference_run, tmp_path):
     ref_cfg, ref, _ = reference_run
     from faulty_actors import CrashOnceActor
+
     from orchestrator.driver import default_pool_factory
 
     flag = tmp_path / "crash-once"

@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model
-from namm_core import NAMM, NAMMConfig, MemoryManagedLM, parse_policy
+
+from namm_core import NAMM, MemoryManagedLM, NAMMConfig, parse_policy
 from namm_core.imitation import ImitationRecorder, agreement, fit_scorer
 from namm_core.policies import StreamingLLM
 from orchestrator.fitness import candidate_fitness, loglik_ratio, task_ratio

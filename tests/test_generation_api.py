@@ -4,10 +4,10 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import GenerationConfig, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from conftest import tiny_model
 from namm_core import MemoryManagedLM, parse_policy
 from orchestrator.cli import main as cli
 

@@ -3,10 +3,10 @@ eviction equals full attention with the evicted tokens masked out."""
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from conftest import tiny_model
 from namm_core.generation import MemoryManagedLM
 from namm_core.namm import NAMM
 from namm_core.policies import FullCache, MemoryPolicy
@@ -267,7 +267,7 @@ def test_observed_attention_rows_equal_a_plain_masked_softmax(monkeypatch, kind,
     finally:
         AttentionInterface.register(attention.ATTN_IMPLEMENTATION, real_forward)
     assert len(captured) == len(policy.observed) > 0 and len(policy.evicted) > 0
-    for (q, k, valid, positions, qpos, qvalid, window, softcap, scale, layer), seen in zip(captured, policy.observed):
+    for (q, k, valid, positions, qpos, qvalid, window, softcap, scale, _layer), seen in zip(captured, policy.observed):
         B, Hq, Q, _ = q.shape
         Hkv = k.shape[1]
         logits = torch.einsum("bhqd,bhsd->bhqs", q, k.repeat_interleave(Hq // Hkv, dim=1)) * scale

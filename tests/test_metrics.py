@@ -3,9 +3,23 @@ import pytest
 
 from workers import metrics as M
 from workers.metrics import (
-    LONGBENCH_DATASET_METRIC, LONGBENCH_MAX_NEW_TOKENS, METRICS, classification_score, code_sim_score,
-    contains_answer, count_score, exact_match, normalize_answer, normalize_zh_answer, qa_f1_score,
-    qa_f1_zh_score, retrieval_score, retrieval_zh_score, rouge_score, rouge_zh_score, score_prediction,
+    LONGBENCH_DATASET_METRIC,
+    LONGBENCH_MAX_NEW_TOKENS,
+    METRICS,
+    classification_score,
+    code_sim_score,
+    contains_answer,
+    count_score,
+    exact_match,
+    normalize_answer,
+    normalize_zh_answer,
+    qa_f1_score,
+    qa_f1_zh_score,
+    retrieval_score,
+    retrieval_zh_score,
+    rouge_score,
+    rouge_zh_score,
+    score_prediction,
 )
 
 approx = pytest.approx

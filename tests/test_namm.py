@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_model
+from reference import bam_reference_forward, reference_ema_features
+
 from namm_core.cache import MemoryLayer
 from namm_core.features import SpectrogramConfig, recency_embedding
-from reference import bam_reference_forward, reference_ema_features
 from namm_core.generation import MemoryManagedLM
 from namm_core.namm import NAMM, NAMMConfig
 from namm_core.policies import StepInfo

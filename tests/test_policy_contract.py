@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from namm_core import MemoryManagedLM, NAMM, REGISTRY, parse_policy
-from namm_core.policies import Budget, MemoryPolicy
 from test_memory_equivalence import assert_equals_masked_reference
+
+from namm_core import NAMM, REGISTRY, MemoryManagedLM, parse_policy
+from namm_core.policies import Budget, MemoryPolicy
 
 
 class _Tok:

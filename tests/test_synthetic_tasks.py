@@ -6,8 +6,7 @@ import re
 import pytest
 
 from workers.tasks.base import Sample
-from workers.tasks.synthetic import (CORPUS_PATH, TASKS, generate_samples, generate_suite, load_samples,
-                                     save_samples)
+from workers.tasks.synthetic import CORPUS_PATH, TASKS, generate_samples, generate_suite, load_samples, save_samples
 
 ALL_TASKS = list(TASKS)
 METRICS = {"contains_answer", "recall_contained"}

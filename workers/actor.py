@@ -6,6 +6,7 @@ import ray
 
 from .evolution_worker import EvolutionWorker
 
+
 class _Actor(EvolutionWorker):
     def evaluate(self, vector, norm, requests, tasks=None):
         if tasks:

@@ -25,7 +25,7 @@ import tempfile
 import uuid
 import weakref
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 from workers.tasks.base import Sample
 
