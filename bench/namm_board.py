@@ -35,15 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 from namm_core import NAMM, budgeted_baselines, load_model, parse_policy  # noqa: E402
 from namm_core.policies import Budget  # noqa: E402
+from workers import report  # noqa: E402
 from workers.evaluator import Evaluator  # noqa: E402
-from workers.report import (  # noqa: E402
-    format_comparisons,
-    format_table,
-    namm_matched_budget,
-    plot_score_vs_retention,
-    result_header,
-    write_parquet_atomic,
-)
 from workers.tasks import load_tasks  # noqa: E402
 
 BASELINES = budgeted_baselines()
@@ -114,7 +107,7 @@ def main(argv=None) -> int:
                     bar.update(1)
                     out.append(next(r for r in reversed(rows) if (r["model"], r["context_length"], r["policy"],
                                                                    r["sample_id"]) == key))
-                write_parquet_atomic(rows, parquet)   # after every policy: an interrupted board resumes
+                report.write_parquet_atomic(rows, parquet)   # after every policy: an interrupted board resumes
                 return out
 
             full = run(parse_policy("full"))
@@ -123,7 +116,7 @@ def main(argv=None) -> int:
                 if namm.config.budget is None and namm.config.selection == "threshold":
                     budgeted = namm      # a score >= 0 NAMM: the baselines get its retention
                     part = run(budgeted)
-                    retention, matched = namm_matched_budget(model, part)
+                    retention, matched = report.namm_matched_budget(model, part)
                     budget = str(matched)
                 else:
                     budgeted = namm.with_budget(budget)
@@ -133,15 +126,15 @@ def main(argv=None) -> int:
                 table_rows = full + part + fastgen
                 title = f"{cell.model}, {cell.length} tokens, budget {budget}, {len(samples)} held-out prompts"
                 plot = args.out_dir / f"{args.name}_{cell.model}_{cell.length}_{budget}.png"
-                plot_score_vs_retention(table_rows, plot, title=title)
+                report.plot_score_vs_retention(table_rows, plot, title=title)
                 sections.append(
                     f"### {cell.model}, {cell.length} tokens, {budget} of the cache ({cell.prompts} prompts per task, "
                     f"seed {args.seed}; updates every {update_every} tokens)\n\n"
-                    + format_table(table_rows, markdown=True) + "\n\n"
+                    + report.format_table(table_rows, markdown=True) + "\n\n"
                     + f"{budgeted.describe()} against each policy, paired on the same prompts:\n\n"
-                    + format_comparisons(table_rows, budgeted.describe(), markdown=True)
+                    + report.format_comparisons(table_rows, budgeted.describe(), markdown=True)
                     + f"\n\n![{title}]({plot.name})\n")
-                text = (result_header() + f"\nNAMM: `{label}`. FastGen (T = 0.85) keeps what its rule needs; its "
+                text = (report.result_header() + f"\nNAMM: `{label}`. FastGen (T = 0.85) keeps what its rule needs; its "
                         "retention is its own, not the budget.\n\n" + "\n".join(sections))
                 (args.out_dir / f"{args.name}.md").write_text(text)
         del model

@@ -286,9 +286,9 @@ class NAMM(MemoryPolicy):
     def from_pretrained(cls, directory) -> "NAMM":
         directory = Path(directory)
         cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"not a NAMM directory: {p} is missing")
+        missing = [str(p) for p in (cfg_path, w_path) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"not a NAMM directory: {', '.join(missing)} missing")
         try:
             raw = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:

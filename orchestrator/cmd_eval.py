@@ -60,15 +60,8 @@ def run(args) -> int:
     from namm_core import NAMM, FullCache, budgeted_baselines, load_model, parse_policy
     from namm_core.generation import resolve_memory_settings
     from namm_core.models import pick_device
+    from workers import report
     from workers.evaluator import Evaluator
-    from workers.report import (
-        format_comparisons,
-        format_table,
-        namm_matched_budget,
-        plot_score_vs_retention,
-        result_header,
-        write_parquet_atomic,
-    )
     from workers.tasks import load_tasks, task_names
 
     if args.list_tasks:
@@ -104,7 +97,7 @@ def run(args) -> int:
             rows += [r.to_row() for r in evaluator.evaluate(samples, policy, progress=tick)]
         if args.baselines_at_namm_retention:
             namm_label = next(p.describe() for p in policies if isinstance(p, NAMM))
-            retention, fraction = namm_matched_budget(model, [r for r in rows if r["policy"] == namm_label])
+            retention, fraction = report.namm_matched_budget(model, [r for r in rows if r["policy"] == namm_label])
             bar.write(f"NAMM retention {retention:.3f} on full-attention layers: baselines at {fraction}")
             for name in baselines:
                 rows += [r.to_row() for r in evaluator.evaluate(samples, parse_policy(f"{name}:{fraction}"),
@@ -113,17 +106,17 @@ def run(args) -> int:
         row["model"] = args.model
         row["context_length"] = args.context_length
         row["seed"] = args.seed
-    out = write_parquet_atomic(rows, args.out)
-    table = format_table(rows)
+    out = report.write_parquet_atomic(rows, args.out)
+    table = report.format_table(rows)
     lengths = sorted(r["prompt_tokens"] for r in rows)
     length = f"{lengths[len(lengths) // 2]} tokens (median prompt; {lengths[0]}-{lengths[-1]})"
-    plot = plot_score_vs_retention(rows, out.with_suffix(".png"),
+    plot = report.plot_score_vs_retention(rows, out.with_suffix(".png"),
                                    title=f"{args.model}, {length}, {len(samples)} prompts")
-    markdown = result_header() + "\n" + f"{args.model}, {length}, {len(samples)} prompts\n\n" + \
-        format_table(rows, markdown=True) + "\n"
+    markdown = report.result_header() + "\n" + f"{args.model}, {length}, {len(samples)} prompts\n\n" + \
+        report.format_table(rows, markdown=True) + "\n"
     if first_namm is not None and len(policies) + args.baselines_at_namm_retention > 1:
-        comparisons = format_comparisons(rows, first_namm.describe())
-        markdown += "\n" + format_comparisons(rows, first_namm.describe(), markdown=True) + "\n"
+        comparisons = report.format_comparisons(rows, first_namm.describe())
+        markdown += "\n" + report.format_comparisons(rows, first_namm.describe(), markdown=True) + "\n"
         table += "\n\n" + comparisons
     out.with_suffix(".md").write_text(markdown)
     print(table)

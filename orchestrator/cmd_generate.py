@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 HELP = "generate from prompts under one or more memory policies, with memory statistics"
@@ -102,15 +101,11 @@ def _prompts(args) -> list[str]:
         return [args.prompt]
     if args.prompt_file is not None:
         return [_read_text(args.prompt_file)]
+    from workers.tasks.files import read_jsonl
+
     path = args.prompts_file
     texts = []
-    for line_no, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    for line_no, item in read_jsonl(path, _read_text(path)):
         text = item.get("prompt") if isinstance(item, dict) else item
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{path}:{line_no}: expected {{\"prompt\": \"...\"}} or a JSON string with text")

@@ -44,3 +44,17 @@ def smollm2():
     from namm_core.models import load_model
 
     return load_model("smollm2", device="cpu", dtype="float32")
+
+
+class TinyTokenizer:
+    """For tiny random models (vocab 97): token 0 is special (BOS), 1 and 2 are punctuation, the rest words."""
+    all_special_ids = [0]
+
+    def __len__(self):
+        return 97
+
+    def get_vocab(self):
+        return {f"t{i}": i for i in range(97)}
+
+    def decode(self, ids):
+        return {0: "<s>", 1: " .", 2: ","}.get(ids[0], f" w{ids[0]}")

@@ -9,6 +9,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from conftest import TinyTokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from namm_core.cache import MemoryLayer
@@ -523,20 +524,6 @@ def test_evicting_baselines_end_to_end(name, e2e_setup):
 # FastGen
 
 
-class _TinyTokenizer:
-    """Token 0 is special (BOS), 1 and 2 are punctuation, the rest are words."""
-    all_special_ids = [0]
-
-    def __len__(self):
-        return 97
-
-    def get_vocab(self):
-        return {f"t{i}": i for i in range(97)}
-
-    def decode(self, ids):
-        return {0: "<s>", 1: " .", 2: ","}.get(ids[0], f" w{ids[0]}")
-
-
 def test_fastgen_gives_each_head_the_cheapest_rule_that_recovers_enough_attention():
     from namm_core.policies import FastGen
 
@@ -551,7 +538,7 @@ def test_fastgen_gives_each_head_the_cheapest_rule_that_recovers_enough_attentio
     mass[3] = 1.0 / S                                      # spread out: nothing short of everything
     attn = (mass / Q).view(1, 4, 1, S).expand(1, 4, Q, S).contiguous()
     policy = FastGen(recovery=0.85, heavy_fraction=0.3, recent_fraction=0.3)
-    policy.bind_tokenizer(_TinyTokenizer())
+    policy.bind_tokenizer(TinyTokenizer())
     policy.new_sequence()
     valid = torch.ones(1, S, dtype=torch.bool)
     layer = make_layer(torch.randn(1, 4, S, 2), valid, aux_shapes=policy.aux_shapes)
@@ -597,7 +584,7 @@ def test_fastgen_end_to_end_and_its_errors():
         MemoryManagedLM(model, FastGen(), update_every=16, chunk_size=16).generate(ids, max_new_tokens=4)
     policy = parse_policy("fastgen:0.6")
     assert isinstance(policy, FastGen) and policy.recovery == 0.6 and policy.describe() == "fastgen:0.6"
-    out = MemoryManagedLM(model, policy, update_every=16, chunk_size=16, tokenizer=_TinyTokenizer()).generate(
+    out = MemoryManagedLM(model, policy, update_every=16, chunk_size=16, tokenizer=TinyTokenizer()).generate(
         ids, max_new_tokens=8)
     assert out.stats.updates > 0 and out.stats.mean_retention < 1.0
     assert int(policy.rule_counts.sum()) == out.stats.updates * 2 * 2   # layers x KV heads per update

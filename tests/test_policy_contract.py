@@ -6,25 +6,11 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TinyTokenizer, tiny_model
 from test_memory_equivalence import assert_equals_masked_reference
 
 from namm_core import NAMM, REGISTRY, MemoryManagedLM, parse_policy
 from namm_core.policies import Budget, MemoryPolicy
-
-
-class _Tok:
-    """A tiny tokenizer for FastGen: token 0 special, 1-2 punctuation."""
-    all_special_ids = [0]
-
-    def __len__(self):
-        return 97
-
-    def get_vocab(self):
-        return {f"t{i}": i for i in range(97)}
-
-    def decode(self, ids):
-        return {0: "<s>", 1: " .", 2: ","}.get(ids[0], f" w{ids[0]}")
 
 
 def build(kind) -> MemoryPolicy:
@@ -78,7 +64,7 @@ def test_every_policy_keeps_what_the_model_then_sees(name, setup):
     model, ids, mask = setup
     kind = REGISTRY[name]
     recorder = Recorder(build(kind))
-    lm = MemoryManagedLM(model, recorder, update_every=16, chunk_size=16, tokenizer=_Tok())
+    lm = MemoryManagedLM(model, recorder, update_every=16, chunk_size=16, tokenizer=TinyTokenizer())
     out = lm.generate(ids, attention_mask=mask, max_new_tokens=10, return_logits=True)
     if name != "full":
         assert recorder.evicted, f"{kind.example} evicted nothing: the test would prove nothing"
@@ -104,7 +90,7 @@ def test_every_budgeted_policy_honours_its_budget_at_every_update(name, setup):
 def test_per_token_state_stays_aligned_through_compaction(name, setup):
     model, ids, mask = setup
     recorder = Recorder(build(REGISTRY[name]))
-    MemoryManagedLM(model, recorder, update_every=16, chunk_size=16, tokenizer=_Tok()).generate(
+    MemoryManagedLM(model, recorder, update_every=16, chunk_size=16, tokenizer=TinyTokenizer()).generate(
         ids, attention_mask=mask, max_new_tokens=10)
     for _, _, _, layer in recorder.updates:
         for field, value in layer.aux.items():
@@ -120,7 +106,7 @@ def test_attention_readers_decide_the_same_on_row_blocks(name, setup, monkeypatc
 
     def run(block_bytes):
         monkeypatch.setattr(attention, "EAGER_BLOCK_BYTES", block_bytes)
-        lm = MemoryManagedLM(model, build(REGISTRY[name]), update_every=32, chunk_size=32, tokenizer=_Tok())
+        lm = MemoryManagedLM(model, build(REGISTRY[name]), update_every=32, chunk_size=32, tokenizer=TinyTokenizer())
         return lm.generate(ids, attention_mask=mask, max_new_tokens=8, return_logits=True)
 
     blocked, whole = run(1), run(1 << 30)

@@ -116,14 +116,18 @@ def _read_records(path: Path):
         return
     if path.suffix not in (".jsonl", ".json"):
         raise ValueError(f"task file {path}: expected .jsonl or .parquet")
-    with path.open() as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    for line_no, record in read_jsonl(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{line_no}: expected a JSON object")
+        yield line_no, record
+
+
+def read_jsonl(path: Path, text: Optional[str] = None):
+    """(line number, parsed value) for every non-blank line; errors name the file and line."""
+    lines = (text if text is not None else Path(path).read_text(encoding="utf-8")).splitlines()
+    for line_no, line in enumerate(lines, start=1):
+        if line.strip():
             try:
-                record = json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object")
-            yield line_no, record
