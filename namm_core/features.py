@@ -238,6 +238,30 @@ class RunningMoments:
         self.m2 = self.m2 + b_m2 + delta ** 2 * (self.count * n / total)
         self.count = total
 
+    def merge(self, other: "RunningMoments") -> "RunningMoments":
+        """Fold another set of moments into this one (Chan et al.'s parallel formula)."""
+        if other.count == 0:
+            return self
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.count / total)
+        self.m2 = self.m2 + other.m2 + delta ** 2 * (self.count * other.count / total)
+        self.count = total
+        return self
+
+    @classmethod
+    def from_stats(cls, mean, var, count) -> "RunningMoments":
+        """Moments from a mean, a population variance and a count (as workers report them)."""
+        mean = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        moments = cls(mean.numel())
+        moments.mean, moments.count = mean.clone(), float(count)
+        moments.m2 = torch.as_tensor(var, dtype=torch.float64).flatten() * float(count)
+        return moments
+
+    def stats(self) -> dict:
+        """{"mean", "var", "count"} as float32 numpy arrays and a float."""
+        return {"mean": self.mean.float().numpy(), "var": self.var.float().numpy(), "count": float(self.count)}
+
     @property
     def var(self) -> torch.Tensor:
         if self.count < 2:

@@ -22,31 +22,31 @@ def run(args) -> int:
     from namm_core import NAMM
 
     from . import checkpoint
-    from .driver import namm_config_from_spec
-    from .es import EvolutionStrategy
+    from .state import EvolutionState, namm_config_from_spec
 
     if args.checkpoint.is_dir():
         found = checkpoint.load_latest(args.checkpoint)
         if found is None:
             raise FileNotFoundError(f"no valid checkpoint in {args.checkpoint}")
-        path, state = found
+        path, payload = found
     else:
         if not args.checkpoint.is_file():
             raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
-        path, state = args.checkpoint, checkpoint.read_checkpoint(args.checkpoint)
-    es = EvolutionStrategy.loads(state["es"])
-    selected = state["global_generation"]   # the generation the exported vector comes from
+        path, payload = args.checkpoint, checkpoint.read_checkpoint(args.checkpoint)
+    state = EvolutionState.from_payload(payload, where=str(path))
+    if state.es is None:
+        raise ValueError(f"{path}: the run has not started its first generation yet")
+    selected = state.global_generation   # the generation the exported vector comes from
     if args.which == "mean":
-        vector = es.mean
+        vector = state.es.mean
     else:
-        entry = state["best"] if args.which == "best" else state["best_validation"]
+        entry = state.best if args.which == "best" else state.best_validation
         if entry is None:
             raise ValueError(f"{path}: no {args.which} candidate recorded yet")
         vector, selected = entry["vector"], entry["generation"]
-    spec = state["namm_spec"]
-    namm = NAMM.from_vector(np.asarray(vector), state["norm"], namm_config_from_spec(spec))
+    namm = NAMM.from_vector(np.asarray(vector), state.norm, namm_config_from_spec(state.namm_spec))
     namm.save_pretrained(args.out_dir, metadata={"checkpoint": str(path), "which": args.which,
                                                  "generation": selected,
-                                                 "checkpoint_generation": state["global_generation"]})
+                                                 "checkpoint_generation": state.global_generation})
     print(f"wrote {args.out_dir} ({namm.num_params} parameters, {args.which} of {path.name})")
     return 0

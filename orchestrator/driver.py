@@ -26,20 +26,22 @@ import numpy as np
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .artifacts import export_artifacts
 from .config import RunConfig
 from .dispatch import ActorPool, Job
 from .es import EvolutionStrategy
 from .fitness import candidate_fitness
 from .runlock import RunLock
+from .state import EvolutionState, namm_spec
 from .tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+VALIDATION_SEED_OFFSET = 1_000_003
 
 
 class Interrupted(RuntimeError):
     """The run was stopped by Ctrl-C or SIGTERM; the message says where it resumes."""
-VALIDATION_SEED_OFFSET = 1_000_003
+
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -74,7 +76,7 @@ class EvolutionRun:
         self.pool_factory = pool_factory or default_pool_factory
         self.stop_after = stop_after
         self.allow_config_change = allow_config_change
-        self.state: dict = {}
+        self.state: Optional[EvolutionState] = None
         self.prepared = False
 
     # ------------------------------------------------------------------------------------
@@ -107,7 +109,7 @@ class EvolutionRun:
 
     @property
     def complete(self) -> bool:
-        return bool(self.state) and self.state["stage"] >= len(self.cfg.stages)
+        return self.state is not None and self.state.stage >= len(self.cfg.stages)
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -115,7 +117,7 @@ class EvolutionRun:
         try:
             if self.complete:
                 log.info("%s is already complete (%d generations); nothing to do", cfg.name,
-                         self.state["global_generation"])
+                         self.state.global_generation)
                 return self._summary(stopped=False, already_complete=True)
             return self._run()
         finally:
@@ -128,35 +130,35 @@ class EvolutionRun:
         pool = self.pool_factory(cfg)
         bar = None
         try:
-            if st["norm"] is None:
-                st["norm"] = self._collect_statistics(pool)
-            if st["es"] is None:
-                st["es"] = EvolutionStrategy(st["num_params"], cfg.es, x0=self._warm_start(pool))
+            if st.norm is None:
+                st.norm = self._collect_statistics(pool)
+            if st.es is None:
+                st.es = EvolutionStrategy(st.num_params, cfg.es, x0=self._warm_start(pool))
                 self._checkpoint()   # generation 0's starting point: statistics and the ES's mean
-            bar = tqdm(total=cfg.total_generations, initial=st["global_generation"], desc=f"evolve {cfg.name}",
+            bar = tqdm(total=cfg.total_generations, initial=st.global_generation, desc=f"evolve {cfg.name}",
                        unit="gen", dynamic_ncols=True)
-            while st["stage"] < len(cfg.stages):
-                stage = cfg.stages[st["stage"]]
-                stage_key = str(st["stage"])
+            while st.stage < len(cfg.stages):
+                stage = cfg.stages[st.stage]
+                stage_key = str(st.stage)
                 if self._stop_requested():
                     return self._stop(bar)
-                st["mlflow"]["stages"][stage_key] = self.tracker.stage_run(
-                    st["mlflow"]["stages"].get(stage_key), st["mlflow"]["parent"],
+                st.mlflow.stages[stage_key] = self.tracker.stage_run(
+                    st.mlflow.stages.get(stage_key), st.mlflow.parent,
                     f"stage {st['stage']}: {stage.name}", asdict(stage))
-                while st["stage_generation"] < stage.generations:
+                while st.stage_generation < stage.generations:
                     if self._stop_requested():
                         return self._stop(bar)
                     metrics = self._generation(pool, stage)
                     bar.update(1)
                     bar.set_postfix_str(f"best {metrics['fitness_best']:.3f} mean {metrics['fitness_mean']:.3f} "
                                         f"sigma {metrics['sigma']:.4f} {metrics['generation_seconds']:.1f}s/gen")
-                self.tracker.finish(st["mlflow"]["stages"][stage_key])
-                st["stage"] += 1
-                st["stage_generation"] = 0
+                self.tracker.finish(st.mlflow.stages[stage_key])
+                st.stage += 1
+                st.stage_generation = 0
                 self._checkpoint()
             bar.close()
             self._export_artifacts(final=True)
-            self.tracker.finish(st["mlflow"]["parent"])
+            self.tracker.finish(st.mlflow.parent)
             return self._summary(stopped=False)
         except KeyboardInterrupt:   # Ctrl-C, or SIGTERM (`ray job stop`) turned into one by the CLI
             if bar is not None:
@@ -171,26 +173,26 @@ class EvolutionRun:
             pool.shutdown()
 
     def _stop_requested(self) -> bool:
-        return self.stop_after is not None and self.state["global_generation"] >= self.stop_after
+        return self.stop_after is not None and self.state.global_generation >= self.stop_after
 
     def _stop(self, bar) -> dict:
         bar.close()
         self._mark_runs("KILLED")
-        log.info("stopped after %d generations (--stop-after): %s", self.state["global_generation"],
+        log.info("stopped after %d generations (--stop-after): %s", self.state.global_generation,
                  self._resume_point())
         return self._summary(stopped=True)
 
     def _resume_point(self) -> str:
         found = ckpt.list_checkpoints(self.ckpt_dir)
         where = found[-1].name if found else "the start (no checkpoint yet)"
-        return f"the run resumes from {where} (generation {self.state['global_generation']}) when started again"
+        return f"the run resumes from {where} (generation {self.state.global_generation}) when started again"
 
     def _mark_runs(self, status: str) -> None:
         """End the MLflow runs this driver has open (the stage and the parent)."""
         tracker = getattr(self, "tracker", None)
         if tracker is None:
             return
-        ids = [self.state["mlflow"]["stages"].get(str(self.state["stage"])), self.state["mlflow"]["parent"]]
+        ids = [self.state.mlflow.stages.get(str(self.state.stage)), self.state.mlflow.parent]
         for run_id in ids:
             if run_id:
                 try:
@@ -203,30 +205,30 @@ class EvolutionRun:
         resumed (the newest checkpoint was corrupt), start clean runs instead, re-log the
         checkpointed history into them, and end the old ones KILLED: steps stay unique."""
         st, cfg = self.state, self.cfg
-        mlf = st["mlflow"]
-        old_parent = mlf.get("parent")
-        done = st["global_generation"]
+        mlf = st.mlflow
+        old_parent = mlf.parent
+        done = st.global_generation
         if old_parent and self.tracker.last_step(old_parent, "fitness_best") >= done:
-            old_stages = dict(mlf["stages"])
+            old_stages = dict(mlf.stages)
             log.warning("MLflow run %s holds metrics past generation %d, the checkpoint this run resumes from; "
                         "continuing in a new MLflow run (the old one is marked KILLED)", old_parent, done)
             self.tracker.supersede([old_parent, *old_stages.values()], reason=f"resumed from generation {done}")
-            mlf["parent"], mlf["stages"] = None, {}
-            mlf["parent"] = self.tracker.parent_run(None, cfg.name, cfg.to_dict(), tags={"namm.resumed_from": old_parent})
-            for entry in st.get("metrics_log", []):
+            mlf.parent, mlf.stages = None, {}
+            mlf.parent = self.tracker.parent_run(None, cfg.name, cfg.to_dict(), tags={"namm.resumed_from": old_parent})
+            for entry in st.metrics_log:
                 key = str(entry["stage"])
-                if key not in mlf["stages"]:
+                if key not in mlf.stages:
                     stage = cfg.stages[entry["stage"]]
-                    mlf["stages"][key] = self.tracker.stage_run(None, mlf["parent"], f"stage {key}: {stage.name}",
+                    mlf.stages[key] = self.tracker.stage_run(None, mlf.parent, f"stage {key}: {stage.name}",
                                                                 asdict(stage))
-                self.tracker.log_metrics([mlf["parent"], mlf["stages"][key]], entry["metrics"], entry["step"])
-            for key, run_id in mlf["stages"].items():
-                if int(key) < st["stage"]:
+                self.tracker.log_metrics([mlf.parent, mlf.stages[key]], entry["metrics"], entry["step"])
+            for key, run_id in mlf.stages.items():
+                if int(key) < st.stage:
                     self.tracker.finish(run_id)
         else:
-            mlf["parent"] = self.tracker.parent_run(old_parent, cfg.name, cfg.to_dict())
+            mlf.parent = self.tracker.parent_run(old_parent, cfg.name, cfg.to_dict())
             self._relog_last_generation()
-        self.tracker.end_orphans(mlf["parent"], keep=set(mlf["stages"].values()))
+        self.tracker.end_orphans(mlf.parent, keep=set(mlf.stages.values()))
 
     # ------------------------------------------------------------------------------------
     def _load_or_init(self, require_checkpoint: bool = False) -> None:
@@ -246,39 +248,25 @@ class EvolutionRun:
         if found is None and require_checkpoint:
             raise ValueError(f"--resume: no checkpoint in {self.ckpt_dir}")
         if found is not None:
-            path, state = found
-            if state.get("version") != STATE_VERSION:
-                raise ValueError(f"{path}: a checkpoint of state version {state.get('version')}; this driver "
-                                 f"reads version {STATE_VERSION}")
-            if state["config_hash"] != digest and not self.allow_config_change:
+            path, payload = found
+            state = EvolutionState.from_payload(payload, where=str(path))
+            if state.config_hash != digest and not self.allow_config_change:
                 raise ValueError(
                     f"{self.run_dir} holds a run with a different config; resume it with the same config, "
                     f"pass --allow-config-change, or choose another run name")
-            state["es"] = None if state["es"] is None else EvolutionStrategy.loads(state["es"])
-            state["sampler"] = _rng_from_state(state["sampler"])
-            state.setdefault("metrics_log", [])
             self.state = state
-            log.info("resuming %s from %s (generation %d)", self.cfg.name, path.name, state["global_generation"])
+            log.info("resuming %s from %s (generation %d)", self.cfg.name, path.name, state.global_generation)
             return
         from namm_core import NAMM
 
-        self.state = {
-            "version": STATE_VERSION, "config_hash": digest,
-            "num_params": NAMM(self.cfg.namm.namm_config(self.cfg.memory)).num_params,
-            "namm_spec": namm_spec(self.cfg), "model": self.cfg.model.name,
-            "es": None, "warm_start": None,   # the ES starts once the statistics (and a warm start) exist
-            "sampler": np.random.RandomState(self.cfg.es.seed + 17),
-            "stage": 0, "stage_generation": 0, "global_generation": 0,
-            "norm": None, "references": {}, "history": [], "validation": [],
-            "best": None, "best_validation": None, "last_metrics": None, "metrics_log": [],
-            "mlflow": {"parent": None, "stages": {}},
-        }
+        self.state = EvolutionState(
+            config_hash=digest, num_params=NAMM(self.cfg.namm.namm_config(self.cfg.memory)).num_params,
+            namm_spec=namm_spec(self.cfg), model=self.cfg.model.name,
+            sampler=np.random.RandomState(self.cfg.es.seed + 17))
 
     def _checkpoint(self) -> Path:
-        st = dict(self.state)
-        st["es"] = None if self.state["es"] is None else self.state["es"].dumps()
-        st["sampler"] = self.state["sampler"].get_state()
-        return ckpt.write_checkpoint(self.ckpt_dir, self.state["global_generation"], st, keep=self.cfg.checkpoint.keep)
+        return ckpt.write_checkpoint(self.ckpt_dir, self.state.global_generation, self.state.to_payload(),
+                                     keep=self.cfg.checkpoint.keep)
 
     # ------------------------------------------------------------------------------------
     def _collect_statistics(self, pool: ActorPool) -> dict:
@@ -290,16 +278,19 @@ class EvolutionRun:
         chunks = _split(requests, len(pool.actors))
         failures_before = len(pool.failures)
         results = pool.run([Job("collect_statistics", (c, tasks), "statistics") for c in chunks])
+        from namm_core.features import RunningMoments
+
         merged = None
-        self.tracker.log_metrics([self.state["mlflow"]["parent"]],
+        self.tracker.log_metrics([self.state.mlflow.parent],
                                  {"statistics_failures": len(pool.failures) - failures_before}, 0)
         for r in results:
             if r is None:
                 raise RuntimeError("collecting normalisation statistics failed on every retry: " +
                                    "; ".join(pool.failures[-3:]))
-            merged = r if merged is None else _merge_moments(merged, r)
-        log.info("normalisation statistics from %d feature vectors", int(merged["count"]))
-        return merged
+            moments = RunningMoments.from_stats(**r)
+            merged = moments if merged is None else merged.merge(moments)
+        log.info("normalisation statistics from %d feature vectors", int(merged.count))
+        return merged.stats()
 
     def _warm_start(self, pool: ActorPool) -> Optional[np.ndarray]:
         """The ES's starting mean: a scorer fitted to imitate a baseline (es.warm_start), else None (zeros)."""
@@ -310,21 +301,21 @@ class EvolutionRun:
         tasks = [task_payload(t, stage) for t in stage.tasks]
         per_task = max(1, ws.prompts // len(tasks))
         requests = [(t["key"], i) for t in tasks for i in range(min(per_task, t["pool_size"]))]
-        job = Job("warm_start", (ws.imitate, self.state["norm"], requests, ws.steps, ws.lr, self.cfg.es.seed, tasks),
+        job = Job("warm_start", (ws.imitate, self.state.norm, requests, ws.steps, ws.lr, self.cfg.es.seed, tasks),
                   "warm start")
         result = pool.run([job])[0]
         if result is None:
             raise RuntimeError("warm start failed on every retry: " + "; ".join(pool.failures[-3:]))
         report = result["report"]
-        self.state["warm_start"] = {"imitate": ws.imitate, **report}
-        self.tracker.log_metrics([self.state["mlflow"]["parent"]],
+        self.state.warm_start = {"imitate": ws.imitate, **report}
+        self.tracker.log_metrics([self.state.mlflow.parent],
                                  {f"warm_start/{k}": v for k, v in report.items() if isinstance(v, (int, float))}, 0)
         log.info("warm start imitating %s: sign agreement %.3f, rank agreement %.3f (%d rows, %.1f s fit)",
                  ws.imitate, report["sign_agreement"], report["rank_agreement"], report["rows"], report["seconds"])
         return np.asarray(result["vector"], dtype=float)
 
     def _ensure_references(self, pool: ActorPool, requests, tasks) -> None:
-        refs = self.state["references"]
+        refs = self.state.references
         missing = [r for r in dict.fromkeys(requests) if f"{r[0]}|{r[1]}" not in refs]
         if not missing:
             return
@@ -338,7 +329,7 @@ class EvolutionRun:
 
     def _sample_prompts(self, stage) -> tuple[list, list]:
         tasks = [task_payload(t, stage) for t in stage.tasks]
-        rng = self.state["sampler"]
+        rng = self.state.sampler
         requests = []
         for t in tasks:
             idx = rng.choice(t["pool_size"], size=stage.prompts_per_task, replace=False)
@@ -348,7 +339,7 @@ class EvolutionRun:
     def _fitness(self, result: Optional[dict], requests) -> tuple[float, dict]:
         if result is None:
             return math.nan, {}
-        refs = self.state["references"]
+        refs = self.state.references
         per_task: dict[str, tuple[list, list]] = {}
         for (key, idx), score in zip(requests, result["scores"]):
             s, r = per_task.setdefault(key, ([], []))
@@ -363,12 +354,12 @@ class EvolutionRun:
         t0 = time.perf_counter()
         requests, tasks = self._sample_prompts(stage)
         self._ensure_references(pool, requests, tasks)
-        es: EvolutionStrategy = st["es"]
+        es: EvolutionStrategy = st.es
         t_ask = time.perf_counter()
         candidates = es.ask()
         ask_seconds = time.perf_counter() - t_ask
         failures_before = len(pool.failures)
-        jobs = [Job("evaluate", (x.astype(np.float32), st["norm"], requests, tasks), f"candidate {i}")
+        jobs = [Job("evaluate", (x.astype(np.float32), st.norm, requests, tasks), f"candidate {i}")
                 for i, x in enumerate(candidates)]
         t_eval = time.perf_counter()
         results = pool.run(jobs)
@@ -379,13 +370,13 @@ class EvolutionRun:
         es.tell(fitness)
         tell_seconds = time.perf_counter() - t_tell
 
-        g = st["global_generation"]
+        g = st.global_generation
         finite = [f for f in fitness if math.isfinite(f)]
         if not finite:
             raise RuntimeError(f"generation {g}: every candidate failed: " + "; ".join(pool.failures[-3:]))
         best_i = int(np.nanargmax(fitness))
-        if st["best"] is None or fitness[best_i] > st["best"]["fitness"]:
-            st["best"] = {"fitness": fitness[best_i], "vector": candidates[best_i].copy(), "generation": g}
+        if st.best is None or fitness[best_i] > st.best["fitness"]:
+            st.best = {"fitness": fitness[best_i], "vector": candidates[best_i].copy(), "generation": g}
         task_means = {}
         for _, per_task in scored:
             for k, v in per_task.items():
@@ -397,23 +388,23 @@ class EvolutionRun:
             "sigma": es.sigma, "mean_retention": float(np.mean([np.mean(r["retention"]) for r in ok_results])),
             "eval_seconds": eval_seconds, "generation_seconds": time.perf_counter() - t0,
             "es_seconds": ask_seconds + tell_seconds, "failures": len(pool.failures) - failures_before,
-            "failed_candidates": sum(1 for r in results if r is None), "stage": st["stage"],
+            "failed_candidates": sum(1 for r in results if r is None), "stage": st.stage,
             **{f"score/{_metric_key(k)}": float(np.mean(v)) for k, v in task_means.items()},
         }
         for i, (x, f, r) in enumerate(zip(candidates, fitness, results)):
-            st["history"].append({
-                "generation": g, "stage": st["stage"], "candidate": i, "fitness": f,
+            st.history.append({
+                "generation": g, "stage": st.stage, "candidate": i, "fitness": f,
                 "retention": float(np.mean(r["retention"])) if r else math.nan,
                 "seconds": r["seconds"] if r else math.nan, "worker_pid": r["pid"] if r else -1,
                 "param_norm": float(np.linalg.norm(x)),
             })
-        st["global_generation"] = g + 1
-        st["stage_generation"] += 1
-        st["last_metrics"] = {"step": g, "metrics": metrics,
+        st.global_generation = g + 1
+        st.stage_generation += 1
+        st.last_metrics = {"step": g, "metrics": metrics,
                               "retention_per_layer": results[best_i]["retention_per_layer"]}
-        st["metrics_log"].append({"step": g, "stage": st["stage"], "metrics": metrics})
-        stage_done = st["stage_generation"] >= stage.generations
-        if st["stage_generation"] % stage.validation_every == 0 or stage_done:
+        st.metrics_log.append({"step": g, "stage": st.stage, "metrics": metrics})
+        stage_done = st.stage_generation >= stage.generations
+        if st.stage_generation % stage.validation_every == 0 or stage_done:
             metrics["validation_fitness"] = self._validate(pool, stage)
         self._checkpoint()            # the run is safe from here on
         self._log(g, metrics)
@@ -426,20 +417,20 @@ class EvolutionRun:
         tasks = [task_payload(t, stage, validation=True) for t in stage.tasks]
         requests = [(t["key"], i) for t in tasks for i in range(stage.validation_prompts)]
         self._ensure_references(pool, requests, tasks)
-        mean = st["es"].mean.astype(np.float32)
+        mean = st.es.mean.astype(np.float32)
         chunks = _split(requests, len(pool.actors))
-        results = pool.run([Job("evaluate", (mean, st["norm"], c, tasks), "validation") for c in chunks])
+        results = pool.run([Job("evaluate", (mean, st.norm, c, tasks), "validation") for c in chunks])
         if any(r is None for r in results):
             log.error("validation failed on every retry; skipped")
             return math.nan
         merged = {"scores": [s for r in results for s in r["scores"]],
                   "retention": [x for r in results for x in r["retention"]]}
         fitness, _ = self._fitness(merged, [r for c in chunks for r in c])
-        g = st["global_generation"] - 1
-        st["validation"].append({"generation": g, "fitness": fitness,
+        g = st.global_generation - 1
+        st.validation.append({"generation": g, "fitness": fitness,
                                  "retention": float(np.mean(merged["retention"]))})
-        if st["best_validation"] is None or fitness > st["best_validation"]["fitness"]:
-            st["best_validation"] = {"fitness": fitness, "vector": mean.copy(), "generation": g,
+        if st.best_validation is None or fitness > st.best_validation["fitness"]:
+            st.best_validation = {"fitness": fitness, "vector": mean.copy(), "generation": g,
                                      "retention": float(np.mean(merged["retention"]))}
         log.info("generation %d: validation fitness of the mean %.4f (retention %.3f)", g, fitness,
                  float(np.mean(merged["retention"])))
@@ -448,62 +439,30 @@ class EvolutionRun:
     # ------------------------------------------------------------------------------------
     def _log(self, step: int, metrics: dict) -> None:
         st = self.state
-        runs = [st["mlflow"]["parent"], st["mlflow"]["stages"][str(st["stage"])]]
+        runs = [st.mlflow.parent, st.mlflow.stages[str(st.stage)]]
         self.tracker.log_metrics(runs, metrics, step)
 
     def _relog_last_generation(self) -> None:
         """After a crash between a checkpoint and its MLflow logging, log that generation once."""
-        last = self.state.get("last_metrics")
+        last = self.state.last_metrics
         if not last:
             return
-        parent = self.state["mlflow"]["parent"]
+        parent = self.state.mlflow.parent
         if self.tracker.last_step(parent, "fitness_best") < last["step"]:
             stage_key = str(last["metrics"]["stage"])
-            runs = [parent] + ([self.state["mlflow"]["stages"][stage_key]]
-                               if stage_key in self.state["mlflow"]["stages"] else [])
+            runs = [parent] + ([self.state.mlflow.stages[stage_key]]
+                               if stage_key in self.state.mlflow.stages else [])
             self.tracker.log_metrics(runs, last["metrics"], last["step"])
 
     def _export_artifacts(self, final: bool) -> None:
-        """NAMMs (latest mean, best validated mean), history parquet and plots under the run dir;
-        uploaded to MLflow at validations and at the end."""
-        from namm_core import NAMM
-        from workers.report import write_parquet_atomic
-
-        from .plots import plot_evolution, plot_retention_per_layer
-
-        st, cfg = self.state, self.cfg
-        out = self.run_dir / "artifacts"
-        namm_cfg = namm_config_from_spec(st["namm_spec"])
-        meta = {"run": cfg.name, "model": cfg.model.name, "generation": st["global_generation"]}
-        NAMM.from_vector(st["es"].mean, st["norm"], namm_cfg).save_pretrained(
-            out / "namm_latest", metadata={**meta, "kind": "cma-mean"})
-        if st["best_validation"]:
-            bv = st["best_validation"]
-            NAMM.from_vector(bv["vector"], st["norm"], namm_cfg).save_pretrained(
-                out / "namm_best", metadata={**meta, "kind": "best validated cma-mean", "generation": bv["generation"],
-                                             "validation_fitness": bv["fitness"], "retention": bv["retention"]})
-        write_parquet_atomic(st["history"], out / "history.parquet")
-        if st["validation"]:
-            write_parquet_atomic(st["validation"], out / "validation.parquet")
-        plot_evolution(st["history"], st["validation"], out / "fitness.png", title=cfg.name)
-        if st["last_metrics"] and st["last_metrics"]["retention_per_layer"]:
-            plot_retention_per_layer(st["last_metrics"]["retention_per_layer"], out / "retention_per_layer.png")
-        is_validation = bool(st["validation"]) and st["validation"][-1]["generation"] == st["global_generation"] - 1
-        if final or is_validation:
-            parent = st["mlflow"]["parent"]
-            for name in ("namm_latest", "namm_best"):
-                if (out / name).exists():
-                    self.tracker.log_artifacts(parent, out / name, name)
-            for f in ("history.parquet", "validation.parquet", "fitness.png", "retention_per_layer.png"):
-                if (out / f).exists():
-                    self.tracker.log_artifact(parent, out / f)
+        export_artifacts(self.state, self.cfg, self.run_dir / "artifacts", self.tracker, final)
 
     def _summary(self, stopped: bool, already_complete: bool = False) -> dict:
         st = self.state
-        return {"generations": st["global_generation"], "stopped": stopped, "already_complete": already_complete,
-                "mean": None if st["es"] is None else st["es"].mean,
-                "best": st["best"], "best_validation": st["best_validation"], "run_dir": str(self.run_dir),
-                "mlflow_parent": st["mlflow"]["parent"], "tracking_uri": self.tracking_uri}
+        return {"generations": st.global_generation, "stopped": stopped, "already_complete": already_complete,
+                "mean": None if st.es is None else st.es.mean,
+                "best": st.best, "best_validation": st.best_validation, "run_dir": str(self.run_dir),
+                "mlflow_parent": st.mlflow.parent, "tracking_uri": self.tracking_uri}
 
 
 # ----------------------------------------------------------------------------------------
@@ -531,47 +490,9 @@ def default_pool_factory(cfg: RunConfig, actor_class=None) -> ActorPool:
     return pool
 
 
-def namm_spec(cfg: RunConfig) -> dict:
-    """What a checkpoint records of the NAMM being evolved: enough to rebuild it exactly."""
-    from namm_core.namm import FORMAT_VERSION
-
-    return {**asdict(cfg.namm), "format_version": FORMAT_VERSION,
-            "update_every": cfg.memory.update_every, "chunk_size": cfg.memory.chunk_size}
-
-
-def namm_config_from_spec(spec: dict):
-    """The NAMMConfig of a checkpoint's `namm_spec` (runs recorded before format versions: version 1)."""
-    from namm_core import NAMMConfig
-
-    return NAMMConfig(scorer=spec["scorer"], head_dim=spec["head_dim"], mlp_hidden=list(spec["mlp_hidden"]),
-                      selection=spec.get("selection", "threshold"), budget=spec.get("budget"),
-                      sinks=spec.get("sinks", 0),
-                      format_version=spec.get("format_version", 1), update_every=spec.get("update_every"),
-                      chunk_size=spec.get("chunk_size"))
-
-
 def _split(items: list, parts: int) -> list[list]:
     parts = max(1, min(parts, len(items)))
     return [items[i::parts] for i in range(parts)]
-
-
-def _merge_moments(a: dict, b: dict) -> dict:
-    na, nb = float(a["count"]), float(b["count"])
-    if nb == 0:
-        return a
-    if na == 0:
-        return b
-    n = na + nb
-    delta = np.asarray(b["mean"], dtype=np.float64) - np.asarray(a["mean"], dtype=np.float64)
-    mean = a["mean"] + delta * nb / n
-    m2 = np.asarray(a["var"]) * na + np.asarray(b["var"]) * nb + delta ** 2 * na * nb / n
-    return {"mean": mean.astype(np.float32), "var": (m2 / n).astype(np.float32), "count": n}
-
-
-def _rng_from_state(state) -> np.random.RandomState:
-    rng = np.random.RandomState()
-    rng.set_state(state)
-    return rng
 
 
 def _metric_key(task_key: str) -> str:

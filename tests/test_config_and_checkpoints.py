@@ -181,10 +181,14 @@ def test_namm_export_writes_the_cma_mean_or_the_best(tmp_path, capsys):
     xs = es.ask()
     es.tell([float(-np.sum(x ** 2)) for x in xs])
     best = np.full(4172, 0.01)
-    state = {"es": es.dumps(), "best": {"vector": best, "fitness": 1.0, "generation": 0}, "best_validation": None,
-             "namm_spec": {"scorer": "bam", "head_dim": 32, "mlp_hidden": [32]}, "global_generation": 1,
-             "norm": {"mean": np.arange(17, dtype=np.float32), "var": np.ones(17, dtype=np.float32), "count": 5.0}}
-    ckpt.write_checkpoint(tmp_path / "checkpoints", 1, state)
+    from orchestrator.state import EvolutionState
+
+    state = EvolutionState(config_hash="x", num_params=4172, model="tiny", sampler=np.random.RandomState(0), es=es,
+                           best={"vector": best, "fitness": 1.0, "generation": 0}, global_generation=1,
+                           namm_spec={"scorer": "bam", "head_dim": 32, "mlp_hidden": [32]},
+                           norm={"mean": np.arange(17, dtype=np.float32), "var": np.ones(17, dtype=np.float32),
+                                 "count": 5.0})
+    ckpt.write_checkpoint(tmp_path / "checkpoints", 1, state.to_payload())
     assert main(["export", str(tmp_path / "checkpoints"), str(tmp_path / "mean")]) == 0
     mean = NAMM.from_pretrained(tmp_path / "mean")
     assert np.allclose(mean.get_params().numpy(), es.mean.astype(np.float32))
@@ -206,15 +210,32 @@ def test_namm_export_writes_the_cma_mean_or_the_best(tmp_path, capsys):
     (0.5, 1.0, 0.3, (0.5 + 0.05) / (1.0 + 0.05)),           # under the target: no bonus
 ])
 def test_fitness_is_the_task_ratio_less_the_retention_over_the_target(target, weight, retention, expected):
-    from orchestrator.driver import EvolutionRun
+    from orchestrator.fitness import candidate_fitness
 
-    cfg = config_from_dict(_with("fitness", {"retention_target": target, "retention_weight": weight}))
-    run = EvolutionRun(cfg)
-    run.state = {"references": {"passkey@512|0": 1.0, "passkey@512|1": 1.0}}
-    fitness, per_task = run._fitness({"scores": [1.0, 0.0], "retention": [retention, retention]},
-                                     [("passkey@512", 0), ("passkey@512", 1)])
+    fitness = candidate_fitness("task_score", {"passkey@512": ([1.0, 0.0], [1.0, 1.0])}, [retention, retention],
+                                retention_target=target, retention_weight=weight)
     assert fitness == pytest.approx(expected)
-    assert per_task == {"passkey@512": 0.5}
+
+
+def test_evolution_state_round_trips_and_refuses_other_versions():
+    from orchestrator.state import EvolutionState
+
+    es = EvolutionStrategy(10, ESConfig(population=4, seed=1, diagonal=True))
+    state = EvolutionState(config_hash="h", num_params=10, namm_spec={}, model="m",
+                           sampler=np.random.RandomState(3), es=es, global_generation=4)
+    state.mlflow.parent = "run"
+    back = EvolutionState.from_payload(state.to_payload())
+    assert back.global_generation == 4 and back.mlflow.parent == "run"
+    assert np.array_equal(back.es.mean, es.mean)
+    assert back.sampler.randint(1000) == np.random.RandomState(3).randint(1000)
+    legacy = state.to_payload()
+    legacy["version"] = 1
+    legacy["mlflow"] = {"parent": "run", "stages": {}}
+    legacy.pop("metrics_log")                # version 1 had no per-generation metrics log
+    assert EvolutionState.from_payload(legacy).metrics_log == []
+    legacy["version"] = 7
+    with pytest.raises(ValueError, match="version 7"):
+        EvolutionState.from_payload(legacy, where="gen-000004.ckpt")
 
 
 def test_task_files_are_checked_when_the_config_loads(tmp_path):

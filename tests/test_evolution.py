@@ -96,7 +96,7 @@ def test_worker_killed_mid_generation_loses_nothing(reference_run, tmp_path):
     run = EvolutionRun(cfg, pool_factory=lambda c: default_pool_factory(c, actor_class=crashing))
     summary = run.run()
     assert not flag.exists(), "a worker crashed"
-    history = run.state["history"]
+    history = run.state.history
     assert all(np.isfinite(r["fitness"]) for r in history), "no candidate lost"
     assert np.array_equal(summary["mean"], ref["mean"]), "same result as the run without the fault"
 

@@ -351,3 +351,20 @@ def test_format_1_namm_scores_with_the_legacy_formulas():
         got = namm.score(layer)[0, 0]
     assert torch.allclose(got, expected, atol=1e-5)
     assert (got >= 0).any() and (got < 0).any()
+
+
+def test_running_moments_merge_equals_one_pass():
+    from namm_core.features import RunningMoments
+
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, 17, generator=g) * (i + 1) + i for i, n in enumerate((50, 7, 300))]
+    whole = RunningMoments(17)
+    whole.update(torch.cat(parts))
+    merged = RunningMoments(17)
+    for p in parts:
+        one = RunningMoments(17)
+        one.update(p)
+        merged.merge(RunningMoments.from_stats(**one.stats()))
+    assert merged.count == whole.count == 357
+    assert torch.allclose(merged.mean, whole.mean, atol=1e-5) and torch.allclose(merged.var, whole.var, rtol=1e-5)
+    assert merged.merge(RunningMoments(17)).count == 357    # merging nothing changes nothing

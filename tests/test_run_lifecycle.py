@@ -95,7 +95,7 @@ def test_every_checkpoint_corrupt_resume_refuses_and_a_fresh_start_keeps_them(tm
     try:
         assert not (ckpts / "gen-000001.ckpt").exists()
         assert [p.name for p in cfg.run_dir.glob("corrupt-*/*")] == ["gen-000001.ckpt"]
-        assert run.state["global_generation"] == 0
+        assert run.state.global_generation == 0
     finally:
         run.lock.release()
 

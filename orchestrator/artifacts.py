@@ -1,0 +1,40 @@
+"""What a run leaves behind besides checkpoints: the CMA mean and the best validated mean as NAMM
+directories, the history as parquet, the curves as PNG, all under <run dir>/artifacts and, at
+validations and at the end, in the MLflow parent run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .plots import plot_evolution, plot_retention_per_layer
+from .state import EvolutionState, namm_config_from_spec
+
+TABLES = ("history.parquet", "validation.parquet", "fitness.png", "retention_per_layer.png")
+
+
+def export_artifacts(st: EvolutionState, cfg, out: Path, tracker, final: bool) -> None:
+    from namm_core import NAMM
+    from workers.report import write_parquet_atomic
+
+    namm_cfg = namm_config_from_spec(st.namm_spec)
+    meta = {"run": cfg.name, "model": cfg.model.name, "generation": st.global_generation}
+    NAMM.from_vector(st.es.mean, st.norm, namm_cfg).save_pretrained(
+        out / "namm_latest", metadata={**meta, "kind": "cma-mean"})
+    if st.best_validation:
+        bv = st.best_validation
+        NAMM.from_vector(bv["vector"], st.norm, namm_cfg).save_pretrained(
+            out / "namm_best", metadata={**meta, "kind": "best validated cma-mean", "generation": bv["generation"],
+                                         "validation_fitness": bv["fitness"], "retention": bv["retention"]})
+    write_parquet_atomic(st.history, out / "history.parquet")
+    if st.validation:
+        write_parquet_atomic(st.validation, out / "validation.parquet")
+    plot_evolution(st.history, st.validation, out / "fitness.png", title=cfg.name)
+    if st.last_metrics and st.last_metrics["retention_per_layer"]:
+        plot_retention_per_layer(st.last_metrics["retention_per_layer"], out / "retention_per_layer.png")
+    is_validation = bool(st.validation) and st.validation[-1]["generation"] == st.global_generation - 1
+    if final or is_validation:
+        for name in ("namm_latest", "namm_best"):
+            if (out / name).exists():
+                tracker.log_artifacts(st.mlflow.parent, out / name, name)
+        for name in TABLES:
+            if (out / name).exists():
+                tracker.log_artifact(st.mlflow.parent, out / name)
