@@ -5,17 +5,17 @@ from pathlib import Path
 
 
 def markdown_table(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    from workers.report import markdown_table as table
+
+    return table(header, rows)
 
 
 def write_result(path: Path, text: str) -> None:
     """Write a result table (creating bench/results/) headed by the command and git commit that
     produced it, and show it."""
+    from namm_core.files import write_text_atomic
     from workers.report import result_header
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = result_header() + "\n" + text
-    path.write_text(text)
+    write_text_atomic(path, text)
     print(text, flush=True)

@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .files import text_config
+
 
 class MemoryLayer(CacheLayerMixin):
     is_compileable = False
@@ -128,6 +130,10 @@ class MemoryLayer(CacheLayerMixin):
         self.aux = {name: gather(t) for name, t in self.aux.items()}
         self._buffers = {}
 
+    def newest_positions(self) -> torch.Tensor:
+        """[B, H, 1] the newest valid position of every (batch row, KV head)."""
+        return self.positions.masked_fill(~self.valid, -1).amax(-1, keepdim=True)
+
     def kv_bytes(self) -> int:
         """Bytes of the key and value slots held (not counting a decode reserve of at most
         DECODE_RESERVE slots)."""
@@ -140,10 +146,10 @@ class MemoryCache(Cache):
     """A transformers Cache whose layers can evict per head. One per generation."""
 
     def __init__(self, config, aux_shapes: Optional[dict] = None):
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        n_layers = text_config.num_hidden_layers
-        layer_types = getattr(text_config, "layer_types", None) or ["full_attention"] * n_layers
-        window = getattr(text_config, "sliding_window", None)
+        text = text_config(config)
+        n_layers = text.num_hidden_layers
+        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * n_layers
+        window = getattr(text, "sliding_window", None)
         layers = [MemoryLayer(window if kind == "sliding_attention" else None) for kind in layer_types[:n_layers]]
         super().__init__(layers=layers)
         self.aux_shapes = dict(aux_shapes or {})

@@ -19,6 +19,7 @@ import torch
 
 from . import attention
 from .cache import MemoryCache
+from .files import text_config
 from .policies import FullCache, MemoryPolicy, StepInfo
 from .sampling import GenerationConfig, TokenChooser, make_generation_config
 
@@ -66,7 +67,7 @@ def check_supported(model) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "get_decoder") and not hasattr(model, "model"):
         raise TypeError(f"{type(model).__name__} is not a Hugging Face causal LM")
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     if not getattr(model, "_supports_attention_backend", False):
         raise TypeError(
             f"{type(model).__name__} does not route attention through transformers' attention interface; "
@@ -359,7 +360,7 @@ class MemoryManagedLM:
         for layer_idx, layer in enumerate(cache.layers):
             keep = self.policy.select(layer_idx, layer, step)
             if layer.sliding_window is not None:
-                newest = (layer.positions.masked_fill(~layer.valid, -1)).amax(-1, keepdim=True)
+                newest = layer.newest_positions()
                 in_window = layer.positions > newest - layer.sliding_window
                 keep = in_window if keep is None else keep & in_window
             if keep is not None:

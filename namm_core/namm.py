@@ -200,7 +200,7 @@ class NAMM(MemoryPolicy):
             normed = (ema - mean) / torch.sqrt(var + self.config.norm_eps)
         else:
             normed = (ema - mean) / torch.sqrt(var).clamp(min=NORM_STD_FLOOR)
-        newest = layer.positions.masked_fill(~layer.valid, -1).amax(-1, keepdim=True)
+        newest = layer.newest_positions()
         age = (newest - layer.positions).clamp(min=0)
         return torch.cat([recency_embedding(age, self.spec, interleaved=self.config.legacy), normed], dim=-1)
 
@@ -214,7 +214,7 @@ class NAMM(MemoryPolicy):
 
     def select(self, layer_idx, layer, step):
         scores = self.score(layer)
-        newest = layer.positions.masked_fill(~layer.valid, -1).amax(-1, keepdim=True)
+        newest = layer.newest_positions()
         protected = layer.positions == newest
         if self.config.sinks:
             first = layer.positions.masked_fill(~layer.valid, 2**62).amin(-1, keepdim=True)

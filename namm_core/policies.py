@@ -241,7 +241,7 @@ class SnapKV(BudgetPolicy):
         B, H, S = obs.shape
         pooled = F.max_pool1d(obs.reshape(B * H, 1, S), self.kernel, stride=1,
                               padding=self.kernel // 2).reshape(B, H, S)
-        newest = layer.positions.masked_fill(~layer.valid, -1).amax(-1, keepdim=True)
+        newest = layer.newest_positions()
         in_window = layer.positions > newest - self.window
         return pooled + in_window.float() * 1e15
 

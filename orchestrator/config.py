@@ -383,6 +383,7 @@ def check_context_lengths(cfg: RunConfig) -> None:
     """Refuse synthetic prompts longer than the model's window (read from its config, no weights)."""
     from transformers import AutoConfig
 
+    from namm_core.files import text_config
     from namm_core.models import resolve_model_path
 
     if cfg.model.tiny_random is not None:
@@ -392,7 +393,7 @@ def check_context_lengths(cfg: RunConfig) -> None:
             config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name))
         except (OSError, ValueError) as e:
             raise ConfigError(f"model.name: cannot read the config of {cfg.model.name!r}: {e}") from None
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         window = int(cfg.model.max_position_embeddings or getattr(text, "max_position_embeddings", 0) or 0)
         if cfg.model.rope_scaling and not cfg.model.max_position_embeddings:
             window = int(window * float(cfg.model.rope_scaling.get("factor", 1.0)))

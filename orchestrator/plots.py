@@ -1,11 +1,12 @@
 """Plots of an evolution run (PNG, matplotlib's Agg backend: no display needed)."""
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from namm_core.files import atomic_path
 
 
 def _plt():
@@ -18,12 +19,9 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    return Path(path)
 
 
 def plot_evolution(history: list[dict], validation: list[dict], path, title: str = "") -> Path:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from namm_core import FullCache, MemoryManagedLM, MemoryPolicy
+from namm_core.files import text_config
 
 from .metrics import score_prediction
 from .prompts import encode_prompt
@@ -58,8 +59,7 @@ class Evaluator:
                  max_context: Optional[int] = None, fidelity_kl: bool = True, share_prefixes: int = 0):
         self.model, self.tokenizer = model, tokenizer
         self.update_every, self.chunk_size = update_every, chunk_size
-        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.max_context = max_context or int(getattr(text_config, "max_position_embeddings", 8192))
+        self.max_context = max_context or int(getattr(text_config(model), "max_position_embeddings", 8192))
         self._encoded: dict[str, tuple[torch.Tensor, int]] = {}
         self._reference: dict[str, SampleResult] = {}
         self._fidelity_reference: dict[str, tuple[torch.Tensor, float]] = {}

@@ -1,8 +1,6 @@
 """Results as people read them: a table per policy and task, parquet rows, a score/retention plot."""
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -10,19 +8,13 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from namm_core.files import atomic_path, text_config
+
 
 def write_parquet_atomic(rows: list[dict], path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def namm_matched_budget(model, namm_rows: list[dict]) -> tuple[float, float]:
@@ -31,7 +23,7 @@ def namm_matched_budget(model, namm_rows: list[dict]) -> tuple[float, float]:
     Sliding-window layers (Gemma 3: five of every six) evict by their window under every
     policy alike, so only the full-attention layers say how much a policy chose to keep.
     """
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     full = [i for i, t in enumerate(types) if t == "full_attention"]
     retention = _mean([_mean([r["retention_per_layer"][i] for i in full]) for r in namm_rows])
@@ -129,10 +121,14 @@ def format_comparisons(rows: list[dict], policy: str, markdown: bool = False) ->
     return _render(header, body, markdown)
 
 
+def markdown_table(header, rows) -> str:
+    lines = ["| " + " | ".join(str(c) for c in header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def _render(header: list[str], body: list[list[str]], markdown: bool) -> str:
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+        return markdown_table(header, body)
     widths = [max(len(str(x[i])) for x in [header, *body]) for i in range(len(header))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)])
@@ -188,13 +184,10 @@ def plot_score_vs_retention(rows: list[dict], path, title: str = "") -> Path:
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def _mean(xs) -> float:

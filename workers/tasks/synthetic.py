@@ -17,16 +17,15 @@ from __future__ import annotations
 import bisect
 import functools
 import math
-import os
 import random
 import re
 import string
-import tempfile
 import uuid
 import weakref
 from pathlib import Path
 from typing import Callable, Sequence
 
+from namm_core.files import atomic_path
 from workers.tasks.base import Sample
 
 CORPUS_PATH = Path(__file__).resolve().parent.parent / "data" / "corpus.txt"
@@ -695,14 +694,8 @@ def save_samples(samples: Sequence[Sample], path) -> None:
         table = pa.Table.from_pylist(rows)
     else:
         table = pa.Table.from_pylist(rows, schema=schema)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_samples(path) -> list[Sample]:
