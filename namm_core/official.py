@@ -39,7 +39,7 @@ def load_official_checkpoint(path, which: str = "mean") -> NAMM:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refusals and corrupt files come in many types
         raise ValueError(f"{path}: not a checkpoint of plain tensors that torch.load(weights_only=True) "
-                         f"accepts ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                         f"accepts ({type(e).__name__}: a corrupt file, or objects other than tensors)") from None
     state = ckpt.get("evolution_state") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: no 'evolution_state' dict; an official NAMM checkpoint holds "
