@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from namm_core import NAMM, budgeted_baselines, load_model, parse_policy  # noqa: E402
+from namm_core.files import write_text_atomic  # noqa: E402
 from namm_core.policies import Budget  # noqa: E402
 from workers import report  # noqa: E402
 from workers.evaluator import Evaluator  # noqa: E402
@@ -63,6 +64,9 @@ class Cell:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--namm", type=Path, default=ROOT / "namms" / "smollm2", help="the NAMM directory")
+    p.add_argument("--also", type=Path, action="append", default=[],
+                   help="another NAMM directory run at the same budgets (e.g. the warm start the NAMM was evolved "
+                        "from); repeatable")
     p.add_argument("--cell", action="append", help=f"MODEL:LENGTH:BUDGETS:PROMPTS, repeatable (default: {DEFAULT_CELLS})")
     p.add_argument("--tasks", default="passkey,niah_single,niah_multikey,qa")
     p.add_argument("--seed", type=int, default=7, help="prompt seed (evolution uses seed 0 and its validation seed)")
@@ -77,9 +81,14 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     cells = [Cell.parse(c) for c in (args.cell or DEFAULT_CELLS)]
-    namm = NAMM.from_pretrained(args.namm)
-    label = str(args.namm.resolve().relative_to(ROOT)) if args.namm.resolve().is_relative_to(ROOT) else str(args.namm)
-    namm.source = label
+    def load(directory: Path) -> NAMM:
+        loaded = NAMM.from_pretrained(directory)
+        resolved = directory.resolve()
+        loaded.source = str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(directory)
+        return loaded
+
+    namm, others = load(args.namm), [load(d) for d in args.also]
+    label = namm.source
     settings = {"update_every": args.update_every, "chunk_size": args.chunk_size}
     from namm_core.generation import resolve_memory_settings
 
@@ -93,7 +102,7 @@ def main(argv=None) -> int:
         model, tok = load_model(cell.model)
         samples = load_tasks(args.tasks.split(","), tok, cell.prompts, cell.length, args.seed)
         ev = Evaluator(model, tok, update_every=update_every, chunk_size=chunk_size)
-        total = len(samples) * (2 + len(cell.budgets) * (1 + len(BASELINES)))
+        total = len(samples) * (2 + len(cell.budgets) * (1 + len(others) + len(BASELINES)))
         with tqdm(total=total, desc=f"{cell.model} {cell.length}", unit="prompt") as bar:
             def run(policy, cell=cell, samples=samples, ev=ev, bar=bar) -> list[dict]:
                 out = []
@@ -112,8 +121,10 @@ def main(argv=None) -> int:
 
             full = run(parse_policy("full"))
             fastgen = run(parse_policy(FASTGEN))
-            for budget in cell.budgets:
-                if namm.config.budget is None and namm.config.selection == "threshold":
+            # a score >= 0 NAMM keeps what it keeps: one section, the baselines at its retention
+            as_saved = namm.config.budget is None and namm.config.selection == "threshold"
+            for budget in cell.budgets[:1] if as_saved else cell.budgets:
+                if as_saved:
                     budgeted = namm      # a score >= 0 NAMM: the baselines get its retention
                     part = run(budgeted)
                     retention, matched = report.namm_matched_budget(model, part)
@@ -121,6 +132,8 @@ def main(argv=None) -> int:
                 else:
                     budgeted = namm.with_budget(budget)
                     part = run(budgeted)
+                for other in others:
+                    part += run(other.with_budget(budget))
                 for name in BASELINES:
                     part += run(parse_policy(f"{name}:{budget}"))
                 table_rows = full + part + fastgen
@@ -134,9 +147,10 @@ def main(argv=None) -> int:
                     + f"{budgeted.describe()} against each policy, paired on the same prompts:\n\n"
                     + report.format_comparisons(table_rows, budgeted.describe(), markdown=True)
                     + f"\n\n![{title}]({plot.name})\n")
-                text = (report.result_header() + f"\nNAMM: `{label}`. FastGen (T = 0.85) keeps what its rule needs; its "
+                also = "".join(f" Also: `{o.source}`." for o in others)
+                text = (report.result_header() + f"\nNAMM: `{label}`.{also} FastGen (T = 0.85) keeps what its rule needs; its "
                         "retention is its own, not the budget.\n\n" + "\n".join(sections))
-                (args.out_dir / f"{args.name}.md").write_text(text)
+                write_text_atomic(args.out_dir / f"{args.name}.md", text)
         del model
     print(text, flush=True)
     return 0
