@@ -12,7 +12,9 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="a .ckpt file, or a run's checkpoints directory (newest valid)")
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--which", choices=["mean", "best", "best-validated"], default="mean")
+    p.add_argument("--which", choices=["mean", "best", "best-validated", "start"], default="mean",
+                   help="the CMA mean (default), the best candidate seen, the best validated CMA mean, or the "
+                        "mean the ES started from (with es.warm_start: the fitted imitation of a baseline)")
     p.set_defaults(run=run)
 
 
@@ -39,6 +41,8 @@ def run(args) -> int:
     selected = state.global_generation   # the generation the exported vector comes from
     if args.which == "mean":
         vector = state.es.mean
+    elif args.which == "start":
+        vector, selected = state.es.start, 0
     else:
         entry = state.best if args.which == "best" else state.best_validation
         if entry is None:

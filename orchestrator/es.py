@@ -50,6 +50,11 @@ class EvolutionStrategy:
         return np.asarray(self.es.mean).copy()
 
     @property
+    def start(self) -> np.ndarray:
+        """The mean the search started from (zeros, or a warm start)."""
+        return np.asarray(self.es.x0).copy()
+
+    @property
     def sigma(self) -> float:
         return float(self.es.sigma)
 
