@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from namm_core import budgeted_baselines, load_model, parse_policy  # noqa: E402
-from workers.evaluator import Evaluator  # noqa: E402
-from workers.report import format_table, plot_score_vs_retention, write_parquet_atomic  # noqa: E402
-from workers.tasks import load_tasks  # noqa: E402
+from namm_eval.evaluator import Evaluator  # noqa: E402
+from namm_eval.report import format_table, plot_score_vs_retention, write_parquet_atomic  # noqa: E402
+from namm_eval.tasks import load_tasks  # noqa: E402
 
 BASELINES = budgeted_baselines()
 

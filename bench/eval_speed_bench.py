@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 from bench.tables import markdown_table, write_result  # noqa: E402
 from namm_core import NAMM, NAMMConfig, load_model  # noqa: E402
 from namm_core.features import SpectrogramConfig, fold_frames, fold_rows, frame_magnitudes  # noqa: E402
-from workers.evaluator import Evaluator  # noqa: E402
-from workers.tasks import load_tasks  # noqa: E402
+from namm_eval.evaluator import Evaluator  # noqa: E402
+from namm_eval.tasks import load_tasks  # noqa: E402
 
 
 def cpu_has_bf16() -> bool:

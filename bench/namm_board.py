@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 from namm_core import NAMM, budgeted_baselines, load_model, parse_policy  # noqa: E402
 from namm_core.files import write_text_atomic  # noqa: E402
 from namm_core.policies import Budget  # noqa: E402
-from workers import report  # noqa: E402
-from workers.evaluator import Evaluator  # noqa: E402
-from workers.tasks import load_tasks  # noqa: E402
+from namm_eval import report  # noqa: E402
+from namm_eval.evaluator import Evaluator  # noqa: E402
+from namm_eval.tasks import load_tasks  # noqa: E402
 
 BASELINES = budgeted_baselines()
 FASTGEN = "fastgen:0.85"

@@ -66,7 +66,7 @@ def _config_cases():
 
 def _run_cli(args: list[str], cwd: Path) -> tuple[int, str, float]:
     t = time.perf_counter()
-    p = subprocess.run([PY, "-m", "orchestrator", *args], cwd=cwd, capture_output=True, text=True,
+    p = subprocess.run([PY, "-m", "namm_cli", *args], cwd=cwd, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"), timeout=600)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()] or [ln for ln in p.stdout.splitlines() if ln.strip()]
     return p.returncode, (lines[-1] if lines else ""), time.perf_counter() - t
@@ -137,7 +137,7 @@ def _job(tmp: Path, name: str, **changes) -> Path:
 def _evolve(job: Path, *extra, wait=True):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     env.pop("RAY_ADDRESS", None)
-    p = subprocess.Popen([PY, "-m", "orchestrator", "evolve", str(job), "--num-cpus", "2", *extra], cwd=ROOT,
+    p = subprocess.Popen([PY, "-m", "namm_cli", "evolve", str(job), "--num-cpus", "2", *extra], cwd=ROOT,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if wait:
         out, err = p.communicate(timeout=900)

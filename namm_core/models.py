@@ -144,12 +144,18 @@ def tiny_random_model(architecture: str = "llama", seed: int = 0, tokenizer: str
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: Optional[str] = None,
                dtype: Optional[Union[str, torch.dtype]] = None, rope_scaling: Optional[dict] = None,
-               max_position_embeddings: Optional[int] = None):
+               max_position_embeddings: Optional[int] = None, tiny_random: Optional[dict] = None):
     """Load (model, tokenizer) ready for MemoryManagedLM. The model is in eval mode.
 
-    `tiny-random` is a randomly initialised two-layer Llama (see `tiny_random_model`)."""
+    `tiny-random` is a randomly initialised two-layer Llama; `tiny_random={architecture, seed,
+    tokenizer, **config fields}` builds another (see `tiny_random_model`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if tiny_random:
+        try:
+            return tiny_random_model(device=device, dtype=dtype, **tiny_random)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"model.tiny_random: {e}") from None
     if name_or_path == TINY_RANDOM:
         return tiny_random_model(device=device, dtype=dtype)
 

@@ -13,7 +13,7 @@ TABLES = ("history.parquet", "validation.parquet", "fitness.png", "retention_per
 
 def export_artifacts(st: EvolutionState, cfg, out: Path, tracker, final: bool) -> None:
     from namm_core import NAMM
-    from workers.report import write_parquet_atomic
+    from namm_eval.report import write_parquet_atomic
 
     namm_cfg = namm_config_from_spec(st.namm_spec)
     meta = {"run": cfg.name, "model": cfg.model.name, "generation": st.global_generation}

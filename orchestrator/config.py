@@ -232,7 +232,7 @@ def _convert(hint, value, where: str, name: str):
 
 
 def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunConfig:
-    from workers.tasks import task_names
+    from namm_eval.tasks import task_names
 
     def positive(value, where):
         if value <= 0:
@@ -320,7 +320,7 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
                     raise ConfigError(f"{tw}.file: {path} does not exist")
                 task.file = str(path)
                 if check_files:
-                    from workers.tasks.files import load_task_file
+                    from namm_eval.tasks.files import load_task_file
 
                     try:
                         records = len(load_task_file(path))

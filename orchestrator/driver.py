@@ -144,7 +144,7 @@ class EvolutionRun:
                     return self._stop(bar)
                 st.mlflow.stages[stage_key] = self.tracker.stage_run(
                     st.mlflow.stages.get(stage_key), st.mlflow.parent,
-                    f"stage {st['stage']}: {stage.name}", asdict(stage))
+                    f"stage {st.stage}: {stage.name}", asdict(stage))
                 while st.stage_generation < stage.generations:
                     if self._stop_requested():
                         return self._stop(bar)

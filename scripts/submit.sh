@@ -20,4 +20,4 @@ export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 RAY="$ROOT/.venv/bin/ray"
 [ -x "$RAY" ] || RAY=ray
 exec "$RAY" job submit --address "$ADDRESS" --working-dir "$ROOT" --runtime-env "$RUNTIME_ENV" -- \
-    "${NAMM_JOB_PYTHON:-$DEFAULT_PYTHON}" -m orchestrator evolve "$CONFIG"
+    "${NAMM_JOB_PYTHON:-$DEFAULT_PYTHON}" -m namm_cli evolve "$CONFIG"

@@ -138,8 +138,8 @@ def test_shipped_namm_is_the_default_namm_policy():
 @pytest.mark.slow
 def test_shipped_namm_evicts_on_its_own_model(smollm2):
     """On a 1k-token retrieval prompt of a seed evolution never saw, it drops part of the cache."""
-    from workers.evaluator import Evaluator
-    from workers.tasks import load_tasks
+    from namm_eval.evaluator import Evaluator
+    from namm_eval.tasks import load_tasks
 
     model, tok = smollm2
     sample = load_tasks(["passkey"], tok, num_prompts=1, context_length=1024, seed=11)[0]

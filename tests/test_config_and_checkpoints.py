@@ -174,8 +174,8 @@ def test_pickled_es_resumes_bit_identically():
 def test_namm_export_writes_the_cma_mean_or_the_best(tmp_path, capsys):
     import torch
 
+    from namm_cli.cli import main
     from namm_core import NAMM
-    from orchestrator.cli import main
 
     es = EvolutionStrategy(4172, ESConfig(population=4, seed=1, diagonal=True))
     xs = es.ask()
@@ -254,7 +254,7 @@ def test_task_files_are_checked_when_the_config_loads(tmp_path):
 
 
 def test_task_file_training_and_validation_prompts_are_disjoint(tmp_path):
-    from workers.tasks import split_task_file
+    from namm_eval.tasks import split_task_file
 
     path = tmp_path / "t.jsonl"
     path.write_text("".join(f'{{"input": "q{i}", "context": "c", "answers": ["a"]}}\n' for i in range(20)))

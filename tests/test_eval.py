@@ -7,18 +7,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from namm_cli.cli import main
 from namm_core import NAMM, FullCache, parse_policy
-from orchestrator.cli import main
-from workers.evaluator import Evaluator
-from workers.modeling import build_model
-from workers.tasks import load_tasks
-from workers.tasks.files import load_task_file
+from namm_core.models import tiny_random_model
+from namm_eval.evaluator import Evaluator
+from namm_eval.tasks import load_tasks
+from namm_eval.tasks.files import load_task_file
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama with the embedded model's tokenizer, saved as a local model directory."""
-    model, tok = build_model(tiny_random={"architecture": "llama", "seed": 0, "max_position_embeddings": 900})
+    model, tok = tiny_random_model(architecture="llama", seed=0, max_position_embeddings=900)
     path = tmp_path_factory.mktemp("tiny")
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -153,7 +153,7 @@ def test_task_file_metric_and_per_dataset_prompt_counts(tmp_path):
     assert samples[0].metric == "contains_answer" and samples[1].metric == "qa_f1_score"
     forced = load_task_file(path, limit=2, metric="contains_answer")
     assert {s.metric for s in forced} == {"contains_answer"}
-    from workers.metrics import score_prediction
+    from namm_eval.metrics import score_prediction
 
     assert score_prediction("The answer is 42.", ["42"], "contains_answer") == 1.0
     assert score_prediction("The answer is 42.", ["42"], "qa_f1_score") < 1.0

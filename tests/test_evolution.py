@@ -106,7 +106,7 @@ def test_driver_killed_then_resumed_equals_uninterrupted(reference_run, ray_clus
     job = write_job(tmp_path, "resume")
     cfg = load_config(job)
     env = dict(os.environ, RAY_ADDRESS=ray_cluster, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "evolve", str(job)], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "namm_cli", "evolve", str(job)], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = cfg.run_dir / "checkpoints" / "gen-000001.ckpt"
     deadline = time.time() + 240

@@ -8,8 +8,8 @@ from conftest import tiny_model
 from transformers import GenerationConfig, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
+from namm_cli.cli import main as cli
 from namm_core import MemoryManagedLM, parse_policy
-from orchestrator.cli import main as cli
 
 
 def _ids(T, seed=0, vocab=97):
@@ -71,9 +71,9 @@ def test_streamer_receives_prompt_then_each_token_and_batches_are_refused():
 
 
 def test_text_iterator_streamer_and_stop_strings_with_a_real_tokenizer():
-    from workers.modeling import build_model
+    from namm_core.models import tiny_random_model
 
-    model, tok = build_model(tiny_random={"architecture": "llama", "seed": 0})
+    model, tok = tiny_random_model(architecture="llama", seed=0)
     ids = tok("The quick brown fox jumps over the lazy dog. " * 3, return_tensors="pt").input_ids
     lm = MemoryManagedLM(model, parse_policy("tova:0.5"), update_every=16, chunk_size=16, tokenizer=tok)
     streamer = TextIteratorStreamer(tok, skip_prompt=True)

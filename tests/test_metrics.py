@@ -1,8 +1,7 @@
-"""workers.metrics against values worked out by hand from the metric definitions."""
+"""namm_eval.metrics against values worked out by hand from the metric definitions."""
 import pytest
 
-from workers import metrics as M
-from workers.metrics import (
+from namm_eval.metrics import (
     LONGBENCH_DATASET_METRIC,
     LONGBENCH_MAX_NEW_TOKENS,
     METRICS,
@@ -21,6 +20,7 @@ from workers.metrics import (
     rouge_zh_score,
     score_prediction,
 )
+from namm_eval import metrics as M
 
 approx = pytest.approx
 

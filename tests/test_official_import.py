@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from namm_cli.cli import main as cli
 from namm_core import NAMM
 from namm_core.cache import MemoryLayer
 from namm_core.official import load_official_checkpoint
-from orchestrator.cli import main as cli
 
 PREFIX = "stored_buffers_to_save."
 

@@ -116,8 +116,8 @@ def test_attention_readers_decide_the_same_on_row_blocks(name, setup, monkeypatc
 
 
 def test_the_registry_drives_the_command_line_help_and_the_baseline_lists():
+    from namm_cli.cli import build_parser
     from namm_core import POLICY_HELP, budgeted_baselines
-    from orchestrator.cli import build_parser
 
     assert set(budgeted_baselines()) == {"streamingllm", "h2o", "l2", "snapkv", "tova"}
     help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from orchestrator.cli import main as cli
+from namm_cli.cli import main as cli
 from orchestrator.config import load_config
 from orchestrator.driver import EvolutionRun
 from orchestrator.runlock import RunLock, RunLocked
@@ -137,7 +137,7 @@ def test_sigterm_stops_cleanly_and_marks_runs_killed(ray_cluster, tmp_path):
     job = write_job(tmp_path, "term")
     cfg = load_config(job)
     env = dict(os.environ, RAY_ADDRESS=ray_cluster, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "evolve", str(job)], env=env, cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "namm_cli", "evolve", str(job)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = cfg.run_dir / "checkpoints" / "gen-000001.ckpt"
     deadline = time.time() + 240

@@ -5,8 +5,8 @@ import re
 
 import pytest
 
-from workers.tasks.base import Sample
-from workers.tasks.synthetic import CORPUS_PATH, TASKS, generate_samples, generate_suite, load_samples, save_samples
+from namm_eval.tasks.base import Sample
+from namm_eval.tasks.synthetic import CORPUS_PATH, TASKS, generate_samples, generate_suite, load_samples, save_samples
 
 ALL_TASKS = list(TASKS)
 METRICS = {"contains_answer", "recall_contained"}

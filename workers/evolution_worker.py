@@ -14,10 +14,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from namm_core import NAMM, NAMMConfig
+from namm_core import NAMM, NAMMConfig, load_model
 
 from .evaluator import Evaluator
-from .modeling import build_model
 
 Request = tuple[str, int]  # (task key, prompt index in the task's pool)
 
@@ -26,7 +25,7 @@ class EvolutionWorker:
     def __init__(self, model: dict, memory: dict, namm: dict, torch_threads: int = 1,
                  fitness: Optional[dict] = None):
         torch.set_num_threads(max(1, int(torch_threads)))
-        self.model, self.tokenizer = build_model(**model)
+        self.model, self.tokenizer = load_model(**{"name_or_path" if k == "name" else k: v for k, v in model.items()})
         self.evaluator = Evaluator(self.model, self.tokenizer, update_every=memory["update_every"],
                                    chunk_size=memory["chunk_size"], fidelity_kl=False,
                                    share_prefixes=memory.get("shared_prefixes", 0))
@@ -47,7 +46,7 @@ class EvolutionWorker:
 
     def prepare(self, tasks: list[dict]) -> dict[str, int]:
         """Build the prompt pools of these task specs (TaskSpec fields); returns their sizes."""
-        from workers.tasks import load_tasks, split_task_file
+        from namm_eval.tasks import load_tasks, split_task_file
 
         for spec in tasks:
             key = spec["key"]

@@ -53,7 +53,7 @@ def run(args) -> int:
     from transformers import GenerationConfig, TextStreamer
 
     from namm_core import MemoryManagedLM, load_model, parse_policy
-    from workers.prompts import encode_prompt
+    from namm_eval.prompts import encode_prompt
 
     policies = [parse_policy(s) for s in (args.policy or ["full"])]  # validate before loading the model
     texts = _prompts(args)
@@ -101,7 +101,7 @@ def _prompts(args) -> list[str]:
         return [args.prompt]
     if args.prompt_file is not None:
         return [_read_text(args.prompt_file)]
-    from workers.tasks.files import read_jsonl
+    from namm_eval.tasks.files import read_jsonl
 
     path = args.prompts_file
     texts = []

@@ -15,7 +15,7 @@ class Sample:
     context: str                   # the long context
     input: str                     # the question / instruction that follows the context
     answers: list[str]             # acceptable answers (the metric takes the best)
-    metric: str                    # a key of workers.metrics.METRICS
+    metric: str                    # a key of namm_eval.metrics.METRICS
     max_new_tokens: int = 32
     template: str = DEFAULT_TEMPLATE   # str.format template with {context} and {input}
     all_classes: Optional[list[str]] = None

@@ -22,9 +22,8 @@ def run(args) -> int:
     import numpy as np
 
     from namm_core import NAMM
-
-    from . import checkpoint
-    from .state import EvolutionState, namm_config_from_spec
+    from orchestrator import checkpoint
+    from orchestrator.state import EvolutionState, namm_config_from_spec
 
     if args.checkpoint.is_dir():
         found = checkpoint.load_latest(args.checkpoint)

@@ -17,7 +17,7 @@ else sqlite:///<run dir>/mlflow.db. $NAMM_RUN_ROOT overrides checkpoint.root.
 examples:
   namm evolve jobs/smoke.yaml
   namm evolve jobs/local.yaml                   # ~20 min on 2 CPU cores
-  ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python -m orchestrator evolve jobs/evolve.yaml
+  ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python -m namm_cli evolve jobs/evolve.yaml
 """
 
 
@@ -37,8 +37,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import signal
 
-    from .config import check_context_lengths, check_resources, load_config
-    from .driver import EvolutionRun, Interrupted, init_ray
+    from orchestrator.config import check_context_lengths, check_resources, load_config
+    from orchestrator.driver import EvolutionRun, Interrupted, init_ray
 
     cfg = load_config(args.config)
     check_resources(cfg, args.num_cpus)
@@ -54,7 +54,7 @@ def run(args) -> int:
     evolution.prepare(require_checkpoint=args.resume)
     if evolution.complete:
         evolution.lock.release()
-        print(f"{cfg.name} is already complete ({evolution.state['global_generation']} generations in "
+        print(f"{cfg.name} is already complete ({evolution.state.global_generation} generations in "
               f"{evolution.run_dir}); nothing to do. Export it with `namm export {evolution.ckpt_dir} OUT_DIR`.")
         return 0
 

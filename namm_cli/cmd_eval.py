@@ -60,9 +60,9 @@ def run(args) -> int:
     from namm_core import NAMM, FullCache, budgeted_baselines, load_model, parse_policy
     from namm_core.generation import resolve_memory_settings
     from namm_core.models import pick_device
-    from workers import report
-    from workers.evaluator import Evaluator
-    from workers.tasks import load_tasks, task_names
+    from namm_eval import report
+    from namm_eval.evaluator import Evaluator
+    from namm_eval.tasks import load_tasks, task_names
 
     if args.list_tasks:
         print("\n".join(task_names()))

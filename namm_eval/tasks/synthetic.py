@@ -4,7 +4,7 @@ Every generator is deterministic in (task, length, seed, index) and produces a `
 prompt (`sample.prompt()`, the template filled with context and input, no chat template) is
 `length` tokens long within 2% as counted by `len(tokenizer(sample.prompt()).input_ids)`.
 
-Haystack tasks fill the context with paragraphs of `workers/data/corpus.txt` (shuffled by the
+Haystack tasks fill the context with paragraphs of `namm_eval/data/corpus.txt` (shuffled by the
 seed, trimmed a sentence at a time) and insert their needles between sentences at seeded depths.
 "cwe" and "kv_retrieval" fill the context with list items / JSON pairs instead.
 
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from namm_core.files import atomic_path
-from workers.tasks.base import Sample
+from namm_eval.tasks.base import Sample
 
 CORPUS_PATH = Path(__file__).resolve().parent.parent / "data" / "corpus.txt"
 TOLERANCE = 0.02          # the contract: |tokens - length| <= 2% of length
