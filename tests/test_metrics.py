@@ -1,6 +1,7 @@
 """namm_eval.metrics against values worked out by hand from the metric definitions."""
 import pytest
 
+from namm_eval import metrics as M
 from namm_eval.metrics import (
     LONGBENCH_DATASET_METRIC,
     LONGBENCH_MAX_NEW_TOKENS,
@@ -20,7 +21,6 @@ from namm_eval.metrics import (
     rouge_zh_score,
     score_prediction,
 )
-from namm_eval import metrics as M
 
 approx = pytest.approx
 

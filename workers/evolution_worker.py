@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from namm_core import NAMM, NAMMConfig, load_model
-
-from .evaluator import Evaluator
+from namm_eval.evaluator import Evaluator
 
 Request = tuple[str, int]  # (task key, prompt index in the task's pool)
 
