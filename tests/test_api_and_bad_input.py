@@ -163,3 +163,19 @@ def test_the_callers_model_keeps_its_attention_implementation(tiny_llama):
     assert tiny_llama.config._attn_implementation == before
     with torch.no_grad():
         tiny_llama(ids)   # the model still runs on its own
+
+
+def test_the_core_library_needs_no_evaluation_or_evolution_packages():
+    """`pip install .` (the core) gives the memory: importing namm_core and running a policy
+    never loads Ray, MLflow, pycma, the metric packages or the evaluation/evolution code."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from namm_core import MemoryManagedLM, NAMM, parse_policy\n"
+            "from namm_core.official import load_official_checkpoint\n"
+            "heavy = [m for m in ('ray', 'mlflow', 'cma', 'jieba', 'rouge_score', 'rapidfuzz', 'pyarrow', "
+            "'namm_eval', 'workers', 'orchestrator', 'namm_cli') if m in sys.modules]\n"
+            "print(heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
