@@ -48,7 +48,7 @@ def plot_evolution(history: list[dict], validation: list[dict], path, title: str
                 label="CMA mean (validation)")
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="full cache")
     ax.set_xlabel("generation")
-    ax.set_ylabel("fitness (score / full-cache score)")
+    ax.set_ylabel("fitness (1.0 = as good as the full cache)")
     if gens:
         ax2 = ax.twinx()
         ax2.plot(gens, [np.nanmean([r["retention"] for r in by_gen[g]]) for g in gens], color="tab:orange",

@@ -95,7 +95,8 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     assert cfg.run_dir == tmp_path / "out" / "t"
 
 
-@pytest.mark.parametrize("job", ["jobs/smoke.yaml", "jobs/local.yaml", "namms/smollm2/evolve.yaml"])
+@pytest.mark.parametrize("job", ["jobs/smoke.yaml", "jobs/local.yaml", "jobs/smollm2.yaml", "namms/smollm2/evolve.yaml",
+                                 "namms/smollm2-threshold/evolve.yaml"])
 def test_shipped_local_jobs_validate(job):
     cfg = load_config(ROOT / job)
     assert cfg.total_generations > 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from namm_core import NAMM, MemoryManagedLM, NAMMConfig, parse_policy
+from namm_core import DEFAULT_NAMM_DIR, NAMM, MemoryManagedLM, NAMMConfig, parse_policy
 from namm_core.imitation import ImitationRecorder, agreement, fit_scorer
 from namm_core.policies import StreamingLLM
 from orchestrator.fitness import candidate_fitness, loglik_ratio, task_ratio
@@ -87,8 +87,10 @@ def test_budget_round_trips_through_save_and_parse_policy(tmp_path):
     assert override.config.budget == "0.25" and override.config.selection == "top_k"
     assert override.describe().endswith("@0.25")
     assert parse_policy(f"namm:{tmp_path / 'n'}@1024").config.budget == "1024"
-    shipped = parse_policy("namm@0.5")
-    assert shipped.config.budget == "0.5" and shipped.config.format_version == 1
+    shipped = parse_policy("namm@0.25")
+    assert shipped.config.budget == "0.25" and shipped.config.selection == "top_k"
+    legacy = parse_policy(f"namm:{DEFAULT_NAMM_DIR.parent / 'smollm2-threshold'}@0.5")
+    assert legacy.config.format_version == 1 and legacy.config.budget == "0.5"
     with pytest.raises(ValueError, match="namm@2.5"):
         parse_policy("namm@2.5")
     with pytest.raises(ValueError, match="needs a budget"):

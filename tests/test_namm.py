@@ -324,12 +324,12 @@ def test_a_namm_config_with_an_unknown_field_names_the_file(tmp_path):
 
 
 def test_format_1_namm_scores_with_the_legacy_formulas():
-    """A NAMM saved under format 1 (the shipped one) decides exactly as before format 2 existed:
+    """A NAMM saved under format 1 (namms/smollm2-threshold) decides exactly as before format 2 existed:
     interleaved float32 recency, (x - mean) / sqrt(var + 1e-6), re-computed here by hand."""
     from namm_core.cache import MemoryLayer
     from namm_core.registry import DEFAULT_NAMM_DIR
 
-    namm = NAMM.from_pretrained(DEFAULT_NAMM_DIR)
+    namm = NAMM.from_pretrained(DEFAULT_NAMM_DIR.parent / "smollm2-threshold")
     assert namm.config.format_version == 1
     S = 48
     g = torch.Generator().manual_seed(3)
