@@ -128,7 +128,8 @@ def bad_inputs(tmp: Path) -> list[tuple]:
 def _job(tmp: Path, name: str, **changes) -> Path:
     data = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
     data.update(name=name, checkpoint={"root": str(tmp / "runs"), "keep": 5},
-                tracking={"tracking_uri": f"sqlite:///{tmp}/mlflow-{name}.db", "experiment": "reliability"}, **changes)
+                tracking={"tracking_uri": f"sqlite:///{tmp}/mlflow-{name}.db", "experiment": "reliability"})
+    data.update(changes)
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
