@@ -72,6 +72,7 @@ def test_smoke_job_end_to_end_with_mlflow(reference_run):
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "score/fidelity:256")] == [0, 1]
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "score/fidelity:384")] == [2]
     assert parent.info.artifact_uri.startswith((tmp / "mlartifacts").as_uri())
+    assert [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, "statistics_failures")] == [(0, 0)]
     assert len(client.get_metric_history(parent.info.run_id, "validation_fitness")) >= 2
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"namm_best", "namm_latest", "history.parquet", "fitness.png", "retention_per_layer.png"} <= artifacts

@@ -163,3 +163,21 @@ def test_rerun_of_a_finished_run_exits_before_starting_anything(ray_cluster, tmp
     assert cli(["evolve", str(job)]) == 0
     assert time.time() - t < 15
     assert "already complete" in capsys.readouterr().out
+
+
+def test_a_checkpoint_root_that_is_a_file_or_read_only_is_refused_before_ray(tmp_path):
+    (tmp_path / "afile").write_text("")
+    cfg = load_config(write_job(tmp_path, "rootfile", checkpoint={"root": str(tmp_path / "afile"), "keep": 2}))
+    with pytest.raises(ValueError, match="checkpoint.root: .*afile is a file"):
+        EvolutionRun(cfg).prepare()
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    (readonly / "rootro").mkdir()
+    os.chmod(readonly / "rootro", 0o500)
+    try:
+        if not os.access(readonly / "rootro", os.W_OK):      # root ignores permissions
+            cfg = load_config(write_job(tmp_path, "rootro", checkpoint={"root": str(readonly), "keep": 2}))
+            with pytest.raises(ValueError, match="not writable"):
+                EvolutionRun(cfg).prepare()
+    finally:
+        os.chmod(readonly / "rootro", 0o700)
