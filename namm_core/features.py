@@ -252,10 +252,10 @@ class RunningMoments:
     @classmethod
     def from_stats(cls, mean, var, count) -> "RunningMoments":
         """Moments from a mean, a population variance and a count (as workers report them)."""
-        mean = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        mean = torch.tensor(mean, dtype=torch.float64).flatten()   # a copy: arrays from Ray are read-only
         moments = cls(mean.numel())
         moments.mean, moments.count = mean.clone(), float(count)
-        moments.m2 = torch.as_tensor(var, dtype=torch.float64).flatten() * float(count)
+        moments.m2 = torch.tensor(var, dtype=torch.float64).flatten() * float(count)
         return moments
 
     def stats(self) -> dict:
