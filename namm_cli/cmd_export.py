@@ -21,9 +21,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import numpy as np
 
-    from namm_core import NAMM
+    from namm_core import NAMM, NAMMConfig
     from orchestrator import checkpoint
-    from orchestrator.state import EvolutionState, namm_config_from_spec
+    from orchestrator.state import EvolutionState
 
     if args.checkpoint.is_dir():
         found = checkpoint.load_latest(args.checkpoint)
@@ -47,7 +47,7 @@ def run(args) -> int:
         if entry is None:
             raise ValueError(f"{path}: no {args.which} candidate recorded yet")
         vector, selected = entry["vector"], entry["generation"]
-    namm = NAMM.from_vector(np.asarray(vector), state.norm, namm_config_from_spec(state.namm_spec))
+    namm = NAMM.from_vector(np.asarray(vector), state.norm, NAMMConfig.from_spec(state.namm_spec))
     namm.save_pretrained(args.out_dir, metadata={"checkpoint": str(path), "which": args.which,
                                                  "generation": selected,
                                                  "checkpoint_generation": state.global_generation})

@@ -223,9 +223,7 @@ class MemoryManagedLM:
         if streamer is not None:
             streamer.end()
 
-        stats.tokens_seen = state.seen.tolist()
-        stats.kept_per_layer_head = torch.stack([layer.valid.sum(-1).cpu() for layer in cache.layers])
-        stats.final_kv_bytes = cache.kv_bytes()
+        _record_what_was_kept(stats, state, cache)
         return GenerationOutput(sequences=generated, stats=stats,
                                 logits=torch.cat(logits_all, dim=1) if return_logits else None)
 
@@ -303,9 +301,7 @@ class MemoryManagedLM:
         stats.prefill_seconds += time.perf_counter() - t0
         logp = torch.log_softmax(torch.cat(pieces, dim=1)[0].float(), dim=-1)
         target = continuation_ids[0].to(logp.device)
-        stats.tokens_seen = state.seen.tolist()
-        stats.kept_per_layer_head = torch.stack([layer.valid.sum(-1).cpu() for layer in cache.layers])
-        stats.final_kv_bytes = cache.kv_bytes()
+        _record_what_was_kept(stats, state, cache)
         return logp.gather(-1, target[:, None])[:, 0].cpu(), stats
 
     def _start(self, attention_mask: torch.Tensor):
@@ -370,6 +366,12 @@ class MemoryManagedLM:
         stats.select_seconds += spent
         stats.updates += 1
         state.next_update += self.update_every
+
+
+def _record_what_was_kept(stats: MemoryStats, state: "_LoopState", cache: MemoryCache) -> None:
+    stats.tokens_seen = state.seen.tolist()
+    stats.kept_per_layer_head = torch.stack([layer.valid.sum(-1).cpu() for layer in cache.layers])
+    stats.final_kv_bytes = cache.kv_bytes()
 
 
 @dataclass

@@ -11,7 +11,6 @@ baseline's quality and searches upward from there.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -153,10 +152,3 @@ def _batch(data: ImitationData, idx: list[int]):
         valid[r, S - n:] = data.valid[i]
         keep[r, S - n:] = data.keep[i]
     return x, positions, valid, keep
-
-
-def imitating_namm(namm: NAMM) -> NAMM:
-    """A copy of `namm` whose scorer can be trained without touching the original."""
-    other = copy.copy(namm)
-    other.scorer = copy.deepcopy(namm.scorer)
-    return other

@@ -97,6 +97,13 @@ class NAMMConfig:
         spec = SpectrogramConfig(**d.pop("spectrogram", {}))
         return NAMMConfig(spectrogram=spec, **d)
 
+    @staticmethod
+    def from_spec(spec: dict) -> "NAMMConfig":
+        """The config a run's NAMM spec describes (its extra keys, e.g. `stats_prompts`, are
+        ignored; a spec recorded before format versions is version 1)."""
+        known = {f.name for f in fields(NAMMConfig)}
+        return NAMMConfig.from_dict({k: (list(v) if k == "mlp_hidden" else v) for k, v in spec.items() if k in known})
+
     @property
     def legacy(self) -> bool:
         return self.format_version == LEGACY_FORMAT_VERSION
@@ -236,7 +243,6 @@ class NAMM(MemoryPolicy):
         """This NAMM (same parameters and statistics) keeping at most `budget` tokens per layer and head."""
         other = copy.copy(self)
         other.config = replace(self.config, budget=str(Budget.parse(budget)), selection=selection)
-        other.source = self.source
         return other
 
     def memory_settings(self) -> dict:

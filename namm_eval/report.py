@@ -57,19 +57,29 @@ def summarize(rows: list[dict], seed: int = 0) -> tuple[list[str], list[dict]]:
 def bootstrap_interval(rows: list[dict], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
     """95% percentile bootstrap interval of the mean over tasks of the per-task mean score,
     resampling prompts within each task (each task keeps its number of prompts)."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
     by_task: dict[str, list[float]] = defaultdict(list)
     for r in rows:
         by_task[r["task"]].append(float(r["score"]))
+    return _interval(_resampled_means(by_task, resamples, seed))
+
+
+def _resampled_means(by_task: dict[str, list[float]], resamples: int, seed: int):
+    """[resamples] mean over tasks of each task's mean, its values drawn with replacement."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
     means = np.zeros(resamples)
-    for scores in by_task.values():
-        x = np.asarray(scores)
+    for values in by_task.values():
+        x = np.asarray(values)
         means += x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
-    means /= max(1, len(by_task))
+    return means / max(1, len(by_task))
+
+
+def _interval(samples) -> tuple[float, float]:
+    import numpy as np
+
     alpha = (1 - CONFIDENCE) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    return float(np.quantile(samples, alpha)), float(np.quantile(samples, 1 - alpha))
 
 
 def paired_difference(rows: list[dict], policy: str, other: str, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -86,14 +96,7 @@ def paired_difference(rows: list[dict], policy: str, other: str, resamples: int 
             by_task[r["task"]].append(score[(policy, r["sample_id"])] - score[(other, r["sample_id"])])
     if not by_task:
         raise ValueError(f"{policy} and {other} share no prompts")
-    rng = np.random.default_rng(seed)
-    diffs = np.zeros(resamples)
-    for values in by_task.values():
-        x = np.asarray(values)
-        diffs += x[rng.integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
-    diffs /= len(by_task)
-    alpha = (1 - CONFIDENCE) / 2
-    lo, hi = float(np.quantile(diffs, alpha)), float(np.quantile(diffs, 1 - alpha))
+    lo, hi = _interval(_resampled_means(by_task, resamples, seed))
     mean = float(np.mean([np.mean(v) for v in by_task.values()]))
     verdict = "better" if lo > 0 else ("worse" if hi < 0 else "tie")
     return {"policy": policy, "other": other, "difference": mean, "ci_low": lo, "ci_high": hi,

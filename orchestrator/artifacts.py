@@ -6,16 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from .plots import plot_evolution, plot_retention_per_layer
-from .state import EvolutionState, namm_config_from_spec
+from .state import EvolutionState
 
 TABLES = ("history.parquet", "validation.parquet", "fitness.png", "retention_per_layer.png")
 
 
 def export_artifacts(st: EvolutionState, cfg, out: Path, tracker, final: bool) -> None:
-    from namm_core import NAMM
+    from namm_core import NAMM, NAMMConfig
     from namm_eval.report import write_parquet_atomic
 
-    namm_cfg = namm_config_from_spec(st.namm_spec)
+    namm_cfg = NAMMConfig.from_spec(st.namm_spec)
     meta = {"run": cfg.name, "model": cfg.model.name, "generation": st.global_generation}
     NAMM.from_vector(st.es.mean, st.norm, namm_cfg).save_pretrained(
         out / "namm_latest", metadata={**meta, "kind": "cma-mean"})

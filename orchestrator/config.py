@@ -50,14 +50,6 @@ class NAMMSpec:
     budget: Optional[Union[str, int, float]] = None   # a fraction of the tokens seen (0.5) or a token count (1024)
     sinks: int = 0                        # the first N tokens are always kept (attention sinks; 0 in the paper)
 
-    def namm_config(self, memory: Optional["MemoryConfig"] = None):
-        """The NAMMConfig candidates are built with (records the memory settings evolved with)."""
-        from namm_core import NAMMConfig
-
-        return NAMMConfig(scorer=self.scorer, head_dim=self.head_dim, mlp_hidden=list(self.mlp_hidden),
-                          selection=self.selection, budget=self.budget, sinks=self.sinks,
-                          update_every=memory.update_every if memory else None,
-                          chunk_size=memory.chunk_size if memory else None)
 
 
 @dataclass
@@ -161,6 +153,14 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def namm_spec(self) -> dict:
+        """What a run records of the NAMM it evolves (checkpoints, workers): its fields, the
+        format version and the memory settings; `NAMMConfig.from_spec` builds it."""
+        from namm_core.namm import FORMAT_VERSION
+
+        return {**dataclasses.asdict(self.namm), "format_version": FORMAT_VERSION,
+                "update_every": self.memory.update_every, "chunk_size": self.memory.chunk_size}
 
 
 _NESTED = {"stages": StageConfig, "tasks": TaskSpec}
@@ -272,7 +272,9 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
     if cfg.namm.scorer not in ("bam", "mlp"):
         raise ConfigError(f"namm.scorer: expected 'bam' or 'mlp', got {cfg.namm.scorer!r}")
     try:
-        cfg.namm.budget = cfg.namm.namm_config(cfg.memory).budget   # normalised: "0.5", "1024"
+        from namm_core import NAMMConfig
+
+        cfg.namm.budget = NAMMConfig.from_spec(cfg.namm_spec()).budget   # normalised: "0.5", "1024"
     except ValueError as e:
         raise ConfigError(f"namm: {e}") from None
     from .fitness import KINDS

@@ -32,7 +32,7 @@ from .dispatch import ActorPool, Job
 from .es import EvolutionStrategy
 from .fitness import candidate_fitness
 from .runlock import RunLock
-from .state import EvolutionState, namm_spec
+from .state import EvolutionState
 from .tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -257,11 +257,11 @@ class EvolutionRun:
             self.state = state
             log.info("resuming %s from %s (generation %d)", self.cfg.name, path.name, state.global_generation)
             return
-        from namm_core import NAMM
+        from namm_core import NAMM, NAMMConfig
 
         self.state = EvolutionState(
-            config_hash=digest, num_params=NAMM(self.cfg.namm.namm_config(self.cfg.memory)).num_params,
-            namm_spec=namm_spec(self.cfg), model=self.cfg.model.name,
+            config_hash=digest, num_params=NAMM(NAMMConfig.from_spec(self.cfg.namm_spec())).num_params,
+            namm_spec=self.cfg.namm_spec(), model=self.cfg.model.name,
             sampler=np.random.RandomState(self.cfg.es.seed + 17))
 
     def _checkpoint(self) -> Path:
@@ -477,7 +477,7 @@ def default_pool_factory(cfg: RunConfig, actor_class=None) -> ActorPool:
     gpus = cfg.workers.gpus_per_actor
     if gpus == "auto":
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    init = dict(model=asdict(cfg.model), memory=asdict(cfg.memory), namm=asdict(cfg.namm),
+    init = dict(model=asdict(cfg.model), memory=asdict(cfg.memory), namm=cfg.namm_spec(),
                 torch_threads=cfg.workers.torch_threads, fitness=asdict(cfg.fitness))
 
     def make(i):

@@ -6,7 +6,7 @@ Version 1 payloads (the same fields, written before this class existed) are read
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import numpy as np
@@ -68,22 +68,3 @@ class EvolutionState:
         values["mlflow"] = MlflowRuns(**payload.get("mlflow", {}))
         values.setdefault("metrics_log", [])
         return cls(**values)
-
-
-def namm_spec(cfg) -> dict:
-    """What a checkpoint records of the NAMM being evolved: enough to rebuild it exactly."""
-    from namm_core.namm import FORMAT_VERSION
-
-    return {**asdict(cfg.namm), "format_version": FORMAT_VERSION,
-            "update_every": cfg.memory.update_every, "chunk_size": cfg.memory.chunk_size}
-
-
-def namm_config_from_spec(spec: dict):
-    """The NAMMConfig of a checkpoint's `namm_spec` (runs recorded before format versions: version 1)."""
-    from namm_core import NAMMConfig
-
-    return NAMMConfig(scorer=spec["scorer"], head_dim=spec["head_dim"], mlp_hidden=list(spec["mlp_hidden"]),
-                      selection=spec.get("selection", "threshold"), budget=spec.get("budget"),
-                      sinks=spec.get("sinks", 0),
-                      format_version=spec.get("format_version", 1), update_every=spec.get("update_every"),
-                      chunk_size=spec.get("chunk_size"))

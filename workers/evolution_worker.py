@@ -24,14 +24,11 @@ class EvolutionWorker:
     def __init__(self, model: dict, memory: dict, namm: dict, torch_threads: int = 1,
                  fitness: Optional[dict] = None):
         torch.set_num_threads(max(1, int(torch_threads)))
-        self.model, self.tokenizer = load_model(**{"name_or_path" if k == "name" else k: v for k, v in model.items()})
+        self.model, self.tokenizer = load_model(model["name"], **{k: v for k, v in model.items() if k != "name"})
         self.evaluator = Evaluator(self.model, self.tokenizer, update_every=memory["update_every"],
                                    chunk_size=memory["chunk_size"], fidelity_kl=False,
                                    share_prefixes=memory.get("shared_prefixes", 0))
-        self.namm_config = NAMMConfig(scorer=namm["scorer"], head_dim=namm["head_dim"],
-                                      mlp_hidden=list(namm["mlp_hidden"]), selection=namm.get("selection", "threshold"),
-                                      budget=namm.get("budget"), sinks=namm.get("sinks", 0), update_every=memory["update_every"],
-                                      chunk_size=memory["chunk_size"])
+        self.namm_config = NAMMConfig.from_spec(namm)   # the run's NAMM spec (RunConfig.namm_spec)
         fitness = fitness or {}
         self.fitness_kind = fitness.get("kind", "task_score")
         self.loglik_target = fitness.get("loglik_target", "reference")
