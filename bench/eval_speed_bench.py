@@ -30,17 +30,9 @@ sys.path.insert(0, str(ROOT))
 from bench.tables import markdown_table, write_result  # noqa: E402
 from namm_core import NAMM, NAMMConfig, load_model  # noqa: E402
 from namm_core.features import SpectrogramConfig, fold_frames, fold_rows, frame_magnitudes  # noqa: E402
+from namm_core.models import cpu_has_bf16  # noqa: E402
 from namm_eval.evaluator import Evaluator  # noqa: E402
 from namm_eval.tasks import load_tasks  # noqa: E402
-
-
-def cpu_has_bf16() -> bool:
-    """bf16 matmuls are fast on CPUs with AVX512-BF16 or AMX (lscpu flags); elsewhere they are emulated."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def seconds(fn, repeats: int) -> list[float]:

@@ -16,15 +16,21 @@ T = 0.85 and is listed with its own retention. The NAMM is used unchanged on eve
 
 Every table gives each mean over tasks with a bootstrap 95% interval over prompts, and the NAMM
 against each other policy paired on the same prompts: a difference whose interval holds 0 is a
-tie. Rows are written to the parquet file after every policy and reused when the same command
-runs again, so an interrupted board resumes where it stopped.
+tie. The work is shared by --workers processes (one model each; on 2 cores two one-thread
+workers do more per second than one two-thread process). Rows are written to the parquet file
+as they finish and reused when the same command runs again (same model, length, weights dtype,
+policy and, for a NAMM, the same weights), so an interrupted board resumes where it stopped.
 
-Writes bench/results/namm_board.md, namm_board.parquet and namm_board_<model>_<length>.png.
+Writes bench/results/namm_board.md, namm_board.parquet and namm_board_<model>_<length>_<budget>.png.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
+import pickle
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from namm_core import NAMM, budgeted_baselines, load_model, parse_policy  # noqa: E402
-from namm_core.files import write_text_atomic  # noqa: E402
+from namm_core.files import text_config, write_text_atomic  # noqa: E402
+from namm_core.models import cpu_has_bf16  # noqa: E402
 from namm_core.policies import Budget  # noqa: E402
 from namm_eval import report  # noqa: E402
 from namm_eval.evaluator import Evaluator  # noqa: E402
@@ -43,6 +50,7 @@ from namm_eval.tasks import load_tasks  # noqa: E402
 BASELINES = budgeted_baselines()
 FASTGEN = "fastgen:0.85"
 DEFAULT_CELLS = ["smollm2:1024:0.5,0.25:24", "smollm2:2048:0.5:12", "gemma3-270m:1024:0.5:24"]
+SAVE_EVERY = 8      # rows between parquet writes (and after every batch of policies)
 
 
 @dataclass
@@ -61,6 +69,116 @@ class Cell:
             raise SystemExit(f"--cell {text!r}: expected MODEL:LENGTH:B1[,B2...]:PROMPTS_PER_TASK ({e})") from None
 
 
+def fingerprint(policy) -> str:
+    """What must match for a stored row to stand for this policy: a NAMM's weights, else nothing more."""
+    if not isinstance(policy, NAMM):
+        return ""
+    digest = hashlib.sha256()
+    for tensor in (policy.get_params(), policy.norm_mean, policy.norm_var):
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --- one worker: a model, the cell's prompts and an Evaluator --------------------------------
+_WORKER: dict = {}
+
+
+def start_worker(model_name: str, dtype: str, threads: int, tasks: list[str], prompts: int, length: int, seed: int,
+                 update_every: int, chunk_size: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    model, tok = load_model(model_name, dtype=dtype)
+    _WORKER["samples"] = load_tasks(tasks, tok, prompts, length, seed)
+    _WORKER["evaluator"] = Evaluator(model, tok, update_every=update_every, chunk_size=chunk_size)
+
+
+def evaluate(policy_blob: bytes, sample_index: int) -> dict:
+    # policies travel as plain pickles (no shared-memory tensors per task), unpickled once per worker
+    policies = _WORKER.setdefault("policies", {})
+    if policy_blob not in policies:
+        policies[policy_blob] = pickle.loads(policy_blob)
+    result = _WORKER["evaluator"].run_sample(_WORKER["samples"][sample_index], policies[policy_blob])
+    return result.to_row()
+
+
+class InProcess:
+    """The executor of --workers 1: the same worker functions, in this process."""
+
+    def __init__(self, initializer, initargs):
+        initializer(*initargs)
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self):
+        pass
+
+
+class CellRunner:
+    """Evaluates policies on one cell's prompts with a pool of workers; resumes from and saves to the parquet."""
+
+    def __init__(self, cell: Cell, args, update_every: int, chunk_size: int, rows: list[dict], parquet: Path):
+        self.cell, self.args, self.rows, self.parquet = cell, args, rows, parquet
+        tasks = args.tasks.split(",")
+        initargs = (cell.model, args.dtype, args.threads, tasks, cell.prompts, cell.length, args.seed,
+                    update_every, chunk_size)
+        if args.workers == 1:
+            self.pool = InProcess(start_worker, initargs)
+            self.sample_ids, self.model_config = _cell_facts()
+        else:
+            import multiprocessing
+
+            self.pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=start_worker, initargs=initargs)
+            self.sample_ids, self.model_config = self.pool.submit(_cell_facts).result()
+        self.index = {self.key(r["policy"], r.get("fingerprint", ""), r["sample_id"]): r
+                      for r in rows if r["model"] == cell.model and r["context_length"] == cell.length
+                      and r.get("dtype", "float32") == args.dtype}
+
+    def key(self, policy_name: str, print_: str, sample_id: str) -> tuple:
+        return policy_name, print_, sample_id
+
+    def run(self, policies: list, bar: tqdm) -> list[list[dict]]:
+        """Every policy on every prompt; returns each policy's rows in prompt order."""
+        prints = [fingerprint(p) for p in policies]
+        futures = {}
+        for policy, print_ in zip(policies, prints):
+            blob = pickle.dumps(policy)
+            for i, sample_id in enumerate(self.sample_ids):
+                if self.key(policy.describe(), print_, sample_id) in self.index:
+                    bar.update(1)
+                else:
+                    futures[self.pool.submit(evaluate, blob, i)] = print_
+        pending = 0
+        done = as_completed(futures) if isinstance(self.pool, ProcessPoolExecutor) else list(futures)
+        for future in done:
+            row = dict(future.result(), model=self.cell.model, context_length=self.cell.length, seed=self.args.seed,
+                       dtype=self.args.dtype, fingerprint=futures[future])
+            self.rows.append(row)
+            self.index[self.key(row["policy"], row["fingerprint"], row["sample_id"])] = row
+            bar.update(1)
+            bar.set_postfix_str(f"{row['policy']} {row['task']} {row['score']:.2f}")
+            pending += 1
+            if pending >= SAVE_EVERY:
+                report.write_parquet_atomic(self.rows, self.parquet)
+                pending = 0
+        report.write_parquet_atomic(self.rows, self.parquet)
+        return [[self.index[self.key(p.describe(), f, s)] for s in self.sample_ids] for p, f in zip(policies, prints)]
+
+    def close(self):
+        self.pool.shutdown()
+
+
+def _cell_facts() -> tuple[list[str], object]:
+    """The prompts' ids and the model's text config (which layers attend to everything), from a worker."""
+    return [s.sample_id for s in _WORKER["samples"]], text_config(_WORKER["evaluator"].model)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--namm", type=Path, default=ROOT / "namms" / "smollm2", help="the NAMM directory")
@@ -72,15 +190,25 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=7, help="prompt seed (evolution uses seed 0 and its validation seed)")
     p.add_argument("--update-every", type=int, default=None, help="default: the NAMM's recorded interval")
     p.add_argument("--chunk-size", type=int, default=None, help="default: the NAMM's recorded chunk size")
-    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="worker processes, one model each (default: up to 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="model weights (default: bfloat16 where the CPU has bf16 instructions or on CUDA, else "
+                        "float32); every policy of a board uses the same")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--name", default="namm_board", help="file name stem of the results")
     args = p.parse_args(argv)
-    import pyarrow.parquet as pq
-    import torch
+    if args.workers < 1 or args.threads < 1:
+        raise SystemExit("--workers and --threads must be at least 1")
+    if args.dtype is None:
+        import torch
 
-    torch.set_num_threads(args.threads)
+        args.dtype = "bfloat16" if cpu_has_bf16() or torch.cuda.is_available() else "float32"
+    import pyarrow.parquet as pq
+
     cells = [Cell.parse(c) for c in (args.cell or DEFAULT_CELLS)]
+
     def load(directory: Path) -> NAMM:
         loaded = NAMM.from_pretrained(directory)
         resolved = directory.resolve()
@@ -89,70 +217,60 @@ def main(argv=None) -> int:
 
     namm, others = load(args.namm), [load(d) for d in args.also]
     label = namm.source
-    settings = {"update_every": args.update_every, "chunk_size": args.chunk_size}
     from namm_core.generation import resolve_memory_settings
 
-    update_every, chunk_size = resolve_memory_settings(namm, **settings)
+    update_every, chunk_size = resolve_memory_settings(namm, update_every=args.update_every,
+                                                       chunk_size=args.chunk_size)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     parquet = args.out_dir / f"{args.name}.parquet"
     rows = pq.read_table(parquet).to_pylist() if parquet.exists() else []
-    done = {(r["model"], r["context_length"], r["policy"], r["sample_id"]) for r in rows}
     sections = []
+    also = "".join(f" Also: `{o.source}`." for o in others)
+    head = (report.result_header() + f"\nNAMM: `{label}`.{also} Weights in {args.dtype}; {args.workers} worker "
+            f"process(es) x {args.threads} thread(s). FastGen (T = 0.85) keeps what its rule needs; its retention is "
+            "its own, not the budget.\n\n")
     for cell in cells:
-        model, tok = load_model(cell.model)
-        samples = load_tasks(args.tasks.split(","), tok, cell.prompts, cell.length, args.seed)
-        ev = Evaluator(model, tok, update_every=update_every, chunk_size=chunk_size)
-        total = len(samples) * (2 + len(cell.budgets) * (1 + len(others) + len(BASELINES)))
+        runner = CellRunner(cell, args, update_every, chunk_size, rows, parquet)
+        n = len(runner.sample_ids)
+        # a score >= 0 NAMM keeps what it keeps: one section, the baselines at its measured retention
+        as_saved = namm.config.budget is None and namm.config.selection == "threshold"
+        budgets = cell.budgets[:1] if as_saved else cell.budgets
+        total = n * (2 + len(budgets) * (1 + len(others) + len(BASELINES)))
         with tqdm(total=total, desc=f"{cell.model} {cell.length}", unit="prompt") as bar:
-            def run(policy, cell=cell, samples=samples, ev=ev, bar=bar) -> list[dict]:
-                out = []
-                for sample in samples:
-                    key = (cell.model, cell.length, policy.describe(), sample.sample_id)
-                    if key not in done:
-                        r = ev.run_sample(sample, policy)
-                        rows.append(dict(r.to_row(), model=cell.model, context_length=cell.length, seed=args.seed))
-                        done.add(key)
-                        bar.set_postfix_str(f"{r.policy} {r.task} {r.score:.2f}")
-                    bar.update(1)
-                    out.append(next(r for r in reversed(rows) if (r["model"], r["context_length"], r["policy"],
-                                                                   r["sample_id"]) == key))
-                report.write_parquet_atomic(rows, parquet)   # after every policy: an interrupted board resumes
-                return out
+            def at(budget: str) -> list:
+                return [o.with_budget(budget) for o in others] + [parse_policy(f"{b}:{budget}") for b in BASELINES]
 
-            full = run(parse_policy("full"))
-            fastgen = run(parse_policy(FASTGEN))
-            # a score >= 0 NAMM keeps what it keeps: one section, the baselines at its retention
-            as_saved = namm.config.budget is None and namm.config.selection == "threshold"
-            for budget in cell.budgets[:1] if as_saved else cell.budgets:
-                if as_saved:
-                    budgeted = namm      # a score >= 0 NAMM: the baselines get its retention
-                    part = run(budgeted)
-                    retention, matched = report.namm_matched_budget(model, part)
-                    budget = str(matched)
-                else:
-                    budgeted = namm.with_budget(budget)
-                    part = run(budgeted)
-                for other in others:
-                    part += run(other.with_budget(budget))
-                for name in BASELINES:
-                    part += run(parse_policy(f"{name}:{budget}"))
-                table_rows = full + part + fastgen
-                title = f"{cell.model}, {cell.length} tokens, budget {budget}, {len(samples)} held-out prompts"
-                plot = args.out_dir / f"{args.name}_{cell.model}_{cell.length}_{budget}.png"
-                report.plot_score_vs_retention(table_rows, plot, title=title)
-                sections.append(
-                    f"### {cell.model}, {cell.length} tokens, {budget} of the cache ({cell.prompts} prompts per task, "
-                    f"seed {args.seed}; updates every {update_every} tokens)\n\n"
-                    + report.format_table(table_rows, markdown=True) + "\n\n"
-                    + f"{budgeted.describe()} against each policy, paired on the same prompts:\n\n"
-                    + report.format_comparisons(table_rows, budgeted.describe(), markdown=True)
-                    + f"\n\n![{title}]({plot.name})\n")
-                also = "".join(f" Also: `{o.source}`." for o in others)
-                text = (report.result_header() + f"\nNAMM: `{label}`.{also} FastGen (T = 0.85) keeps what its rule needs; its "
-                        "retention is its own, not the budget.\n\n" + "\n".join(sections))
-                write_text_atomic(args.out_dir / f"{args.name}.md", text)
-        del model
-    print(text, flush=True)
+            if as_saved:
+                full, fastgen, namm_rows = runner.run([parse_policy("full"), parse_policy(FASTGEN), namm], bar)
+                _, matched = report.namm_matched_budget(runner.model_config, namm_rows)
+                budgets = [str(matched)]
+                parts = {budgets[0]: (namm, namm_rows + sum(runner.run(at(budgets[0]), bar), []))}
+            else:
+                batch = [parse_policy("full"), parse_policy(FASTGEN)]
+                for budget in budgets:
+                    batch += [namm.with_budget(budget)] + at(budget)
+                results = runner.run(batch, bar)   # one batch: no worker waits for a slow policy
+                full, fastgen = results[0], results[1]
+                per_budget = 1 + len(others) + len(BASELINES)
+                parts = {}
+                for j, budget in enumerate(budgets):
+                    chunk = results[2 + j * per_budget: 2 + (j + 1) * per_budget]
+                    parts[budget] = (batch[2 + j * per_budget], sum(chunk, []))
+        runner.close()
+        for budget, (budgeted, part) in parts.items():
+            table_rows = full + part + fastgen
+            title = f"{cell.model}, {cell.length} tokens, budget {budget}, {n} held-out prompts"
+            plot = args.out_dir / f"{args.name}_{cell.model}_{cell.length}_{budget}.png"
+            report.plot_score_vs_retention(table_rows, plot, title=title)
+            sections.append(
+                f"### {cell.model}, {cell.length} tokens, {budget} of the cache ({cell.prompts} prompts per task, "
+                f"seed {args.seed}; updates every {update_every} tokens)\n\n"
+                + report.format_table(table_rows, markdown=True) + "\n\n"
+                + f"{budgeted.describe()} against each policy, paired on the same prompts:\n\n"
+                + report.format_comparisons(table_rows, budgeted.describe(), markdown=True)
+                + f"\n\n![{title}]({plot.name})\n")
+            write_text_atomic(args.out_dir / f"{args.name}.md", head + "\n".join(sections))
+    print(head + "\n".join(sections), flush=True)
     return 0
 
 

@@ -48,6 +48,15 @@ def pick_device(device: Optional[str] = None) -> torch.device:
     return dev
 
 
+def cpu_has_bf16() -> bool:
+    """bf16 matmuls are fast on CPUs with AVX512-BF16 or AMX (lscpu flags); elsewhere they are emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def pick_dtype(device: torch.device, dtype: Optional[Union[str, torch.dtype]] = None) -> torch.dtype:
     """bf16 on GPU, fp32 on CPU (bf16 matmuls are slow on most CPUs), unless told otherwise."""
     if isinstance(dtype, torch.dtype):
