@@ -6,6 +6,7 @@ import re
 import pytest
 
 from namm_eval.tasks.base import Sample
+from namm_eval.tasks.synthetic import _QA_RELATIONS as RELATIONS
 from namm_eval.tasks.synthetic import CORPUS_PATH, TASKS, generate_samples, generate_suite, load_samples, save_samples
 
 ALL_TASKS = list(TASKS)
@@ -128,6 +129,28 @@ def check_sample(sample: Sample, tokenizer, length: int, seed: int, index: int):
         fact = next(s for s in re.split(r"(?<=\.) ", ctx) if answer in s)
         assert town in fact, "the answer is stated about the asked town"
         assert sample.meta["num_facts"] == 8
+    elif task == "fwe":
+        words = ctx.split(" ")
+        assert all(re.fullmatch(r"[a-z]+", w) for w in words)
+        counts = collections.Counter(words)
+        ranked = sorted(counts.values(), reverse=True)
+        assert len(sample.answers) == 3 and sorted(counts[w] for w in sample.answers) == sorted(ranked[:3])
+        assert ranked[2] > ranked[3], "the three answers are strictly the most frequent"
+        assert not any(a in w for a in sample.answers for w in counts if w != a), "no answer inside another word"
+        assert sample.meta["num_items"] == len(words)
+    elif task == "qa_2hop":
+        person, town, answer = sample.meta["person"], sample.meta["town"], sample.answers[0]
+        assert person in sample.input and town not in sample.input, "the question names the person only"
+        moves = dict(re.findall(r"([A-Z][a-z]+ [A-Z][a-z]+) moved to ([A-Z][a-z]+) last spring\.", ctx))
+        assert moves[person] == town and len(moves) == 3 and len(set(moves.values())) == 3
+        assert ctx.count(answer) == 1
+        fact = next(s for s in re.split(r"(?<=\.) ", ctx) if answer in s)
+        assert town in fact and person not in fact, "the answer is stated about the town, apart from the person"
+        # the same relation is stated for the other movers' towns too: one hop alone cannot answer
+        fact_template = next(f for f, q, _ in RELATIONS if sample.input.startswith("Question: " + q.split("{town}")[0]))
+        for other_town in set(moves.values()) - {town}:
+            pattern = re.escape(fact_template).replace(re.escape("{town}"), other_town).replace(re.escape("{value}"), ".+?")
+            assert re.search(pattern, ctx), (other_town, fact_template)
     else:
         raise AssertionError(f"no check for task {task}")
 

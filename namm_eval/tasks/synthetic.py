@@ -6,7 +6,7 @@ prompt (`sample.prompt()`, the template filled with context and input, no chat t
 
 Haystack tasks fill the context with paragraphs of `namm_eval/data/corpus.txt` (shuffled by the
 seed, trimmed a sentence at a time) and insert their needles between sentences at seeded depths.
-"cwe" and "kv_retrieval" fill the context with list items / JSON pairs instead.
+"cwe", "fwe" and "kv_retrieval" fill the context with list items, words or JSON pairs instead.
 
 Public API: `TASKS`, `generate_samples`, `generate_suite`, `save_samples`, `load_samples`.
 Metrics used: "contains_answer" (one answer) and "recall_contained" (several required values,
@@ -93,6 +93,9 @@ _CWE_TEMPLATE = ("Below is a numbered list of words. A few of the words occur ma
                  "Read it carefully and remember which words occur most often.\n\n{context}\n\n{input}")
 _KV_TEMPLATE = ("The JSON object below maps keys to values, and every key and value is a UUID. "
                 "Find the value that belongs to the key given after the object.\n\n{context}\n\n{input}")
+_FWE_TEMPLATE = ("Below is a long stretch of words with no meaning. Some words occur far more often than "
+                 "others. Keep count as you read, because you will be asked which words occur most often.\n\n"
+                 "{context}\n\n{input}")
 _QA_TEMPLATE = ("The document below is mostly ordinary prose, but it also states a few facts about some "
                 "small towns. Read it carefully and answer the question that follows it with a short "
                 "phrase taken from the document.\n\n{context}\n\n{input}")
@@ -491,46 +494,105 @@ def _cwe_items(seed_text: str, m: int) -> tuple[list[str], list[str], int, int]:
     return items, common, f_c, f_u
 
 
-def _cwe(tokenizer, length: int, seed: int, index: int) -> Sample:
-    job = _Job("cwe", tokenizer, length, seed, index)
-    seed_text = f"{job.rng.getrandbits(64)}"
-    question = (f"Question: What are the {_CWE_COMMON} most common words in the list above? "
-                f"Answer: The top {_CWE_COMMON} words that appear most often in the list are:")
-    built: dict[int, tuple[Sample, tuple]] = {}
+def _fit_list(job: _Job, build: Callable[[int], Sample], m0: int, per_item: float) -> tuple[int, Sample, int]:
+    """The number of list items m >= m0 whose built prompt is `job.length` tokens: a secant search on
+    measured lengths, starting from an estimate of tokens per item. Returns (m, sample, tokens)."""
+    built: dict[int, tuple[Sample, int]] = {}
 
-    def build(m: int) -> tuple[Sample, int]:
-        items, common, f_c, f_u = _cwe_items(seed_text, m)
-        context = "\n".join(f"{i}. {w}" for i, w in enumerate(items, 1))
-        sample = Sample(task="cwe", sample_id=job.sample_id, context=context, input=question,
-                        answers=list(common), metric="recall_contained", max_new_tokens=64,
-                        template=_CWE_TEMPLATE)
-        tokens = job.measure(sample)
-        built[m] = (sample, (tokens, common, f_c, f_u))
-        return sample, tokens
+    def measure(m: int) -> int:
+        sample = build(m)
+        built[m] = (sample, job.measure(sample))
+        return built[m][1]
 
-    m0 = _CWE_MIN_ITEMS
-    _, t0 = build(m0)
+    t0 = measure(m0)
     if job.length < t0:
         raise job.too_short(t0, t0)
-    # tokens per item, estimated from the item lines themselves (numbers at the right width)
-    items, *_ = _cwe_items(seed_text, m0)
-    probe = max(m0, job.length // 6)
-    per_item = max(1.0, sum(_batch_counts(tokenizer, [f"{probe + i}. {w}\n" for i, w in enumerate(items)])) / len(items))
     m_prev, t_prev = m0, t0
     m = max(m0, int(round(m0 + (job.length - t0) / per_item)))
     for _ in range(_MAX_MEASURES - 1):
         if m in built:
             break
-        _, t = build(m)
+        t = measure(m)
         if abs(t - job.length) <= max(1, int(job.length * _FINE)):
             break
         if m != m_prev and t != t_prev:
             per_item = max(0.5, (t - t_prev) / (m - m_prev))
         m_prev, t_prev = m, t
         m = max(m0, int(round(m + (job.length - t) / per_item)))
-    best_m = min(built, key=lambda k: abs(built[k][1][0] - job.length))
-    sample, (tokens, common, f_c, f_u) = built[best_m]
-    return job.finish(sample, tokens, required=list(common), num_items=best_m, freq_common=f_c, freq_uncommon=f_u)
+    best = min(built, key=lambda k: abs(built[k][1] - job.length))
+    return (best, *built[best])
+
+
+def _cwe(tokenizer, length: int, seed: int, index: int) -> Sample:
+    job = _Job("cwe", tokenizer, length, seed, index)
+    seed_text = f"{job.rng.getrandbits(64)}"
+    question = (f"Question: What are the {_CWE_COMMON} most common words in the list above? "
+                f"Answer: The top {_CWE_COMMON} words that appear most often in the list are:")
+
+    def build(m: int) -> Sample:
+        items, common, _, _ = _cwe_items(seed_text, m)
+        context = "\n".join(f"{i}. {w}" for i, w in enumerate(items, 1))
+        return Sample(task="cwe", sample_id=job.sample_id, context=context, input=question,
+                      answers=list(common), metric="recall_contained", max_new_tokens=64, template=_CWE_TEMPLATE)
+
+    # tokens per item, estimated from the item lines themselves (numbers at the right width)
+    items, *_ = _cwe_items(seed_text, _CWE_MIN_ITEMS)
+    probe = max(_CWE_MIN_ITEMS, job.length // 6)
+    per_item = max(1.0, sum(_batch_counts(tokenizer, [f"{probe + i}. {w}\n" for i, w in enumerate(items)])) / len(items))
+    m, sample, tokens = _fit_list(job, build, _CWE_MIN_ITEMS, per_item)
+    _, common, f_c, f_u = _cwe_items(seed_text, m)
+    return job.finish(sample, tokens, required=list(common), num_items=m, freq_common=f_c, freq_uncommon=f_u)
+
+
+_FWE_TOP = 3
+_FWE_MIN_ITEMS = 60
+_ZETA_2 = math.pi ** 2 / 6   # sum of 1/r^2: the normaliser of a Zipf law with exponent 2
+
+
+def _fwe_items(seed_text: str, m: int) -> tuple[list[str], list[str], list[int]]:
+    """`m` words drawn from a Zipf law with exponent 2 (as RULER's frequent-words task): the word of
+    rank r occurs floor(m / (zeta(2) r^2)) times (at least once) until m words are used. The three
+    most frequent have strictly larger counts than any other, and none is part of another word.
+    Returns (items shuffled, the three most frequent words, counts by rank)."""
+    rng = random.Random(seed_text)
+    pool = list(_cwe_pool())
+    rng.shuffle(pool)
+    top: list[str] = []
+    for w in pool:
+        if not any(w in t or t in w for t in top):
+            top.append(w)
+            if len(top) == _FWE_TOP:
+                break
+    rest = [w for w in pool if not any(w in t or t in w for t in top)]
+    counts, used, rank = [], 0, 1
+    while used < m:
+        c = min(m - used, max(1, int(m / (_ZETA_2 * rank * rank))))
+        counts.append(c)
+        used, rank = used + c, rank + 1
+    if len(counts) > _FWE_TOP + len(rest):
+        raise ValueError(f"fwe: {m} words need {len(counts)} distinct words; the word pool has {_FWE_TOP + len(rest)}")
+    words = top + rest[:len(counts) - _FWE_TOP]
+    items = [w for w, c in zip(words, counts) for _ in range(c)]
+    rng.shuffle(items)
+    return items, top, counts
+
+
+def _fwe(tokenizer, length: int, seed: int, index: int) -> Sample:
+    job = _Job("fwe", tokenizer, length, seed, index)
+    seed_text = f"{job.rng.getrandbits(64)}"
+    question = ("Question: What are the three words that occur most often in the text above? "
+                "Answer: The three words that occur most often in the text above are:")
+
+    def build(m: int) -> Sample:
+        items, top, _ = _fwe_items(seed_text, m)
+        return Sample(task="fwe", sample_id=job.sample_id, context=" ".join(items), input=question,
+                      answers=list(top), metric="recall_contained", max_new_tokens=32, template=_FWE_TEMPLATE)
+
+    items, *_ = _fwe_items(seed_text, _FWE_MIN_ITEMS)
+    per_item = max(1.0, sum(_batch_counts(tokenizer, [" " + w for w in items])) / len(items))
+    m, sample, tokens = _fit_list(job, build, _FWE_MIN_ITEMS, per_item)
+    _, top, counts = _fwe_items(seed_text, m)
+    return job.finish(sample, tokens, required=list(top), num_items=m, counts=counts[:_FWE_TOP + 1])
 
 
 def _uuid(rng: random.Random) -> str:
@@ -622,6 +684,41 @@ def _qa(tokenizer, length: int, seed: int, index: int) -> Sample:
                       num_facts=len(facts))
 
 
+def _qa_2hop(tokenizer, length: int, seed: int, index: int) -> Sample:
+    """Two-hop retrieval: "P moved to T" and a fact about T are stated apart; the question names P
+    only. Distractors: other people who moved to other towns, the same fact about those towns and a
+    town nobody moved to, and other facts about T."""
+    job = _Job("qa_2hop", tokenizer, length, seed, index)
+    rng = job.rng
+    towns = rng.sample(_TOWNS, 5)
+    movers = _distinct(rng, lambda: f"{rng.choice(_FIRST_NAMES)} {rng.choice(_SURNAMES)}", 3)
+    n_rel = len(_QA_RELATIONS)
+    target_rel = rng.randrange(n_rel)
+    combos = [(town, target_rel) for town in towns[:4]]
+    combos += [(towns[0], r) for r in rng.sample([r for r in range(n_rel) if r != target_rel], 2)]
+    pools = {"person": [f"{f} {s}" for f in _FIRST_NAMES for s in _SURNAMES], "river": list(_RIVERS),
+             "boat": list(_BOATS)}
+    used: set[str] = set(movers)
+    facts = [(mover, town, None, f"{mover} moved to {town} last spring.", None) for mover, town in zip(movers, towns)]
+    for town, r in combos:
+        sentence, _, kind = _QA_RELATIONS[r]
+        value = rng.choice([v for v in pools[kind] if v not in used])
+        used.add(value)
+        facts.append((None, town, r, sentence.format(town=town, value=value), value))
+    answer = next(f[4] for f in facts if f[1] == towns[0] and f[2] == target_rel)
+    sentences = [f[3] for f in facts]
+    rng.shuffle(sentences)
+    question = "Question: " + _QA_RELATIONS[target_rel][1].format(town=f"the town that {movers[0]} moved to") + "\nAnswer:"
+    depths = [_depth(rng) for _ in sentences]
+
+    def make(context):
+        return Sample(task="qa_2hop", sample_id=job.sample_id, context=context, input=question, answers=[answer],
+                      metric="contains_answer", max_new_tokens=32, template=_QA_TEMPLATE)
+
+    sample, tokens = _haystack_sample(job, list(zip(depths, sentences)), make)
+    return job.finish(sample, tokens, person=movers[0], town=towns[0], num_facts=len(sentences))
+
+
 TASKS: dict[str, Callable[..., Sample]] = {
     "passkey": _passkey,
     "niah_single": functools.partial(_niah, "niah_single"),
@@ -632,6 +729,8 @@ TASKS: dict[str, Callable[..., Sample]] = {
     "cwe": _cwe,
     "kv_retrieval": _kv_retrieval,
     "qa": _qa,
+    "fwe": _fwe,
+    "qa_2hop": _qa_2hop,
 }
 
 
