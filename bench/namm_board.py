@@ -226,7 +226,8 @@ def main(argv=None) -> int:
     rows = pq.read_table(parquet).to_pylist() if parquet.exists() else []
     sections = []
     also = "".join(f" Also: `{o.source}`." for o in others)
-    head = (report.result_header() + f"\nNAMM: `{label}`.{also} Weights in {args.dtype}; {args.workers} worker "
+    header = report.result_header(None if argv is None else [str(Path(__file__).relative_to(ROOT)), *argv])
+    head = (header + f"\nNAMM: `{label}`.{also} Weights in {args.dtype}; {args.workers} worker "
             f"process(es) x {args.threads} thread(s). FastGen (T = 0.85) keeps what its rule needs; its retention is "
             "its own, not the budget.\n\n")
     for cell in cells:

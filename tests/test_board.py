@@ -1,0 +1,62 @@
+"""The board (bench/namm_board.py): worker processes give the same rows as one process, and a rerun
+reuses every stored row except those of a NAMM whose weights changed."""
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import namm_board  # noqa: E402
+from namm_core import NAMM, NAMMConfig  # noqa: E402
+
+CELL = "tiny-random:300:0.5:1"
+TASKS = "passkey,qa"
+
+
+def budgeted_namm(directory: Path, seed: int) -> Path:
+    namm = NAMM(NAMMConfig(selection="top_k", budget="0.5"))
+    namm.set_params(torch.randn(namm.num_params, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    namm.save_pretrained(directory)
+    return directory
+
+
+def board(namm_dir: Path, out: Path, workers: int) -> list[dict]:
+    assert namm_board.main(["--cell", CELL, "--tasks", TASKS, "--namm", str(namm_dir), "--workers", str(workers),
+                            "--dtype", "float32", "--out-dir", str(out)]) == 0
+    return pq.read_table(out / "namm_board.parquet").to_pylist()
+
+
+def outcome(rows: list[dict]) -> dict:
+    return {(r["policy"], r["fingerprint"], r["sample_id"]): (r["score"], r["prediction"], r["retention_per_layer"])
+            for r in rows}
+
+
+def test_workers_equal_one_process_and_reruns_compute_only_what_changed(tmp_path):
+    first = budgeted_namm(tmp_path / "namm_a", seed=1)
+    one = board(first, tmp_path / "one", workers=1)
+    # full, FastGen, the NAMM at 0.5 and five baselines, on 2 prompts
+    assert len(one) == 2 * 8 and {r["dtype"] for r in one} == {"float32"}
+    text = (tmp_path / "one" / "namm_board.md").read_text()
+    assert [line.startswith("| full |") for line in text.splitlines()].count(True) == 1
+    assert text.startswith("Command: `bench/namm_board.py --cell tiny-random:300:0.5:1")
+
+    two = board(first, tmp_path / "two", workers=2)
+    assert outcome(two) == outcome(one), "two worker processes give the rows one process gives"
+
+    assert outcome(board(first, tmp_path / "one", workers=2)) == outcome(one), "a rerun computes nothing"
+
+    # new weights in the same directory: same policy name, so only the weights tell the rows apart
+    budgeted_namm(first, seed=2)
+    rows = board(first, tmp_path / "one", workers=1)
+    new = [r for r in rows if (r["policy"], r["fingerprint"], r["sample_id"]) not in outcome(one)]
+    assert len(new) == 2 and {r["policy"] for r in new} == {f"namm:{first}@0.5"}
+    assert len({r["fingerprint"] for r in rows if r["policy"].startswith("namm")}) == 2
+
+
+def test_bad_worker_count_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="--workers and --threads must be at least 1"):
+        namm_board.main(["--cell", CELL, "--workers", "0", "--out-dir", str(tmp_path)])
