@@ -93,13 +93,17 @@ def start_worker(model_name: str, dtype: str, threads: int, tasks: list[str], pr
     _WORKER["evaluator"] = Evaluator(model, tok, update_every=update_every, chunk_size=chunk_size)
 
 
-def evaluate(policy_blob: bytes, sample_index: int) -> dict:
+def evaluate(policy_blob: bytes, sample_index: int, kind: str = "score") -> dict:
+    """One prompt under one policy: the task score of the decoded reply ("score") or the
+    teacher-forced log-likelihood of the reference answer ("loglik")."""
     # policies travel as plain pickles (no shared-memory tensors per task), unpickled once per worker
     policies = _WORKER.setdefault("policies", {})
     if policy_blob not in policies:
         policies[policy_blob] = pickle.loads(policy_blob)
-    result = _WORKER["evaluator"].run_sample(_WORKER["samples"][sample_index], policies[policy_blob])
-    return result.to_row()
+    sample, evaluator = _WORKER["samples"][sample_index], _WORKER["evaluator"]
+    if kind == "loglik":
+        return evaluator.run_loglik(sample, policies[policy_blob]).to_row()
+    return evaluator.run_sample(sample, policies[policy_blob]).to_row()
 
 
 class InProcess:
@@ -136,31 +140,32 @@ class CellRunner:
             self.pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=start_worker, initargs=initargs)
             self.sample_ids, self.model_config = self.pool.submit(_cell_facts).result()
-        self.index = {self.key(r["policy"], r.get("fingerprint", ""), r["sample_id"]): r
+        self.index = {self.key(r.get("kind", "score"), r["policy"], r.get("fingerprint", ""), r["sample_id"]): r
                       for r in rows if r["model"] == cell.model and r["context_length"] == cell.length
                       and r.get("dtype", "float32") == args.dtype}
 
-    def key(self, policy_name: str, print_: str, sample_id: str) -> tuple:
-        return policy_name, print_, sample_id
+    @staticmethod
+    def key(kind: str, policy_name: str, print_: str, sample_id: str) -> tuple:
+        return kind, policy_name, print_, sample_id
 
-    def run(self, policies: list, bar: tqdm) -> list[list[dict]]:
+    def run(self, policies: list, bar: tqdm, kind: str = "score") -> list[list[dict]]:
         """Every policy on every prompt; returns each policy's rows in prompt order."""
         prints = [fingerprint(p) for p in policies]
         futures = {}
         for policy, print_ in zip(policies, prints):
             blob = pickle.dumps(policy)
             for i, sample_id in enumerate(self.sample_ids):
-                if self.key(policy.describe(), print_, sample_id) in self.index:
+                if self.key(kind, policy.describe(), print_, sample_id) in self.index:
                     bar.update(1)
                 else:
-                    futures[self.pool.submit(evaluate, blob, i)] = print_
+                    futures[self.pool.submit(evaluate, blob, i, kind)] = print_
         pending = 0
         done = as_completed(futures) if isinstance(self.pool, ProcessPoolExecutor) else list(futures)
         for future in done:
             row = dict(future.result(), model=self.cell.model, context_length=self.cell.length, seed=self.args.seed,
-                       dtype=self.args.dtype, fingerprint=futures[future])
+                       dtype=self.args.dtype, fingerprint=futures[future], kind=kind)
             self.rows.append(row)
-            self.index[self.key(row["policy"], row["fingerprint"], row["sample_id"])] = row
+            self.index[self.key(kind, row["policy"], row["fingerprint"], row["sample_id"])] = row
             bar.update(1)
             bar.set_postfix_str(f"{row['policy']} {row['task']} {row['score']:.2f}")
             pending += 1
@@ -168,7 +173,8 @@ class CellRunner:
                 report.write_parquet_atomic(self.rows, self.parquet)
                 pending = 0
         report.write_parquet_atomic(self.rows, self.parquet)
-        return [[self.index[self.key(p.describe(), f, s)] for s in self.sample_ids] for p, f in zip(policies, prints)]
+        return [[self.index[self.key(kind, p.describe(), f, s)] for s in self.sample_ids]
+                for p, f in zip(policies, prints)]
 
     def close(self):
         self.pool.shutdown()
