@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import pickle
 import sys
@@ -76,6 +77,8 @@ def fingerprint(policy) -> str:
     digest = hashlib.sha256()
     for tensor in (policy.get_params(), policy.norm_mean, policy.norm_var):
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    config = {k: v for k, v in policy.config.to_dict().items() if k != "weights_sha256"}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 
 
@@ -106,6 +109,19 @@ def evaluate(policy_blob: bytes, sample_index: int, kind: str = "score") -> dict
     return evaluator.run_sample(sample, policies[policy_blob]).to_row()
 
 
+class _Deferred:
+    """A future of --workers 1: runs when its result is asked for, so rows are saved as they come."""
+
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+    def cancel(self):
+        return True
+
+
 class InProcess:
     """The executor of --workers 1: the same worker functions, in this process."""
 
@@ -113,21 +129,22 @@ class InProcess:
         initializer(*initargs)
 
     def submit(self, fn, *args):
-        from concurrent.futures import Future
+        return _Deferred(fn, args)
 
-        future = Future()
-        future.set_result(fn(*args))
-        return future
-
-    def shutdown(self):
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False):
         pass
 
 
 class CellRunner:
-    """Evaluates policies on one cell's prompts with a pool of workers; resumes from and saves to the parquet."""
+    """Evaluates policies on one cell's prompts with a pool of workers; resumes from and saves to the parquet.
+
+    A stored row stands for a new one when model, length, weights dtype, memory settings (update
+    interval, chunk size), kind of evaluation, policy and NAMM fingerprint are all the same."""
 
     def __init__(self, cell: Cell, args, update_every: int, chunk_size: int, rows: list[dict], parquet: Path):
         self.cell, self.args, self.rows, self.parquet = cell, args, rows, parquet
+        self.settings = {"model": cell.model, "context_length": cell.length, "dtype": args.dtype,
+                         "update_every": update_every, "chunk_size": chunk_size}
         tasks = args.tasks.split(",")
         initargs = (cell.model, args.dtype, args.threads, tasks, cell.prompts, cell.length, args.seed,
                     update_every, chunk_size)
@@ -140,9 +157,8 @@ class CellRunner:
             self.pool = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=start_worker, initargs=initargs)
             self.sample_ids, self.model_config = self.pool.submit(_cell_facts).result()
-        self.index = {self.key(r.get("kind", "score"), r["policy"], r.get("fingerprint", ""), r["sample_id"]): r
-                      for r in rows if r["model"] == cell.model and r["context_length"] == cell.length
-                      and r.get("dtype", "float32") == args.dtype}
+        self.index = {self.key(r.get("kind") or "score", r["policy"], r.get("fingerprint") or "", r["sample_id"]): r
+                      for r in rows if all(r.get(k) == v for k, v in self.settings.items())}
 
     @staticmethod
     def key(kind: str, policy_name: str, print_: str, sample_id: str) -> tuple:
@@ -151,38 +167,72 @@ class CellRunner:
     def run(self, policies: list, bar: tqdm, kind: str = "score") -> list[list[dict]]:
         """Every policy on every prompt; returns each policy's rows in prompt order."""
         prints = [fingerprint(p) for p in policies]
-        futures = {}
+        futures, submitted = {}, set()
         for policy, print_ in zip(policies, prints):
             blob = pickle.dumps(policy)
             for i, sample_id in enumerate(self.sample_ids):
-                if self.key(kind, policy.describe(), print_, sample_id) in self.index:
+                key = self.key(kind, policy.describe(), print_, sample_id)
+                if key in self.index or key in submitted:   # stored, or the same policy twice in a batch
                     bar.update(1)
-                else:
-                    futures[self.pool.submit(evaluate, blob, i, kind)] = print_
-        pending = 0
-        done = as_completed(futures) if isinstance(self.pool, ProcessPoolExecutor) else list(futures)
-        for future in done:
-            row = dict(future.result(), model=self.cell.model, context_length=self.cell.length, seed=self.args.seed,
-                       dtype=self.args.dtype, fingerprint=futures[future], kind=kind)
-            self.rows.append(row)
-            self.index[self.key(kind, row["policy"], row["fingerprint"], row["sample_id"])] = row
-            bar.update(1)
-            bar.set_postfix_str(f"{row['policy']} {row['task']} {row['score']:.2f}")
-            pending += 1
-            if pending >= SAVE_EVERY:
-                report.write_parquet_atomic(self.rows, self.parquet)
-                pending = 0
-        report.write_parquet_atomic(self.rows, self.parquet)
+                    continue
+                submitted.add(key)
+                futures[self.pool.submit(evaluate, blob, i, kind)] = print_
+        unsaved = 0
+        try:
+            done = as_completed(futures) if isinstance(self.pool, ProcessPoolExecutor) else list(futures)
+            for future in done:
+                row = dict(future.result(), **self.settings, seed=self.args.seed, fingerprint=futures[future], kind=kind)
+                self.rows.append(row)
+                self.index[self.key(kind, row["policy"], row["fingerprint"], row["sample_id"])] = row
+                bar.update(1)
+                bar.set_postfix_str(f"{row['policy']} {row['task']} {row['score']:.2f}")
+                unsaved += 1
+                if unsaved >= SAVE_EVERY:
+                    report.write_parquet_atomic(self.rows, self.parquet)
+                    unsaved = 0
+        finally:   # an error or Ctrl-C: keep what finished, drop the queue instead of running it
+            report.write_parquet_atomic(self.rows, self.parquet)
+            if any(not f.done() for f in futures if hasattr(f, "done")):
+                self.pool.shutdown(wait=False, cancel_futures=True)
         return [[self.index[self.key(kind, p.describe(), f, s)] for s in self.sample_ids]
                 for p, f in zip(policies, prints)]
 
     def close(self):
-        self.pool.shutdown()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _cell_facts() -> tuple[list[str], object]:
     """The prompts' ids and the model's text config (which layers attend to everything), from a worker."""
     return [s.sample_id for s in _WORKER["samples"]], text_config(_WORKER["evaluator"].model)
+
+
+def run_cell(cell: Cell, runner: CellRunner, namm: NAMM, others: list[NAMM]):
+    """The full cache, FastGen, and per budget the NAMM, the other NAMMs and the baselines.
+    Returns ({budget: (the NAMM as run, the section's rows)}, full rows, FastGen rows, prompts)."""
+    n = len(runner.sample_ids)
+    # a score >= 0 NAMM keeps what it keeps: one section, the baselines at its measured retention
+    as_saved = namm.config.budget is None and namm.config.selection == "threshold"
+    budgets = cell.budgets[:1] if as_saved else cell.budgets
+    total = n * (2 + len(budgets) * (1 + len(others) + len(BASELINES)))
+    with tqdm(total=total, desc=f"{cell.model} {cell.length}", unit="prompt") as bar:
+        def at(budget: str) -> list:
+            return [o.with_budget(budget) for o in others] + [parse_policy(f"{b}:{budget}") for b in BASELINES]
+
+        if as_saved:
+            full, fastgen, namm_rows = runner.run([parse_policy("full"), parse_policy(FASTGEN), namm], bar)
+            _, matched = report.namm_matched_budget(runner.model_config, namm_rows)
+            budget = str(matched)
+            return {budget: (namm, namm_rows + sum(runner.run(at(budget), bar), []))}, full, fastgen, n
+        batch = [parse_policy("full"), parse_policy(FASTGEN)]
+        for budget in budgets:
+            batch += [namm.with_budget(budget)] + at(budget)
+        results = runner.run(batch, bar)   # one batch: no worker waits for a slow policy
+    per_budget = 1 + len(others) + len(BASELINES)
+    parts = {}
+    for j, budget in enumerate(budgets):
+        chunk = results[2 + j * per_budget: 2 + (j + 1) * per_budget]
+        parts[budget] = (batch[2 + j * per_budget], sum(chunk, []))
+    return parts, results[0], results[1], n
 
 
 def main(argv=None) -> int:
@@ -196,21 +246,26 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=7, help="prompt seed (evolution uses seed 0 and its validation seed)")
     p.add_argument("--update-every", type=int, default=None, help="default: the NAMM's recorded interval")
     p.add_argument("--chunk-size", type=int, default=None, help="default: the NAMM's recorded chunk size")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="worker processes, one model each (default: up to 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, one model each (default: 1 on a GPU, else up to 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: CPUs / workers)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="model weights (default: bfloat16 where the CPU has bf16 instructions or on CUDA, else "
                         "float32); every policy of a board uses the same")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--name", default="namm_board", help="file name stem of the results")
     args = p.parse_args(argv)
-    if args.workers < 1 or args.threads < 1:
-        raise SystemExit("--workers and --threads must be at least 1")
-    if args.dtype is None:
-        import torch
+    import torch
 
-        args.dtype = "bfloat16" if cpu_has_bf16() or torch.cuda.is_available() else "float32"
+    cuda = torch.cuda.is_available()
+    if args.workers is None:
+        args.workers = 1 if cuda else min(2, os.cpu_count() or 1)
+    if args.workers < 1 or (args.threads is not None and args.threads < 1):
+        raise SystemExit("--workers and --threads must be at least 1")
+    if args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // args.workers)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if cpu_has_bf16() or cuda else "float32"
     import pyarrow.parquet as pq
 
     cells = [Cell.parse(c) for c in (args.cell or DEFAULT_CELLS)]
@@ -232,38 +287,16 @@ def main(argv=None) -> int:
     rows = pq.read_table(parquet).to_pylist() if parquet.exists() else []
     sections = []
     also = "".join(f" Also: `{o.source}`." for o in others)
-    header = report.result_header(None if argv is None else [str(Path(__file__).relative_to(ROOT)), *argv])
+    header = report.result_header(None if argv is None else [str(Path(__file__).resolve().relative_to(ROOT)), *argv])
     head = (header + f"\nNAMM: `{label}`.{also} Weights in {args.dtype}; {args.workers} worker "
             f"process(es) x {args.threads} thread(s). FastGen (T = 0.85) keeps what its rule needs; its retention is "
             "its own, not the budget.\n\n")
     for cell in cells:
         runner = CellRunner(cell, args, update_every, chunk_size, rows, parquet)
-        n = len(runner.sample_ids)
-        # a score >= 0 NAMM keeps what it keeps: one section, the baselines at its measured retention
-        as_saved = namm.config.budget is None and namm.config.selection == "threshold"
-        budgets = cell.budgets[:1] if as_saved else cell.budgets
-        total = n * (2 + len(budgets) * (1 + len(others) + len(BASELINES)))
-        with tqdm(total=total, desc=f"{cell.model} {cell.length}", unit="prompt") as bar:
-            def at(budget: str) -> list:
-                return [o.with_budget(budget) for o in others] + [parse_policy(f"{b}:{budget}") for b in BASELINES]
-
-            if as_saved:
-                full, fastgen, namm_rows = runner.run([parse_policy("full"), parse_policy(FASTGEN), namm], bar)
-                _, matched = report.namm_matched_budget(runner.model_config, namm_rows)
-                budgets = [str(matched)]
-                parts = {budgets[0]: (namm, namm_rows + sum(runner.run(at(budgets[0]), bar), []))}
-            else:
-                batch = [parse_policy("full"), parse_policy(FASTGEN)]
-                for budget in budgets:
-                    batch += [namm.with_budget(budget)] + at(budget)
-                results = runner.run(batch, bar)   # one batch: no worker waits for a slow policy
-                full, fastgen = results[0], results[1]
-                per_budget = 1 + len(others) + len(BASELINES)
-                parts = {}
-                for j, budget in enumerate(budgets):
-                    chunk = results[2 + j * per_budget: 2 + (j + 1) * per_budget]
-                    parts[budget] = (batch[2 + j * per_budget], sum(chunk, []))
-        runner.close()
+        try:
+            parts, full, fastgen, n = run_cell(cell, runner, namm, others)
+        finally:
+            runner.close()
         for budget, (budgeted, part) in parts.items():
             table_rows = full + part + fastgen
             title = f"{cell.model}, {cell.length} tokens, budget {budget}, {n} held-out prompts"

@@ -12,8 +12,10 @@ from namm_core.files import atomic_path, text_config
 
 
 def write_parquet_atomic(rows: list[dict], path) -> Path:
+    # every key of every row becomes a column (pyarrow takes the columns from the first row alone)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows]), tmp)
     return Path(path)
 
 

@@ -24,9 +24,9 @@ def budgeted_namm(directory: Path, seed: int) -> Path:
     return directory
 
 
-def board(namm_dir: Path, out: Path, workers: int) -> list[dict]:
+def board(namm_dir: Path, out: Path, workers: int, dtype: str = "float32") -> list[dict]:
     assert namm_board.main(["--cell", CELL, "--tasks", TASKS, "--namm", str(namm_dir), "--workers", str(workers),
-                            "--dtype", "float32", "--out-dir", str(out)]) == 0
+                            "--dtype", dtype, "--out-dir", str(out)]) == 0
     return pq.read_table(out / "namm_board.parquet").to_pylist()
 
 
@@ -47,14 +47,33 @@ def test_workers_equal_one_process_and_reruns_compute_only_what_changed(tmp_path
     two = board(first, tmp_path / "two", workers=2)
     assert outcome(two) == outcome(one), "two worker processes give the rows one process gives"
 
-    assert outcome(board(first, tmp_path / "one", workers=2)) == outcome(one), "a rerun computes nothing"
+    again = board(first, tmp_path / "one", workers=2)
+    assert len(again) == len(one) and outcome(again) == outcome(one), "a rerun computes nothing"
 
     # new weights in the same directory: same policy name, so only the weights tell the rows apart
     budgeted_namm(first, seed=2)
     rows = board(first, tmp_path / "one", workers=1)
-    new = [r for r in rows if (r["policy"], r["fingerprint"], r["sample_id"]) not in outcome(one)]
+    new = rows[len(one):]
     assert len(new) == 2 and {r["policy"] for r in new} == {f"namm:{first}@0.5"}
     assert len({r["fingerprint"] for r in rows if r["policy"].startswith("namm")}) == 2
+
+    # other weights dtype: nothing reused
+    assert len(board(first, tmp_path / "one", workers=1, dtype="bfloat16")) == len(rows) + 16
+
+
+def test_rows_written_before_a_column_existed_keep_the_new_columns(tmp_path):
+    from namm_eval.report import write_parquet_atomic
+
+    path = write_parquet_atomic([{"policy": "full"}, {"policy": "h2o:0.5", "dtype": "bfloat16"}], tmp_path / "r.parquet")
+    assert pq.read_table(path).to_pylist() == [{"policy": "full", "dtype": None},
+                                               {"policy": "h2o:0.5", "dtype": "bfloat16"}]
+
+
+def test_a_score_threshold_namm_gives_the_baselines_its_retention(tmp_path):
+    directory = tmp_path / "threshold"
+    NAMM().save_pretrained(directory)     # zero scores: keeps everything, retention 1.0
+    rows = board(directory, tmp_path / "out", workers=1)
+    assert {r["policy"] for r in rows} >= {f"namm:{directory}", "streamingllm:1.0", "h2o:1.0"}
 
 
 def test_bad_worker_count_is_refused(tmp_path):

@@ -690,7 +690,7 @@ def _qa_2hop(tokenizer, length: int, seed: int, index: int) -> Sample:
     town nobody moved to, and other facts about T."""
     job = _Job("qa_2hop", tokenizer, length, seed, index)
     rng = job.rng
-    towns = rng.sample(_TOWNS, 5)
+    towns = rng.sample(_TOWNS, 4)
     movers = _distinct(rng, lambda: f"{rng.choice(_FIRST_NAMES)} {rng.choice(_SURNAMES)}", 3)
     n_rel = len(_QA_RELATIONS)
     target_rel = rng.randrange(n_rel)
