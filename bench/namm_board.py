@@ -235,6 +235,36 @@ def run_cell(cell: Cell, runner: CellRunner, namm: NAMM, others: list[NAMM]):
     return parts, results[0], results[1], n
 
 
+def family(label: str) -> str:
+    """A policy's name without its budget (FastGen keeps its threshold): one row of the summary."""
+    if label.startswith("namm:") or label == "namm":
+        return label.rpartition("@")[0] if "@" in label.split("/")[-1] else label
+    if label.startswith("fastgen") or ":" not in label:
+        return label
+    return label.split(":")[0]
+
+
+def summary(sections: list[tuple[str, str, list[dict]]]) -> str:
+    """Every section side by side: each policy's mean [95% interval], then the NAMM against each."""
+    names = list(dict.fromkeys(family(r["policy"]) for _, _, rows in sections for r in rows))
+    cells = {}
+    for title, namm_label, rows in sections:
+        for s in report.summarize(rows)[1]:
+            cells[(family(s["policy"]), title)] = f"{s['mean']:.3f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
+        for other in dict.fromkeys(r["policy"] for r in rows):
+            if other != namm_label:
+                d = report.paired_difference(rows, namm_label, other)
+                cells[("vs", family(other), title)] = f"{d['verdict']} ({d['difference']:+.3f})"
+    titles = [t for t, _, _ in sections]
+    means = [[n, *[cells.get((n, t), "") for t in titles]] for n in names]
+    namm_name = family(sections[0][1])
+    verdicts = [[n, *[cells.get(("vs", n, t), "") for t in titles]] for n in names if n != namm_name]
+    return ("### All sections\n\nMean over tasks [bootstrap 95% interval]:\n\n"
+            + report.markdown_table(["policy", *titles], means)
+            + f"\n\n{namm_name} against each policy, paired on the same prompts (tie: the interval holds 0):\n\n"
+            + report.markdown_table(["policy", *titles], verdicts) + "\n")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--namm", type=Path, default=ROOT / "namms" / "smollm2", help="the NAMM directory")
@@ -285,7 +315,7 @@ def main(argv=None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     parquet = args.out_dir / f"{args.name}.parquet"
     rows = pq.read_table(parquet).to_pylist() if parquet.exists() else []
-    sections = []
+    sections, summaries = [], []
     also = "".join(f" Also: `{o.source}`." for o in others)
     header = report.result_header(None if argv is None else [str(Path(__file__).resolve().relative_to(ROOT)), *argv])
     head = (header + f"\nNAMM: `{label}`.{also} Weights in {args.dtype}; {args.workers} worker "
@@ -309,8 +339,9 @@ def main(argv=None) -> int:
                 + f"{budgeted.describe()} against each policy, paired on the same prompts:\n\n"
                 + report.format_comparisons(table_rows, budgeted.describe(), markdown=True)
                 + f"\n\n![{title}]({plot.name})\n")
-            write_text_atomic(args.out_dir / f"{args.name}.md", head + "\n".join(sections))
-    print(head + "\n".join(sections), flush=True)
+            summaries.append((f"{cell.model} {cell.length} @{budget}", budgeted.describe(), table_rows))
+            write_text_atomic(args.out_dir / f"{args.name}.md", head + summary(summaries) + "\n" + "\n".join(sections))
+    print(head + summary(summaries) + "\n" + "\n".join(sections), flush=True)
     return 0
 
 
