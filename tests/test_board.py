@@ -41,7 +41,9 @@ def test_workers_equal_one_process_and_reruns_compute_only_what_changed(tmp_path
     # full, FastGen, the NAMM at 0.5 and five baselines, on 2 prompts
     assert len(one) == 2 * 8 and {r["dtype"] for r in one} == {"float32"}
     text = (tmp_path / "one" / "namm_board.md").read_text()
-    assert [line.startswith("| full |") for line in text.splitlines()].count(True) == 1
+    # the summary (means, then the NAMM's verdicts) and the one section each have a row for the full cache
+    assert [line.startswith("| full |") for line in text.splitlines()].count(True) == 3
+    assert text.count("### All sections") == 1 and text.count("### tiny-random, 300 tokens, 0.5 of the cache") == 1
     assert text.startswith("Command: `bench/namm_board.py --cell tiny-random:300:0.5:1")
 
     two = board(first, tmp_path / "two", workers=2)
