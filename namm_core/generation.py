@@ -353,8 +353,7 @@ class MemoryManagedLM:
         step = StepInfo(seen=state.seen, processed=processed, query_positions=positions,
                         query_valid=real, next_update=state.next_update)
         tp = time.perf_counter()
-        for layer_idx, layer in enumerate(cache.layers):
-            keep = self.policy.select(layer_idx, layer, step)
+        for layer, keep in zip(cache.layers, self.policy.select_all(cache.layers, step)):
             if layer.sliding_window is not None:
                 newest = layer.newest_positions()
                 in_window = layer.positions > newest - layer.sliding_window

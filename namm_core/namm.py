@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .features import RunningMoments, SpectrogramConfig, fold_rows, recency_embedding
-from .policies import Budget, MemoryPolicy, StepInfo, keep_top
+from .policies import Budget, MemoryPolicy, StepInfo, keep_top, pool_over_slots, shared_selection
 from .scorers import build_scorer
 
 CONFIG_NAME = "namm_config.json"
@@ -42,6 +42,7 @@ FORMAT_VERSION = 2
 LEGACY_FORMAT_VERSION = 1
 NORM_STD_FLOOR = 1e-7
 SELECTIONS = ("threshold", "top_k")
+SCOPES = ("head", "global")
 
 
 @dataclass
@@ -61,6 +62,14 @@ class NAMMConfig:
     # (0 in the paper). The features hold no absolute position, so a scorer cannot single these
     # tokens out where their attention does not; evicting a sink breaks the heads that rely on it.
     sinks: int = 0
+    # "head" (the paper): every layer and KV head keeps its own tokens. "global": one set of
+    # tokens for the whole model, chosen by each token's score averaged over every layer and KV
+    # head that holds it; a token that one head finds important is not lost by the others, and
+    # evidence from 90 heads (SmolLM2) is pooled into one decision.
+    scope: str = "head"
+    # a token's score is the max over `pool` neighbouring tokens (odd; 1: off), so a span the
+    # scorer marks (a number, a name) is kept or evicted as a whole
+    pool: int = 1
     # the memory settings the NAMM was evolved with; MemoryManagedLM uses them unless told otherwise
     update_every: Optional[int] = None
     chunk_size: Optional[int] = None
@@ -77,6 +86,12 @@ class NAMMConfig:
             raise ValueError("NAMM selection 'top_k' needs a budget (a fraction like 0.5 or a token count like 1024)")
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
             raise ValueError(f"NAMM sinks must be a whole number >= 0, got {self.sinks!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"NAMM scope {self.scope!r}: expected one of {', '.join(SCOPES)}")
+        if self.scope == "global" and self.selection != "top_k":
+            raise ValueError("NAMM scope 'global' needs selection 'top_k' and a budget")
+        if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1 or self.pool % 2 == 0:
+            raise ValueError(f"NAMM pool must be an odd whole number >= 1, got {self.pool!r}")
         for name in ("update_every", "chunk_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -219,13 +234,25 @@ class NAMM(MemoryPolicy):
                              layer.valid.reshape(B * H, S).to(device))
         return scores.view(B, H, S).to(x.device)
 
-    def select(self, layer_idx, layer, step):
-        scores = self.score(layer)
-        newest = layer.newest_positions()
-        protected = layer.positions == newest
+    def protected(self, layer) -> torch.Tensor:
+        """[B, H, S] the newest token and the first `sinks` tokens: kept whatever their score."""
+        protected = layer.positions == layer.newest_positions()
         if self.config.sinks:
             first = layer.positions.masked_fill(~layer.valid, 2**62).amin(-1, keepdim=True)
             protected = protected | ((layer.positions - first) < self.config.sinks)
+        return protected
+
+    def select_all(self, layers, step):
+        if self.config.scope == "head":
+            return super().select_all(layers, step)
+        # one decision per token; the pooling runs over the model-wide scores
+        return shared_selection(layers, [self.score(layer) for layer in layers],
+                                [self.protected(layer) for layer in layers],
+                                self._budget.tokens(step.seen), kernel=self.config.pool)
+
+    def select(self, layer_idx, layer, step):
+        scores = pool_over_slots(self.score(layer), layer.valid, self.config.pool)
+        protected = self.protected(layer)
         if self._budget is None:
             return ((scores >= 0) | protected) & layer.valid
         # protected tokens rank first; then the best scores, up to the budget
@@ -242,7 +269,8 @@ class NAMM(MemoryPolicy):
     def with_budget(self, budget, selection: str = "top_k") -> "NAMM":
         """This NAMM (same parameters and statistics) keeping at most `budget` tokens per layer and head."""
         other = copy.copy(self)
-        other.config = replace(self.config, budget=str(Budget.parse(budget)), selection=selection)
+        scope = self.config.scope if selection == "top_k" else "head"
+        other.config = replace(self.config, budget=str(Budget.parse(budget)), selection=selection, scope=scope)
         return other
 
     def memory_settings(self) -> dict:

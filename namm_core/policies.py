@@ -106,6 +106,47 @@ def keep_top(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torc
     return (ranks < k.view(-1, 1, 1)) & valid
 
 
+def pool_over_slots(scores: torch.Tensor, valid: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Each valid slot's score becomes the max over the `kernel` valid slots centred on it, in
+    position order (slots are kept in position order within each row; invalid slots take no
+    part). A token next to a high-scoring one is then kept with it, so a span (a number, a name)
+    is kept or evicted as a whole. scores, valid: [..., S]."""
+    if kernel <= 1:
+        return scores
+    shape, S = scores.shape, scores.shape[-1]
+    flat_scores, flat_valid = scores.reshape(-1, S).float(), valid.reshape(-1, S)
+    # gather the valid slots to the front (stable: position order kept), pool, scatter back
+    order = torch.argsort((~flat_valid).to(torch.int8), dim=-1, stable=True)
+    packed = flat_scores.gather(-1, order).masked_fill(~flat_valid.gather(-1, order), float("-inf"))
+    pooled = F.max_pool1d(packed.unsqueeze(1), kernel, stride=1, padding=kernel // 2).squeeze(1)
+    out = torch.empty_like(pooled).scatter_(-1, order, pooled)
+    return torch.where(flat_valid, out, flat_scores).reshape(shape)
+
+
+def shared_selection(layers: list["LayerMemory"], scores: list[torch.Tensor], protected: list[torch.Tensor],
+                     k: torch.Tensor, kernel: int = 1) -> list[torch.Tensor]:
+    """One set of kept tokens for every layer and KV head: each token's score is the mean of
+    its scores over the layers and heads that hold it; the `k[b]` best tokens (protected first)
+    are kept wherever they are held. scores, protected: per layer [B, H, S]; k: [B]."""
+    B = k.shape[0]
+    device = scores[0].device
+    span = 1 + max(int(layer.positions.masked_fill(~layer.valid, -1).max()) for layer in layers)
+    total = torch.zeros(B, span, device=device)
+    count = torch.zeros(B, span, device=device)
+    guard = torch.zeros(B, span, device=device)       # how many holders protect the token
+    for layer, s, p in zip(layers, scores, protected):
+        index = layer.positions.clamp(min=0).reshape(B, -1)
+        total.scatter_add_(1, index, (s.float() * layer.valid).reshape(B, -1))
+        count.scatter_add_(1, index, layer.valid.reshape(B, -1).float())
+        guard.scatter_add_(1, index, (p & layer.valid).reshape(B, -1).float())
+    held = count > 0
+    mean = total / count.clamp(min=1)
+    mean = pool_over_slots(mean, held, kernel).masked_fill(guard > 0, float("inf"))
+    kept = keep_top(mean.unsqueeze(1), held.unsqueeze(1), k)[:, 0]          # [B, span]
+    return [kept.gather(1, layer.positions.clamp(min=0).reshape(B, -1)).view_as(layer.valid) & layer.valid
+            for layer in layers]
+
+
 class MemoryPolicy:
     """Base class. Subclasses set `needs_attention` and override what they use."""
     name = "policy"
@@ -130,6 +171,11 @@ class MemoryPolicy:
 
     def select(self, layer_idx: int, layer: "LayerMemory", step: StepInfo) -> Optional[torch.Tensor]:
         return None
+
+    def select_all(self, layers: list["LayerMemory"], step: StepInfo) -> list[Optional[torch.Tensor]]:
+        """Keep masks of every layer at one update. By default each layer decides alone; a
+        policy that chooses one set of tokens for the whole model overrides this."""
+        return [self.select(i, layer, step) for i, layer in enumerate(layers)]
 
     def describe(self) -> str:
         return self.name

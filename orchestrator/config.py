@@ -49,16 +49,20 @@ class NAMMSpec:
     selection: str = "threshold"
     budget: Optional[Union[str, int, float]] = None   # a fraction of the tokens seen (0.5) or a token count (1024)
     sinks: int = 0                        # the first N tokens are always kept (attention sinks; 0 in the paper)
+    scope: str = "head"                   # "head" (the paper) or "global": one kept set for the whole model
+    pool: int = 1                         # a token's score is the max over this many neighbours (odd)
 
 
 
 @dataclass
 class WarmStartConfig:
-    """Start CMA-ES from a scorer fitted to imitate a baseline's keep decisions."""
-    imitate: str = "streamingllm:0.5"     # a baseline policy spec (parse_policy)
+    """Start CMA-ES from a scorer fitted to imitate a baseline's keep decisions, or ("hindsight")
+    distilled from what the full cache's question and reply attended to (namm_core.distill)."""
+    imitate: str = "streamingllm:0.5"     # a baseline policy spec (parse_policy), or "hindsight"
     prompts: int = 4                      # first-stage prompts whose features and decisions are collected
-    steps: int = 300                      # gradient steps of the fit
+    steps: int = 300                      # gradient steps of the fit (per round for "hindsight")
     lr: float = 0.01
+    rounds: int = 1                       # "hindsight": rounds recorded under the fitted NAMM (DAgger)
 
 
 @dataclass
@@ -287,13 +291,20 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
     if ws is not None:
         from namm_core import budgeted_baselines, parse_policy
 
-        try:
-            imitated = parse_policy(ws.imitate)
-        except ValueError as e:
-            raise ConfigError(f"es.warm_start.imitate: {e}") from None
-        if imitated.name not in budgeted_baselines():
-            raise ConfigError(f"es.warm_start.imitate: expected a baseline with a budget, e.g. streamingllm:0.5, "
-                              f"got {ws.imitate!r}")
+        if ws.imitate == "hindsight":
+            if cfg.namm.scope != "global":
+                raise ConfigError("es.warm_start.imitate: 'hindsight' fits a model-wide NAMM: set namm.scope: global "
+                                  "(with namm.selection: top_k and a budget)")
+            if isinstance(ws.rounds, bool) or not isinstance(ws.rounds, int) or ws.rounds < 0:
+                raise ConfigError(f"es.warm_start.rounds: expected a whole number >= 0, got {ws.rounds!r}")
+        else:
+            try:
+                imitated = parse_policy(ws.imitate)
+            except ValueError as e:
+                raise ConfigError(f"es.warm_start.imitate: {e}") from None
+            if imitated.name not in budgeted_baselines():
+                raise ConfigError(f"es.warm_start.imitate: expected a baseline with a budget, e.g. streamingllm:0.5, "
+                                  f"or 'hindsight', got {ws.imitate!r}")
         positive(ws.prompts, "es.warm_start.prompts")
         positive(ws.steps, "es.warm_start.steps")
         positive(ws.lr, "es.warm_start.lr")

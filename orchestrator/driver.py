@@ -301,8 +301,8 @@ class EvolutionRun:
         tasks = [task_payload(t, stage) for t in stage.tasks]
         per_task = max(1, ws.prompts // len(tasks))
         requests = [(t["key"], i) for t in tasks for i in range(min(per_task, t["pool_size"]))]
-        job = Job("warm_start", (ws.imitate, self.state.norm, requests, ws.steps, ws.lr, self.cfg.es.seed, tasks),
-                  "warm start")
+        job = Job("warm_start", (ws.imitate, self.state.norm, requests, ws.steps, ws.lr, self.cfg.es.seed, ws.rounds,
+                                 tasks), "warm start")
         result = pool.run([job])[0]
         if result is None:
             raise RuntimeError("warm start failed on every retry: " + "; ".join(pool.failures[-3:]))
@@ -310,8 +310,13 @@ class EvolutionRun:
         self.state.warm_start = {"imitate": ws.imitate, **report}
         self.tracker.log_metrics([self.state.mlflow.parent],
                                  {f"warm_start/{k}": v for k, v in report.items() if isinstance(v, (int, float))}, 0)
-        log.info("warm start imitating %s: sign agreement %.3f, rank agreement %.3f (%d rows, %.1f s fit)",
-                 ws.imitate, report["sign_agreement"], report["rank_agreement"], report["rows"], report["seconds"])
+        if ws.imitate == "hindsight":
+            log.info("warm start by hindsight distillation: the fit keeps %.3f of the held-out importance "
+                     "(%.3f after round 0; %d updates recorded, %.1f s)", report["kept_share_heldout"],
+                     report["kept_share_round0"], report["rows"], report["total_seconds"])
+        else:
+            log.info("warm start imitating %s: sign agreement %.3f, rank agreement %.3f (%d rows, %.1f s fit)",
+                     ws.imitate, report["sign_agreement"], report["rank_agreement"], report["rows"], report["seconds"])
         return np.asarray(result["vector"], dtype=float)
 
     def _ensure_references(self, pool: ActorPool, requests, tasks) -> None:

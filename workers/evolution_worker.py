@@ -96,12 +96,15 @@ class EvolutionWorker:
         }
 
     def warm_start(self, imitate: str, norm: Optional[dict], requests: list[Request], steps: int, lr: float,
-                   seed: int) -> dict:
-        """A parameter vector fitted to imitate the baseline `imitate` on these prompts (see namm_core.imitation)."""
+                   seed: int, rounds: int = 1) -> dict:
+        """A parameter vector fitted to imitate `imitate` on these prompts: a baseline (see
+        namm_core.imitation) or "hindsight" (see namm_core.distill)."""
         from namm_core import parse_policy
         from namm_core.imitation import ImitationRecorder, fit_scorer
 
         namm = self.make_namm(np.zeros(self.num_params(), dtype=np.float32), norm)
+        if imitate == "hindsight":
+            return self._distil(namm, requests, steps, lr, seed, rounds)
         recorder = ImitationRecorder(namm, parse_policy(imitate))
         t = time.perf_counter()
         for sample in self._samples(requests):
@@ -109,6 +112,42 @@ class EvolutionWorker:
         collect_seconds = time.perf_counter() - t
         report = fit_scorer(namm, recorder.data, steps=steps, lr=lr, seed=seed)
         report.update(collect_seconds=collect_seconds, rows=len(recorder.data))
+        return {"vector": namm.get_params().numpy(), "report": report}
+
+    def _distil(self, namm: NAMM, requests: list[Request], steps: int, lr: float, seed: int, rounds: int) -> dict:
+        """Hindsight distillation: round 0 records under the oracle, each later round under the NAMM
+        fitted so far (DAgger), on its own share of the prompts; the scorer is refitted on all."""
+        from namm_core import MemoryManagedLM
+        from namm_core.distill import (
+            DistillData,
+            DistillRecorder,
+            HindsightOracle,
+            fit_global_scorer,
+            hindsight_importance,
+            question_start,
+        )
+
+        ev, data, reports = self.evaluator, DistillData(), []
+        samples = self._samples(requests)
+        t = time.perf_counter()
+        collect_seconds = 0.0
+        for r in range(rounds + 1):
+            tc = time.perf_counter()
+            for sample in samples[r::rounds + 1]:
+                ids, _ = ev.encode(sample)
+                reply = ev.reply_ids(sample, "reference")
+                lm = MemoryManagedLM(self.model, namm, update_every=ev.update_every, chunk_size=ev.chunk_size)
+                importance = hindsight_importance(lm, ids, reply, question_start(self.tokenizer, ids, sample.input))
+                acting = (HindsightOracle(importance, namm.config.budget, namm.config.sinks, namm.config.pool)
+                          if r == 0 else namm)
+                recorder = DistillRecorder(namm, acting, importance, data)
+                MemoryManagedLM(self.model, recorder, update_every=lm.update_every,
+                                chunk_size=lm.chunk_size).continuation_logprobs(ids, reply)
+            collect_seconds += time.perf_counter() - tc
+            reports.append(fit_global_scorer(namm, data, steps=steps, lr=lr, seed=seed + r))
+        report = dict(reports[-1], rounds=rounds, collect_seconds=collect_seconds,
+                      total_seconds=time.perf_counter() - t, rows=len(data),
+                      kept_share_round0=reports[0]["kept_share_heldout"])
         return {"vector": namm.get_params().numpy(), "report": report}
 
     def make_namm(self, vector, norm: Optional[dict]) -> NAMM:

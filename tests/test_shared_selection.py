@@ -1,0 +1,92 @@
+"""Span pooling and the model-wide ("global") selection of a NAMM, on hand-made inputs and a
+tiny random model: every layer and head then holds the same tokens, exactly the budget, and they
+are the best by the mean score over the layers and heads that held them."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from namm_core import NAMM, MemoryManagedLM, NAMMConfig
+from namm_core.policies import pool_over_slots, shared_selection
+
+
+def test_pooling_runs_over_the_valid_slots_in_order():
+    scores = torch.tensor([[0.0, 5.0, -1.0, 0.0, 1.0, 0.0, 0.0, 2.0]])
+    valid = torch.tensor([[True, True, False, True, True, True, False, True]])
+    pooled = pool_over_slots(scores, valid, 3)
+    # valid slots in order: 0, 5, 0, 1, 0, 2 -> windows of 3 centred on each
+    expected_valid = [5.0, 5.0, 5.0, 1.0, 2.0, 2.0]
+    assert pooled[valid].tolist() == expected_valid
+    assert pooled[~valid].tolist() == [-1.0, 0.0]        # invalid slots are left alone
+    assert torch.equal(pool_over_slots(scores, valid, 1), scores)
+
+
+class FakeLayer:
+    def __init__(self, positions, valid):
+        self.positions, self.valid = torch.tensor(positions), torch.tensor(valid)
+
+
+def test_shared_selection_keeps_the_best_tokens_by_mean_score_everywhere():
+    # two layers, two heads each; position 5 is held by only some heads (per-head eviction)
+    layers = [FakeLayer([[[0, 1, 2, 5], [0, 1, 2, 0]]], [[[True] * 4, [True, True, True, False]]]),
+              FakeLayer([[[0, 1, 2, 5], [0, 1, 2, 5]]], [[[True] * 4, [True] * 4]])]
+    scores = [torch.tensor([[[9.0, 1.0, 2.0, 0.0], [9.0, 3.0, 0.0, 100.0]]]),
+              torch.tensor([[[9.0, 1.0, 4.0, 3.0], [9.0, 3.0, 2.0, 3.0]]])]
+    protected = [torch.zeros(1, 2, 4, dtype=torch.bool), torch.zeros(1, 2, 4, dtype=torch.bool)]
+    protected[1][0, 1, 3] = True                    # position 5 protected by one head
+    # means over holders: pos0 9, pos1 2, pos2 2, pos5 2 (the invalid slot's 100 takes no part)
+    keeps = shared_selection(layers, scores, protected, torch.tensor([2]))
+    for layer, keep in zip(layers, keeps):
+        kept = set(layer.positions[keep].tolist())
+        assert kept == {0, 5}, kept
+        assert not (keep & ~layer.valid).any()
+    protected[1][0, 1, 3] = False
+    scores[0][0, 0, 2] = 6.0                        # pos2's mean is now 3: second best
+    keeps = shared_selection(layers, scores, protected, torch.tensor([2]))
+    assert set(layers[0].positions[keeps[0]].tolist()) == {0, 2}
+
+
+class Snapshot(NAMM):
+    """Records every layer's kept positions after each model-wide decision."""
+
+    def select_all(self, layers, step):
+        keeps = super().select_all(layers, step)
+        self.kept.append([[set(layer.positions[b, h][keep[b, h]].tolist()) for h in range(keep.shape[1])
+                           for b in range(keep.shape[0])] for layer, keep in zip(layers, keeps)])
+        self.seen.append(step.seen.clone())
+        return keeps
+
+
+@pytest.mark.parametrize("pool", [1, 5])
+def test_a_global_namm_holds_the_same_budgeted_tokens_in_every_layer_and_head(pool):
+    model = tiny_model("llama", num_hidden_layers=3)
+    config = NAMMConfig(selection="top_k", budget="0.4", sinks=2, scope="global", pool=pool)
+    namm = Snapshot(config).set_params(torch.randn(4172, generator=torch.Generator().manual_seed(2)) * 0.3)
+    namm.kept, namm.seen = [], []
+    ids = torch.randint(3, 97, (1, 100), generator=torch.Generator().manual_seed(4))
+    out = MemoryManagedLM(model, namm, update_every=16, chunk_size=16).generate(ids, max_new_tokens=6)
+    assert len(namm.kept) >= 6
+    for kept, seen in zip(namm.kept, namm.seen):
+        rows = [row for layer in kept for row in layer]
+        assert all(row == rows[0] for row in rows), "every layer and head keeps the same tokens"
+        assert len(rows[0]) == min(int(seen) , -(-int(seen) * 2 // 5))
+        assert {0, 1} <= rows[0]                    # the sinks
+    assert out.stats.kept_per_layer_head.unique().numel() == 1
+
+
+def test_global_scope_needs_a_budget_and_pool_must_be_odd():
+    with pytest.raises(ValueError, match="scope 'global' needs selection 'top_k'"):
+        NAMMConfig(scope="global")
+    with pytest.raises(ValueError, match="pool must be an odd"):
+        NAMMConfig(pool=4)
+    with pytest.raises(ValueError, match="scope"):
+        NAMMConfig(scope="layer")
+
+
+def test_scope_and_pool_survive_save_and_load(tmp_path):
+    namm = NAMM(NAMMConfig(selection="top_k", budget="0.5", scope="global", pool=15))
+    namm.save_pretrained(tmp_path / "n")
+    loaded = NAMM.from_pretrained(tmp_path / "n")
+    assert loaded.config.scope == "global" and loaded.config.pool == 15
+    assert loaded.with_budget("0.25").config.scope == "global"
+    assert loaded.with_budget("0.25", selection="threshold").config.scope == "head"
