@@ -73,7 +73,7 @@ class EvolutionWorker:
 
     def collect_statistics(self, requests: list[Request]) -> dict:
         """Normalisation moments of a zero NAMM's features over these prompts (Chan merge-able)."""
-        namm = NAMM(replace(self.namm_config, budget=None, selection="threshold"))
+        namm = NAMM(replace(self.namm_config, budget=None, selection="threshold", scope="head"))
         with namm.collecting_statistics():
             for sample in self._samples(requests):
                 self.evaluator.run_sample(sample, namm)
