@@ -90,3 +90,26 @@ def test_scope_and_pool_survive_save_and_load(tmp_path):
     assert loaded.config.scope == "global" and loaded.config.pool == 15
     assert loaded.with_budget("0.25").config.scope == "global"
     assert loaded.with_budget("0.25", selection="threshold").config.scope == "head"
+
+
+def test_a_global_namm_on_sliding_window_layers_equals_masked_attention():
+    """Gemma 3: tokens outside a sliding layer's window are held by the full layers only; the
+    model-wide decision still gives exactly the masked full forward."""
+    from test_memory_equivalence import assert_equals_masked_reference
+    from test_policy_contract import Recorder
+
+    model = tiny_model("gemma3")
+    ids = torch.randint(0, 97, (2, 90), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    namm = NAMM(NAMMConfig(selection="top_k", budget="0.5", sinks=2, scope="global", pool=3))
+    namm.set_params(torch.randn(4172, generator=torch.Generator().manual_seed(8)) * 0.3)
+    recorder = Recorder(namm)
+    out = MemoryManagedLM(model, recorder, update_every=16, chunk_size=16).generate(
+        ids, attention_mask=mask, max_new_tokens=10, return_logits=True)
+    assert recorder.evicted
+    sliding = [24 if t == "sliding_attention" else None for t in model.config.layer_types]
+    assert_equals_masked_reference(model, ids, mask, out, recorder.evicted, 4, 2, sliding=sliding)
+    full = [i for i, w in enumerate(sliding) if w is None]
+    kept = out.stats.kept_per_layer_head
+    assert all(torch.equal(kept[full[0]], kept[i]) for i in full)
