@@ -63,6 +63,9 @@ class WarmStartConfig:
     steps: int = 300                      # gradient steps of the fit (per round for "hindsight")
     lr: float = 0.01
     rounds: int = 1                       # "hindsight": rounds recorded under the fitted NAMM (DAgger)
+    # torch threads of the one actor that runs the warm start (the others idle meanwhile);
+    # default: workers.torch_threads
+    threads: Optional[int] = None
 
 
 @dataclass
@@ -290,6 +293,10 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
     ws = cfg.es.warm_start
     if ws is not None:
         from namm_core import budgeted_baselines, parse_policy
+
+        if ws.threads is not None and (isinstance(ws.threads, bool) or not isinstance(ws.threads, int)
+                                       or ws.threads < 1):
+            raise ConfigError(f"es.warm_start.threads: expected a whole number >= 1, got {ws.threads!r}")
 
         if ws.imitate == "hindsight":
             if cfg.namm.scope != "global":

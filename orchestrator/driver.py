@@ -302,7 +302,7 @@ class EvolutionRun:
         per_task = max(1, ws.prompts // len(tasks))
         requests = [(t["key"], i) for t in tasks for i in range(min(per_task, t["pool_size"]))]
         job = Job("warm_start", (ws.imitate, self.state.norm, requests, ws.steps, ws.lr, self.cfg.es.seed, ws.rounds,
-                                 tasks), "warm start")
+                                 tasks, ws.threads), "warm start")
         result = pool.run([job])[0]
         if result is None:
             raise RuntimeError("warm start failed on every retry: " + "; ".join(pool.failures[-3:]))

@@ -124,8 +124,10 @@ def test_a_worker_distils_a_warm_start_on_real_prompts(tmp_path):
     worker.prepare([{"key": "passkey@256", "task": "passkey", "file": None, "context_length": 256, "pool_size": 4,
                      "seed": 0}])
     norm = worker.collect_statistics([("passkey@256", 0)])
+    threads = torch.get_num_threads()
     out = worker.warm_start("hindsight", norm, [("passkey@256", i) for i in range(4)], steps=20, lr=0.01, seed=0,
-                            rounds=1)
+                            rounds=1, threads=threads + 1)
+    assert torch.get_num_threads() == threads     # the job's threads are given back
     vector, report = out["vector"], out["report"]
     assert vector.shape == (4172,) and np.isfinite(vector).all() and np.abs(vector).max() > 0
     assert report["rounds"] == 1 and report["rows"] >= 4 * 3     # 4 prompts x >= 3 updates each
@@ -136,6 +138,8 @@ def test_a_worker_distils_a_warm_start_on_real_prompts(tmp_path):
     ({"selection": "top_k", "budget": 0.5}, {"imitate": "hindsight"}, "set namm.scope: global"),
     ({"selection": "top_k", "budget": 0.5, "scope": "global"}, {"imitate": "hindsight", "rounds": -1},
      "es.warm_start.rounds"),
+    ({"selection": "top_k", "budget": 0.5, "scope": "global"}, {"imitate": "hindsight", "threads": 0},
+     "es.warm_start.threads"),
     ({"scope": "global"}, {"imitate": "streamingllm:0.5"}, "namm: NAMM scope 'global' needs selection 'top_k'"),
     ({"selection": "top_k", "budget": 0.5, "pool": 2}, None, "namm: NAMM pool must be an odd"),
 ])

@@ -18,10 +18,10 @@ class _Actor(EvolutionWorker):
             self.prepare(tasks)
         return super().reference(requests)
 
-    def warm_start(self, imitate, norm, requests, steps, lr, seed, rounds=1, tasks=None):
+    def warm_start(self, imitate, norm, requests, steps, lr, seed, rounds=1, tasks=None, threads=None):
         if tasks:
             self.prepare(tasks)
-        return super().warm_start(imitate, norm, requests, steps, lr, seed, rounds)
+        return super().warm_start(imitate, norm, requests, steps, lr, seed, rounds, threads)
 
     def collect_statistics(self, requests, tasks=None):
         if tasks:

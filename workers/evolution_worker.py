@@ -96,9 +96,20 @@ class EvolutionWorker:
         }
 
     def warm_start(self, imitate: str, norm: Optional[dict], requests: list[Request], steps: int, lr: float,
-                   seed: int, rounds: int = 1) -> dict:
+                   seed: int, rounds: int = 1, threads: Optional[int] = None) -> dict:
         """A parameter vector fitted to imitate `imitate` on these prompts: a baseline (see
-        namm_core.imitation) or "hindsight" (see namm_core.distill)."""
+        namm_core.imitation) or "hindsight" (see namm_core.distill). `threads`: torch threads for
+        this job only (the warm start runs on one actor while the others idle)."""
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(int(threads))
+        try:
+            return self._warm_start(imitate, norm, requests, steps, lr, seed, rounds)
+        finally:
+            torch.set_num_threads(before)
+
+    def _warm_start(self, imitate: str, norm: Optional[dict], requests: list[Request], steps: int, lr: float,
+                    seed: int, rounds: int) -> dict:
         from namm_core import parse_policy
         from namm_core.imitation import ImitationRecorder, fit_scorer
 
