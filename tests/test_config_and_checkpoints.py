@@ -96,7 +96,7 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("job", ["jobs/smoke.yaml", "jobs/local.yaml", "jobs/smollm2.yaml", "namms/smollm2/evolve.yaml",
-                                 "namms/smollm2-threshold/evolve.yaml"])
+                                 "namms/smollm2-topk/evolve.yaml", "namms/smollm2-threshold/evolve.yaml"])
 def test_shipped_local_jobs_validate(job):
     cfg = load_config(ROOT / job)
     assert cfg.total_generations > 0
