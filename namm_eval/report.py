@@ -161,6 +161,13 @@ def result_header(argv: Optional[list[str]] = None) -> str:
     return (f"Command: `{command}`  \nCommit: `{commit}`{' (with uncommitted changes)' if dirty else ''}\n")
 
 
+def _plot_family(policy: str) -> str:
+    """The curve a policy belongs to: its kind without the budget; each NAMM directory its own."""
+    if policy.startswith("namm:"):
+        return "namm " + Path(policy[len("namm:"):].rpartition("@")[0] or policy[len("namm:"):]).name
+    return policy.split(":")[0].split("@")[0]
+
+
 def plot_score_vs_retention(rows: list[dict], path, title: str = "") -> Path:
     """One point per policy (mean score over tasks vs mean retention); baselines of one kind joined."""
     import matplotlib
@@ -171,14 +178,14 @@ def plot_score_vs_retention(rows: list[dict], path, title: str = "") -> Path:
     _, summary = summarize(rows)
     families: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     for s in summary:
-        family = s["policy"].split(":")[0].split("@")[0]
+        family = _plot_family(s["policy"])
         families[family].append((s["retention"], s["mean"], s["policy"], s["ci_low"], s["ci_high"]))
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for family, points in sorted(families.items()):
         points.sort()
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         err = [[p[1] - p[3] for p in points], [p[4] - p[1] for p in points]]
-        marker = "*" if family == "namm" else ("s" if family == "full" else "o")
+        marker = "*" if family.startswith("namm") else ("s" if family == "full" else "o")
         ax.errorbar(xs, ys, yerr=err, marker=marker, markersize=12 if marker == "*" else 6, label=family,
                     linestyle="-" if len(points) > 1 else "none", capsize=3, elinewidth=1)
     ax.set_xlabel("mean cache retention (kept / seen)")

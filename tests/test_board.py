@@ -81,3 +81,16 @@ def test_a_score_threshold_namm_gives_the_baselines_its_retention(tmp_path):
 def test_bad_worker_count_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="--workers and --threads must be at least 1"):
         namm_board.main(["--cell", CELL, "--workers", "0", "--out-dir", str(tmp_path)])
+
+
+def test_every_namm_directory_is_its_own_curve_in_the_plot(tmp_path):
+    """A NAMM and its warm start are two legend entries; one NAMM's budgets join into one curve."""
+    from namm_eval.report import _plot_family, plot_score_vs_retention
+
+    assert _plot_family("namm:namms/smollm2@0.5") == _plot_family("namm:namms/smollm2@0.25") == "namm smollm2"
+    assert _plot_family("namm:namms/smollm2-warm-start@0.5") == "namm smollm2-warm-start"
+    assert _plot_family("namm@0.25") == "namm" and _plot_family("h2o:0.5") == "h2o"
+    rows = [{"sample_id": f"passkey-{i}", "task": "passkey", "policy": p, "score": float(i % 2), "retention": r,
+             "peak_kv_bytes": 1, "seconds": 1.0}
+            for p, r in [("full", 1.0), ("namm:a/n@0.5", 0.5), ("namm:a/n-warm@0.5", 0.5)] for i in range(4)]
+    assert plot_score_vs_retention(rows, tmp_path / "p.png").stat().st_size > 0
