@@ -39,6 +39,10 @@ from namm_eval.tasks import load_tasks  # noqa: E402
 class PerHeadProbe(HindsightProbe):
     """Also keeps, per layer and KV head, the attention the later queries paid each position."""
 
+    def __init__(self, start: int, length: int):
+        super().__init__(start, length)
+        self.per_head: dict[int, torch.Tensor] = {}   # layer -> [KV heads, length]
+
     def observe(self, layer_idx, layer, attn, step):
         super().observe(layer_idx, layer, attn, step)
         q = step.query_positions[0] >= self.start
@@ -85,7 +89,6 @@ def main(argv=None):
         ids, _ = ev.encode(sample)
         reply = ev.reply_ids(sample, "reference")
         probe = PerHeadProbe(question_start(tok, ids, sample.input), ids.shape[1] + reply.shape[1])
-        probe.per_head = {}
         MemoryManagedLM(model, probe, update_every=10**9, chunk_size=256).continuation_logprobs(ids, reply)
         importance = probe.importance()
         policies = [FullCache()]

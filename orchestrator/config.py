@@ -245,6 +245,10 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
         if value <= 0:
             raise ConfigError(f"{where}: must be positive, got {value}")
 
+    def whole_number(value, where, minimum):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{where}: expected a whole number >= {minimum}, got {value!r}")
+
     positive(cfg.es.population, "es.population")
     if cfg.es.population < 4:
         # pycma injects two step-size test points per generation in high dimensions (TPA)
@@ -294,16 +298,13 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
     if ws is not None:
         from namm_core import budgeted_baselines, parse_policy
 
-        if ws.threads is not None and (isinstance(ws.threads, bool) or not isinstance(ws.threads, int)
-                                       or ws.threads < 1):
-            raise ConfigError(f"es.warm_start.threads: expected a whole number >= 1, got {ws.threads!r}")
-
+        if ws.threads is not None:
+            whole_number(ws.threads, "es.warm_start.threads", minimum=1)
         if ws.imitate == "hindsight":
             if cfg.namm.scope != "global":
                 raise ConfigError("es.warm_start.imitate: 'hindsight' fits a model-wide NAMM: set namm.scope: global "
                                   "(with namm.selection: top_k and a budget)")
-            if isinstance(ws.rounds, bool) or not isinstance(ws.rounds, int) or ws.rounds < 0:
-                raise ConfigError(f"es.warm_start.rounds: expected a whole number >= 0, got {ws.rounds!r}")
+            whole_number(ws.rounds, "es.warm_start.rounds", minimum=0)
         else:
             try:
                 imitated = parse_policy(ws.imitate)
