@@ -1,27 +1,38 @@
-"""The board: a NAMM against the full cache and every baseline at equal cache size, on held-out prompts.
+"""The board: a NAMM against the full cache and every other memory at equal cache size, on held-out prompts.
 
-Each cell is a model, a prompt length, one or more budgets and a number of prompts per task:
+Each cell is a model, a prompt length, one or more budgets, a number of prompts per task and a
+protocol (when the memory runs, namm_eval.evaluator.PROTOCOLS):
 
-    bash scripts/board.sh                      # the default board (hours on 2 CPU cores; resumable)
-    .venv/bin/python bench/namm_board.py --cell smollm2:1024:0.5:4     # a small one
+    bash scripts/board.sh                                    # the default board (hours on 2 CPU cores; resumable)
+    .venv/bin/python bench/namm_board.py --cell smollm2:1024:0.5:4             # a small one
+    .venv/bin/python bench/namm_board.py --cell smollm2:1024:0.5,0.25:24:agnostic   # kvpress's protocol
 
-For every cell: the full cache, then for every budget B the NAMM with exactly B of the cache
-(`namm@B`: its B best-scored tokens per layer and KV head) and StreamingLLM, H2O, L2, SnapKV and
-TOVA at B, all on the same prompts (seed 7: never used in evolution, whose training prompts come
-from seed 0 and its validation prompts from a separate seed). A NAMM saved with the score >= 0
-rule (no budget) runs as saved and the baselines get its measured retention instead. FastGen
-has no budget to match (its retention follows from its threshold T): it runs once per cell at
-T = 0.85 and is listed with its own retention. The NAMM is used unchanged on every model
-(Gemma-3-270M is zero-shot transfer).
+For every cell: the full cache, then for every budget B the NAMM keeping exactly B of the cache
+(`namm@B`), every --also NAMM, every --baselines policy at B and, in the chunked protocol, every
+--controls scorer run inside the NAMM's own structure (e.g. `tova:B/global/pool=15/sinks=4`:
+the NAMM's one model-wide kept set, span pooling and sinks, with a hand-designed score), all on
+the same prompts. FastGen has no budget to match (its retention follows from its threshold
+T = 0.85): it runs once per chunked cell with its own retention. A NAMM saved with the score >= 0
+rule (no budget) runs as saved and the baselines get its measured retention instead.
 
-Every table gives each mean over tasks with a bootstrap 95% interval over prompts, and the NAMM
-against each other policy paired on the same prompts: a difference whose interval holds 0 is a
-tie. The work is shared by --workers processes (one model each; on 2 cores two one-thread
-workers do more per second than one two-thread process). Rows are written to the parquet file
-as they finish and reused when the same command runs again (same model, length, weights dtype,
-policy and, for a NAMM, the same weights), so an interrupted board resumes where it stopped.
+Protocols: `chunked` (default) evicts every `update_every` tokens while the prompt is read in
+chunks; `agnostic` compresses once after a dense read of the context, before the question, and
+`aware` once after the whole prompt (kvpress's query-agnostic and query-aware settings). In the
+one-shot protocols the peak KV is the full cache's: the table's peak column says so.
 
-Writes bench/results/namm_board.md, namm_board.parquet and namm_board_<model>_<length>_<budget>.png.
+Tasks the NAMM was trained on are read from the run config beside it (`evolve.yaml`); the summary
+gives every mean over all tasks, without passkey, and over the tasks it never trained on. Every
+mean has a bootstrap 95% interval over prompts (stratified by task), and the NAMM is compared
+with every other policy paired on the same prompts: a difference whose interval holds 0 is a tie.
+
+The plan (seed, tasks, cells, policies) is written into the result file before the first row is
+computed. The work is shared by --workers processes (one model each). Rows are written to the
+parquet file as they finish and reused when the same board runs again: a stored row stands for
+a new one when model, length, weights dtype, memory settings, protocol, kind of evaluation, the
+evaluation code's version (EVAL_VERSION), the policy and its fingerprint (every hyperparameter;
+a NAMM's weights) all match.
+
+Writes bench/results/<name>.md, <name>.parquet and <name>_<model>_<length>_<budget>[_<protocol>].png.
 """
 from __future__ import annotations
 
@@ -45,10 +56,11 @@ from namm_core.files import text_config, write_text_atomic  # noqa: E402
 from namm_core.models import cpu_has_bf16  # noqa: E402
 from namm_core.policies import Budget  # noqa: E402
 from namm_eval import report  # noqa: E402
-from namm_eval.evaluator import Evaluator  # noqa: E402
+from namm_eval.evaluator import EVAL_VERSION, PROTOCOLS, Evaluator  # noqa: E402
 from namm_eval.tasks import load_tasks  # noqa: E402
 
-BASELINES = budgeted_baselines()
+DEFAULT_BASELINES = budgeted_baselines() + ["expected_attention/epsilon=0.01/adakv"]
+DEFAULT_CONTROLS = ["h2o", "tova", "snapkv", "l2"]
 FASTGEN = "fastgen:0.85"
 DEFAULT_CELLS = ["smollm2:1024:0.5,0.25:24", "smollm2:2048:0.5:12", "gemma3-270m:1024:0.5:24"]
 SAVE_EVERY = 8      # rows between parquet writes (and after every batch of policies)
@@ -60,26 +72,61 @@ class Cell:
     length: int
     budgets: list[str]
     prompts: int
+    protocol: str = "chunked"
 
     @staticmethod
     def parse(text: str) -> "Cell":
         try:
-            model, length, budgets, prompts = text.split(":")
-            return Cell(model, int(length), [str(Budget.parse(b)) for b in budgets.split(",")], int(prompts))
+            model, length, budgets, prompts, *rest = text.split(":")
+            protocol = rest[0] if rest else "chunked"
+            if len(rest) > 1 or protocol not in PROTOCOLS:
+                raise ValueError(f"the protocol is one of {', '.join(PROTOCOLS)}")
+            return Cell(model, int(length), [str(Budget.parse(b)) for b in budgets.split(",")], int(prompts), protocol)
         except ValueError as e:
-            raise SystemExit(f"--cell {text!r}: expected MODEL:LENGTH:B1[,B2...]:PROMPTS_PER_TASK ({e})") from None
+            raise SystemExit(f"--cell {text!r}: expected MODEL:LENGTH:B1[,B2...]:PROMPTS_PER_TASK[:PROTOCOL] ({e})") from None
+
+    @property
+    def title(self) -> str:
+        protocol = "" if self.protocol == "chunked" else f", {self.protocol}"
+        return f"{self.model} {self.length}{protocol}"
 
 
 def fingerprint(policy) -> str:
-    """What must match for a stored row to stand for this policy: a NAMM's weights, else nothing more."""
-    if not isinstance(policy, NAMM):
-        return ""
+    """What must match for a stored row to stand for this policy: a NAMM's weights and config, or
+    every hyperparameter of any other policy."""
     digest = hashlib.sha256()
-    for tensor in (policy.get_params(), policy.norm_mean, policy.norm_var):
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    config = {k: v for k, v in policy.config.to_dict().items() if k != "weights_sha256"}
+    if isinstance(policy, NAMM):
+        for tensor in (policy.get_params(), policy.norm_mean, policy.norm_var):
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        config = {k: v for k, v in policy.config.to_dict().items() if k != "weights_sha256"}
+    else:
+        config = policy.hyperparameters()
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
+
+
+def at_budget(spec: str, budget: str) -> str:
+    """'tova/global' at 0.5 -> 'tova:0.5/global'."""
+    name, *options = spec.split("/")
+    return "/".join([f"{name}:{budget}", *options])
+
+
+def structure_options(namm: NAMM) -> str:
+    """The NAMM's own structure as spec options (what a control scorer runs inside)."""
+    c = namm.config
+    return "".join([f"/{c.scope}" if c.scope != "head" else "", f"/pool={c.pool}" if c.pool > 1 else "",
+                    f"/sinks={c.sinks}" if c.sinks else ""])
+
+
+def trained_tasks(namm_dir: Path) -> set[str] | None:
+    """The tasks of the evolution run recorded beside a NAMM (its `evolve.yaml`), if any."""
+    config = namm_dir / "evolve.yaml"
+    if not config.is_file():
+        return None
+    import yaml
+
+    stages = (yaml.safe_load(config.read_text()) or {}).get("stages") or []
+    return {t["task"] for stage in stages for t in stage.get("tasks", []) if isinstance(t, dict) and "task" in t}
 
 
 # --- one worker: a model, the cell's prompts and an Evaluator --------------------------------
@@ -96,7 +143,7 @@ def start_worker(model_name: str, dtype: str, threads: int, tasks: list[str], pr
     _WORKER["evaluator"] = Evaluator(model, tok, update_every=update_every, chunk_size=chunk_size)
 
 
-def evaluate(policy_blob: bytes, sample_index: int, kind: str = "score") -> dict:
+def evaluate(policy_blob: bytes, sample_index: int, kind: str = "score", protocol: str = "chunked") -> dict:
     """One prompt under one policy: the task score of the decoded reply ("score") or the
     teacher-forced log-likelihood of the reference answer ("loglik")."""
     # policies travel as plain pickles (no shared-memory tensors per task), unpickled once per worker
@@ -105,8 +152,8 @@ def evaluate(policy_blob: bytes, sample_index: int, kind: str = "score") -> dict
         policies[policy_blob] = pickle.loads(policy_blob)
     sample, evaluator = _WORKER["samples"][sample_index], _WORKER["evaluator"]
     if kind == "loglik":
-        return evaluator.run_loglik(sample, policies[policy_blob]).to_row()
-    return evaluator.run_sample(sample, policies[policy_blob]).to_row()
+        return evaluator.run_loglik(sample, policies[policy_blob], protocol=protocol).to_row()
+    return evaluator.run_sample(sample, policies[policy_blob], protocol=protocol).to_row()
 
 
 class _Deferred:
@@ -139,12 +186,14 @@ class CellRunner:
     """Evaluates policies on one cell's prompts with a pool of workers; resumes from and saves to the parquet.
 
     A stored row stands for a new one when model, length, weights dtype, memory settings (update
-    interval, chunk size), kind of evaluation, policy and NAMM fingerprint are all the same."""
+    interval, chunk size), protocol, evaluation version, kind of evaluation, policy and fingerprint
+    are all the same."""
 
     def __init__(self, cell: Cell, args, update_every: int, chunk_size: int, rows: list[dict], parquet: Path):
         self.cell, self.args, self.rows, self.parquet = cell, args, rows, parquet
         self.settings = {"model": cell.model, "context_length": cell.length, "dtype": args.dtype,
-                         "update_every": update_every, "chunk_size": chunk_size}
+                         "update_every": update_every, "chunk_size": chunk_size, "protocol": cell.protocol,
+                         "eval_version": EVAL_VERSION}
         tasks = args.tasks.split(",")
         initargs = (cell.model, args.dtype, args.threads, tasks, cell.prompts, cell.length, args.seed,
                     update_every, chunk_size)
@@ -176,7 +225,7 @@ class CellRunner:
                     bar.update(1)
                     continue
                 submitted.add(key)
-                futures[self.pool.submit(evaluate, blob, i, kind)] = print_
+                futures[self.pool.submit(evaluate, blob, i, kind, self.cell.protocol)] = print_
         unsaved = 0
         try:
             done = as_completed(futures) if isinstance(self.pool, ProcessPoolExecutor) else list(futures)
@@ -206,63 +255,100 @@ def _cell_facts() -> tuple[list[str], object]:
     return [s.sample_id for s in _WORKER["samples"]], text_config(_WORKER["evaluator"].model)
 
 
-def run_cell(cell: Cell, runner: CellRunner, namm: NAMM, others: list[NAMM]):
-    """The full cache, FastGen, and per budget the NAMM, the other NAMMs and the baselines.
-    Returns ({budget: (the NAMM as run, the section's rows)}, full rows, FastGen rows, prompts)."""
+def cell_policies(cell: Cell, namm: NAMM, others: list[NAMM], baselines: list[str], controls: list[str],
+                  budget: str) -> list:
+    """The NAMM at `budget`, then every other NAMM, baseline and (chunked protocol) structure control."""
+    specs = [at_budget(b, budget) for b in baselines]
+    if cell.protocol == "chunked":
+        specs += [at_budget(c, budget) + structure_options(namm) for c in controls]
+    return [namm.with_budget(budget)] + [o.with_budget(budget) for o in others] + [parse_policy(s) for s in specs]
+
+
+def run_cell(cell: Cell, runner: CellRunner, namm: NAMM, others: list[NAMM], baselines: list[str], controls: list[str]):
+    """Returns ({budget: (the NAMM as run, the section's rows)}, full rows, FastGen rows, prompts)."""
     n = len(runner.sample_ids)
+    fixed = [parse_policy("full")] + ([parse_policy(FASTGEN)] if cell.protocol == "chunked" else [])
     # a score >= 0 NAMM keeps what it keeps: one section, the baselines at its measured retention
     as_saved = namm.config.budget is None and namm.config.selection == "threshold"
-    budgets = cell.budgets[:1] if as_saved else cell.budgets
-    total = n * (2 + len(budgets) * (1 + len(others) + len(BASELINES)))
-    with tqdm(total=total, desc=f"{cell.model} {cell.length}", unit="prompt") as bar:
-        def at(budget: str) -> list:
-            return [o.with_budget(budget) for o in others] + [parse_policy(f"{b}:{budget}") for b in BASELINES]
-
+    per_budget = {b: cell_policies(cell, namm, others, baselines, controls, b)
+                  for b in (cell.budgets[:1] if as_saved else cell.budgets)}
+    total = n * (len(fixed) + sum(len(p) for p in per_budget.values()))
+    with tqdm(total=total, desc=cell.title, unit="prompt") as bar:
         if as_saved:
-            full, fastgen, namm_rows = runner.run([parse_policy("full"), parse_policy(FASTGEN), namm], bar)
-            _, matched = report.namm_matched_budget(runner.model_config, namm_rows)
+            results = runner.run(fixed + [namm], bar)
+            _, matched = report.namm_matched_budget(runner.model_config, results[-1])
             budget = str(matched)
-            return {budget: (namm, namm_rows + sum(runner.run(at(budget), bar), []))}, full, fastgen, n
-        batch = [parse_policy("full"), parse_policy(FASTGEN)]
-        for budget in budgets:
-            batch += [namm.with_budget(budget)] + at(budget)
-        results = runner.run(batch, bar)   # one batch: no worker waits for a slow policy
-    per_budget = 1 + len(others) + len(BASELINES)
-    parts = {}
-    for j, budget in enumerate(budgets):
-        chunk = results[2 + j * per_budget: 2 + (j + 1) * per_budget]
-        parts[budget] = (batch[2 + j * per_budget], sum(chunk, []))
-    return parts, results[0], results[1], n
+            rest = cell_policies(cell, namm, others, baselines, controls, budget)[1:]
+            per_budget = {budget: [namm] + rest}
+            results = results[:-1] + [results[-1]] + runner.run(rest, bar)
+        else:
+            results = runner.run(fixed + sum(per_budget.values(), []), bar)   # one batch: no worker waits
+    parts, at = {}, len(fixed)
+    for budget, policies in per_budget.items():
+        parts[budget] = (policies[0], sum(results[at:at + len(policies)], []))
+        at += len(policies)
+    return parts, results[0], results[1] if len(fixed) > 1 else [], n
 
 
 def family(label: str) -> str:
-    """A policy's name without its budget (FastGen keeps its threshold): one row of the summary."""
+    """A policy's name and options without its budget (FastGen keeps its threshold): one row of the summary."""
     if label.startswith("namm:") or label == "namm":
         return label.rpartition("@")[0] if "@" in label.split("/")[-1] else label
     if label.startswith("fastgen") or ":" not in label:
         return label
-    return label.split(":")[0]
+    return report.without_budget(label)
 
 
-def summary(sections: list[tuple[str, str, list[dict]]]) -> str:
-    """Every section side by side: each policy's mean [95% interval], then the NAMM against each."""
-    names = list(dict.fromkeys(family(r["policy"]) for _, _, rows in sections for r in rows))
-    cells = {}
-    for title, namm_label, rows in sections:
-        for s in report.summarize(rows)[1]:
-            cells[(family(s["policy"]), title)] = f"{s['mean']:.3f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
-        for other in dict.fromkeys(r["policy"] for r in rows):
-            if other != namm_label:
-                d = report.paired_difference(rows, namm_label, other)
-                cells[("vs", family(other), title)] = f"{d['verdict']} ({d['difference']:+.3f})"
-    titles = [t for t, _, _ in sections]
-    means = [[n, *[cells.get((n, t), "") for t in titles]] for n in names]
-    namm_name = family(sections[0][1])
-    verdicts = [[n, *[cells.get(("vs", n, t), "") for t in titles]] for n in names if n != namm_name]
-    return ("### All sections\n\nMean over tasks [bootstrap 95% interval]:\n\n"
-            + report.markdown_table(["policy", *titles], means)
-            + f"\n\n{namm_name} against each policy, paired on the same prompts (tie: the interval holds 0):\n\n"
-            + report.markdown_table(["policy", *titles], verdicts) + "\n")
+def task_groups(tasks: list[str], trained: set[str] | None) -> list[tuple[str, set[str]]]:
+    """(label, tasks) of each mean the summary gives."""
+    groups = [("all tasks", set(tasks))]
+    if "passkey" in tasks and len(tasks) > 1:
+        groups.append(("without passkey", set(tasks) - {"passkey"}))
+    if trained is not None:
+        unseen = set(tasks) - trained
+        if unseen and unseen != set(tasks):
+            groups.append((f"tasks it never trained on ({', '.join(sorted(unseen))})", unseen))
+    return groups
+
+
+def summary(sections: list[tuple[str, str, list[dict]]], groups: list[tuple[str, set[str]]]) -> str:
+    """Every section side by side, per task group: each policy's mean [95% interval], then the
+    NAMM against each policy."""
+    out = ["### All sections\n"]
+    for label, tasks in groups:
+        kept = [(title, namm_label, [r for r in rows if r["task"] in tasks]) for title, namm_label, rows in sections]
+        names = list(dict.fromkeys(family(r["policy"]) for _, _, rows in kept for r in rows))
+        cells = {}
+        for title, namm_label, rows in kept:
+            for s in report.summarize(rows)[1]:
+                cells[(family(s["policy"]), title)] = f"{s['mean']:.3f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
+            for other in dict.fromkeys(r["policy"] for r in rows):
+                if other != namm_label:
+                    d = report.paired_difference(rows, namm_label, other)
+                    cells[("vs", family(other), title)] = (f"{d['verdict']} ({d['difference']:+.3f} "
+                                                           f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}])")
+        titles = [t for t, _, _ in kept]
+        means = [[n, *[cells.get((n, t), "") for t in titles]] for n in names]
+        namm_name = family(kept[0][1])
+        verdicts = [[n, *[cells.get(("vs", n, t), "") for t in titles]] for n in names if n != namm_name]
+        out.append(f"#### Mean over {label}\n\n" + report.markdown_table(["policy", *titles], means)
+                   + f"\n\n{namm_name} against each policy, paired on the same prompts (tie: the interval holds 0):\n\n"
+                   + report.markdown_table(["policy", *titles], verdicts) + "\n")
+    return "\n".join(out)
+
+
+def plan(args, cells: list[Cell], namm: NAMM, others: list[NAMM], trained: set[str] | None) -> str:
+    """What the board will run, written before the first row is computed."""
+    tasks = args.tasks.split(",")
+    label = lambda t: t if trained is None else f"{t} ({'trained on' if t in trained else 'never trained on'})"  # noqa: E731
+    controls = ", ".join(f"`{at_budget(c, 'B')}{structure_options(namm)}`" for c in args.controls) or "none"
+    return (f"Plan: seed {args.seed}; tasks {', '.join(label(t) for t in tasks)}; cells "
+            + ", ".join(f"`{c.model}:{c.length}:{','.join(c.budgets)}:{c.prompts}:{c.protocol}`" for c in cells)
+            + f". Policies at each budget B: `{namm.source}@B`"
+            + "".join(f", `{o.source}@B`" for o in others)
+            + "".join(f", `{at_budget(b, 'B')}`" for b in args.baselines)
+            + f"; in the chunked protocol also the full cache's peers in the NAMM's structure: {controls}, and "
+            f"`{FASTGEN}`. Evaluation version {EVAL_VERSION}.\n\n")
 
 
 def main(argv=None) -> int:
@@ -271,8 +357,14 @@ def main(argv=None) -> int:
     p.add_argument("--also", type=Path, action="append", default=[],
                    help="another NAMM directory run at the same budgets (e.g. the warm start the NAMM was evolved "
                         "from); repeatable")
-    p.add_argument("--cell", action="append", help=f"MODEL:LENGTH:BUDGETS:PROMPTS, repeatable (default: {DEFAULT_CELLS})")
+    p.add_argument("--cell", action="append", help="MODEL:LENGTH:BUDGETS:PROMPTS[:PROTOCOL], repeatable; PROTOCOL is "
+                   f"one of {', '.join(PROTOCOLS)} (default chunked). Default cells: {DEFAULT_CELLS}")
     p.add_argument("--tasks", default="passkey,niah_single,niah_multikey,qa")
+    p.add_argument("--baselines", default=",".join(DEFAULT_BASELINES),
+                   help="policy specs without a budget, each run at every budget (e.g. snapkv/window=64,kvzip)")
+    p.add_argument("--controls", default=",".join(DEFAULT_CONTROLS),
+                   help="scorers also run inside the NAMM's own structure (its scope, pooling and sinks), in chunked "
+                        "cells; empty for none")
     p.add_argument("--seed", type=int, default=7, help="prompt seed (evolution uses seed 0 and its validation seed)")
     p.add_argument("--update-every", type=int, default=None, help="default: the NAMM's recorded interval")
     p.add_argument("--chunk-size", type=int, default=None, help="default: the NAMM's recorded chunk size")
@@ -296,6 +388,13 @@ def main(argv=None) -> int:
         args.threads = max(1, (os.cpu_count() or 1) // args.workers)
     if args.dtype is None:
         args.dtype = "bfloat16" if cpu_has_bf16() or cuda else "float32"
+    args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    args.controls = [c.strip() for c in args.controls.split(",") if c.strip()]
+    for spec in args.baselines + args.controls:   # bad specs fail before any model loads
+        try:
+            parse_policy(at_budget(spec, "0.5"))
+        except ValueError as e:
+            raise SystemExit(f"--baselines/--controls: {e}") from None
     import pyarrow.parquet as pq
 
     cells = [Cell.parse(c) for c in (args.cell or DEFAULT_CELLS)]
@@ -307,6 +406,7 @@ def main(argv=None) -> int:
         return loaded
 
     namm, others = load(args.namm), [load(d) for d in args.also]
+    trained = trained_tasks(args.namm)
     label = namm.source
     from namm_core.generation import resolve_memory_settings
 
@@ -320,28 +420,37 @@ def main(argv=None) -> int:
     header = report.result_header(None if argv is None else [str(Path(__file__).resolve().relative_to(ROOT)), *argv])
     head = (header + f"\nNAMM: `{label}`.{also} Weights in {args.dtype}; {args.workers} worker "
             f"process(es) x {args.threads} thread(s). FastGen (T = 0.85) keeps what its rule needs; its retention is "
-            "its own, not the budget.\n\n")
+            "its own, not the budget.\n\n" + plan(args, cells, namm, others, trained))
+    markdown = args.out_dir / f"{args.name}.md"
+    write_text_atomic(markdown, head + "(no cell finished yet)\n")
+    groups = task_groups(args.tasks.split(","), trained)
     for cell in cells:
         runner = CellRunner(cell, args, update_every, chunk_size, rows, parquet)
         try:
-            parts, full, fastgen, n = run_cell(cell, runner, namm, others)
+            parts, full, fastgen, n = run_cell(cell, runner, namm, others, args.baselines, args.controls)
         finally:
             runner.close()
         for budget, (budgeted, part) in parts.items():
             table_rows = full + part + fastgen
-            title = f"{cell.model}, {cell.length} tokens, budget {budget}, {n} held-out prompts"
-            plot = args.out_dir / f"{args.name}_{cell.model}_{cell.length}_{budget}.png"
+            protocol = "" if cell.protocol == "chunked" else f", {cell.protocol}"
+            title = f"{cell.model}, {cell.length} tokens, budget {budget}{protocol}, {n} held-out prompts"
+            suffix = "" if cell.protocol == "chunked" else f"_{cell.protocol}"
+            plot = args.out_dir / f"{args.name}_{cell.model}_{cell.length}_{budget}{suffix}.png"
             report.plot_score_vs_retention(table_rows, plot, title=title)
+            when = (f"updates every {update_every} tokens" if cell.protocol == "chunked" else
+                    "one compression after a dense read of the "
+                    + ("context, before the question" if cell.protocol == "agnostic" else "whole prompt, question included")
+                    + "; the peak KV is the full cache's")
             sections.append(
-                f"### {cell.model}, {cell.length} tokens, {budget} of the cache ({cell.prompts} prompts per task, "
-                f"seed {args.seed}; updates every {update_every} tokens)\n\n"
+                f"### {cell.model}, {cell.length} tokens, {budget} of the cache, {cell.protocol} protocol "
+                f"({cell.prompts} prompts per task, seed {args.seed}; {when})\n\n"
                 + report.format_table(table_rows, markdown=True) + "\n\n"
                 + f"{budgeted.describe()} against each policy, paired on the same prompts:\n\n"
                 + report.format_comparisons(table_rows, budgeted.describe(), markdown=True)
                 + f"\n\n![{title}]({plot.name})\n")
-            summaries.append((f"{cell.model} {cell.length} @{budget}", budgeted.describe(), table_rows))
-            write_text_atomic(args.out_dir / f"{args.name}.md", head + summary(summaries) + "\n" + "\n".join(sections))
-    print(head + summary(summaries) + "\n" + "\n".join(sections), flush=True)
+            summaries.append((f"{cell.title} @{budget}", budgeted.describe(), table_rows))
+            write_text_atomic(markdown, head + summary(summaries, groups) + "\n" + "\n".join(sections))
+    print(head + summary(summaries, groups) + "\n" + "\n".join(sections), flush=True)
     return 0
 
 

@@ -41,6 +41,8 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     n_rep = query.shape[1] // key.shape[1]
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     softcap = kwargs.get("softcap")
+    if cache.query_observer is not None:
+        cache.query_observer(module.layer_idx, layer, query, scaling)
 
     if cache.observer is None and softcap is None:
         if layer.heads_uniform:  # one mask for all heads

@@ -130,6 +130,13 @@ class MemoryLayer(CacheLayerMixin):
         self.aux = {name: gather(t) for name, t in self.aux.items()}
         self._buffers = {}
 
+    def truncate(self, length: int) -> None:
+        """Drop every slot from `length` on (a reconstruction's keys after its side forward);
+        the fields stay views of their buffers, so the next append writes in place."""
+        for name in ("keys", "values", "valid", "positions", "columns"):
+            setattr(self, name, getattr(self, name)[:, :, :length])
+        self.aux = {name: t[:, :, :length] for name, t in self.aux.items()}
+
     def newest_positions(self) -> torch.Tensor:
         """[B, H, 1] the newest valid position of every (batch row, KV head)."""
         return self.positions.masked_fill(~self.valid, -1).amax(-1, keepdim=True)
@@ -160,6 +167,8 @@ class MemoryCache(Cache):
         # observer(layer_idx, layer, attn [B, H_kv, Q, S] float32) receives the attention the
         # chunk's queries paid to the cache; None keeps attention on the fast sdpa path
         self.observer = None
+        # query_observer(layer_idx, layer, query [B, H_q, Q, D] post-RoPE, scaling): the chunk's queries
+        self.query_observer = None
         self._rows_storage: Optional[torch.Tensor] = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

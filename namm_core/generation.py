@@ -20,7 +20,7 @@ import torch
 from . import attention
 from .cache import MemoryCache
 from .files import text_config
-from .policies import FullCache, MemoryPolicy, StepInfo
+from .policies import FullCache, MemoryPolicy, Reconstruction, StepInfo
 from .sampling import GenerationConfig, TokenChooser, make_generation_config
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,7 @@ class MemoryManagedLM:
         self.tokenizer = tokenizer
         if tokenizer is not None:
             self.policy.bind_tokenizer(tokenizer)
+        self.policy.bind_model(model)
         attention.register()
 
     @property
@@ -149,7 +150,7 @@ class MemoryManagedLM:
                  max_new_tokens: Optional[int] = None, eos_token_id=None, pad_token_id: Optional[int] = None,
                  return_logits: bool = False, prefix: Optional["SharedPrefix"] = None,
                  generation_config: Optional[GenerationConfig] = None, streamer=None, seed: Optional[int] = None,
-                 **generation_kwargs) -> GenerationOutput:
+                 compress_at: Optional[int] = None, **generation_kwargs) -> GenerationOutput:
         """Generate from input_ids [B, T], left-padded where attention_mask is 0.
 
         Decoding follows a transformers `GenerationConfig` (greedy by default; `do_sample`,
@@ -158,7 +159,9 @@ class MemoryManagedLM:
         (transformers' `TextStreamer` / `TextIteratorStreamer`, batch size 1) receives the
         prompt and then each new token as it is made. `prefix` (from `shared_prefix`) resumes
         from a stored state of the same prompt instead of recomputing the columns before the
-        first memory update.
+        first memory update. `compress_at` replaces the periodic updates by one, when that many
+        columns have been processed (kvpress's protocol: compress once after a dense prefill of
+        the context, then read the question and decode with nothing more evicted).
         """
         config = make_generation_config(generation_config, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                                         pad_token_id=pad_token_id, **generation_kwargs)
@@ -182,12 +185,14 @@ class MemoryManagedLM:
         if prefix is not None:
             if return_logits:
                 raise ValueError("a shared prefix keeps only its last logits; return_logits needs a full run")
+            if compress_at is not None:
+                raise ValueError("a shared prefix is taken before the first periodic update: not with compress_at")
             prefix.check(self, input_ids)
             cache, state, stats, start, last_logits = prefix.restore()
             self.policy.new_sequence()
             self._maybe_update(cache, state, stats, start)
         else:
-            cache, state, stats = self._start(attention_mask)
+            cache, state, stats = self._start(attention_mask, compress_at, T)
             start, last_logits = 0, None
         while start < T:
             end = min(start + self.chunk_size, state.next_update, T)
@@ -261,13 +266,14 @@ class MemoryManagedLM:
     @_with_memory_attention
     @torch.inference_mode()
     def continuation_logprobs(self, input_ids: torch.Tensor, continuation_ids: torch.Tensor,
-                              prefix: Optional["SharedPrefix"] = None) -> tuple[torch.Tensor, MemoryStats]:
+                              prefix: Optional["SharedPrefix"] = None, compress_at: Optional[int] = None
+                              ) -> tuple[torch.Tensor, MemoryStats]:
         """Teacher-forced log-probabilities of `continuation_ids` [1, n] after the prompt [1, T].
 
         The continuation runs through the memory exactly as decoding it would: the same
         columns, the same update boundaries (chunks are cut there), the same policy calls,
         so this is the likelihood the managed model gives that reply, without decoding.
-        Returns ([n] float32 log-probabilities, memory statistics).
+        `compress_at` as in `generate`. Returns ([n] float32 log-probabilities, memory statistics).
         """
         if input_ids.shape[0] != 1 or continuation_ids.shape[0] != 1:
             raise ValueError("continuation_logprobs scores one prompt at a time")
@@ -279,13 +285,15 @@ class MemoryManagedLM:
         mask = torch.ones_like(ids, dtype=torch.bool)
         t0 = time.perf_counter()
         if prefix is not None:
+            if compress_at is not None:
+                raise ValueError("a shared prefix is taken before the first periodic update: not with compress_at")
             prefix.check(self, ids)
             cache, state, stats, start, _ = prefix.restore()
             state.positions, state.mask = torch.arange(ids.shape[1], device=self.device).view(1, -1), mask
             self.policy.new_sequence()
             self._maybe_update(cache, state, stats, start)
         else:
-            cache, state, stats = self._start(mask)
+            cache, state, stats = self._start(mask, compress_at, T)
             start = 0
         if start > T - 1:
             raise ValueError("the shared prefix reaches into the continuation")
@@ -304,12 +312,18 @@ class MemoryManagedLM:
         _record_what_was_kept(stats, state, cache)
         return logp.gather(-1, target[:, None])[:, 0].cpu(), stats
 
-    def _start(self, attention_mask: torch.Tensor):
+    def _start(self, attention_mask: torch.Tensor, compress_at: Optional[int] = None, prompt_columns: int = 0):
         """A fresh cache, loop state and statistics for one batch of prompts."""
+        if compress_at is not None and (isinstance(compress_at, bool) or int(compress_at) != compress_at
+                                        or not 0 < compress_at <= prompt_columns):
+            raise ValueError(f"compress_at must be a column of the prompt (1..{prompt_columns}), got {compress_at!r}")
         cache = MemoryCache(self.model.config, aux_shapes=getattr(self.policy, "aux_shapes", {}))
         self.policy.new_sequence()
         state = _LoopState(positions=attention_mask.long().cumsum(-1) - 1, mask=attention_mask,
-                           next_update=self.update_every)
+                           next_update=self.update_every if compress_at is None else int(compress_at),
+                           one_shot=compress_at is not None)
+        if self.policy.reconstructs:
+            state.history = ([], [])
         return cache, state, MemoryStats()
 
     def prefill_logits(self, input_ids, attention_mask=None) -> GenerationOutput:
@@ -327,7 +341,18 @@ class MemoryManagedLM:
         step = StepInfo(seen=state.seen, processed=processed, query_positions=positions,
                         query_valid=real, next_update=state.next_update, query_ids=ids)
         policy = self.policy
-        cache.observer = None
+        cache.observer = cache.query_observer = None
+        if state.history is not None:       # a policy that re-reads tokens at its updates keeps them
+            state.history[0].append(ids)
+            state.history[1].append(real)
+        if policy.needs_queries:
+            def query_observer(layer_idx, layer, query, scaling):
+                tp = time.perf_counter()
+                policy.observe_queries(layer_idx, layer, query, scaling, step)
+                spent = time.perf_counter() - tp
+                stats.policy_seconds += spent
+                stats.observe_seconds += spent
+            cache.query_observer = query_observer
         if policy.needs_attention:
             def observer(layer_idx, layer, attn):
                 tp = time.perf_counter()
@@ -341,6 +366,7 @@ class MemoryManagedLM:
                              logits_to_keep=0 if keep_all else logits_to_keep)
         stats.peak_kv_bytes = max(stats.peak_kv_bytes, cache.kv_bytes())
         state.last_query = (positions, real)
+        state.newest = positions[:, -1]
         if update:
             self._maybe_update(cache, state, stats, processed)
         return out.logits
@@ -353,6 +379,8 @@ class MemoryManagedLM:
         step = StepInfo(seen=state.seen, processed=processed, query_positions=positions,
                         query_valid=real, next_update=state.next_update)
         tp = time.perf_counter()
+        if self.policy.reconstructs:
+            self._reconstruct(cache, state, stats, processed)
         for layer, keep in zip(cache.layers, self.policy.select_all(cache.layers, step)):
             if layer.sliding_window is not None:
                 newest = layer.newest_positions()
@@ -364,7 +392,39 @@ class MemoryManagedLM:
         stats.policy_seconds += spent
         stats.select_seconds += spent
         stats.updates += 1
-        state.next_update += self.update_every
+        state.last_update = processed
+        # one-shot compression: no further update (the question and the reply are read in full)
+        state.next_update = NEVER if state.one_shot else state.next_update + self.update_every
+
+    def _observe_reconstruction(self, layer_idx, layer, query, scaling, piece):
+        self.policy.observe_reconstruction(layer_idx, layer, query, scaling, piece)
+
+    def _reconstruct(self, cache, state, stats, processed: int) -> None:
+        """Side forwards that re-read the columns since the last update after the policy's prompt
+        (KVzip); the policy scores the cache from their queries, and their keys are dropped."""
+        ids, real = (torch.cat(parts, dim=1) for parts in state.history)
+        first = state.last_update
+        column = first
+        for piece_ids, prompt_tokens in self.policy.reconstruction_inputs(ids[:, first:processed], ids[:, :first]):
+            B, P = piece_ids.shape
+            n = P - prompt_tokens
+            valid = torch.cat([torch.ones(B, prompt_tokens, dtype=torch.bool, device=self.device),
+                               real[:, column:column + n]], dim=1)
+            piece = Reconstruction(first_column=column, end_column=column + n, prompt_tokens=prompt_tokens,
+                                   query_valid=valid)
+            positions = state.newest.view(B, 1) + 1 + torch.arange(P, device=self.device)
+            lengths = [layer.get_seq_length() for layer in cache.layers]
+            cache.set_chunk(positions, valid, torch.full_like(positions, -1))
+            cache.observer = None
+            cache.query_observer = functools.partial(self._observe_reconstruction, piece=piece)
+            with cache.active():
+                self.model(input_ids=piece_ids.to(self.device), position_ids=positions, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1)
+            stats.peak_kv_bytes = max(stats.peak_kv_bytes, cache.kv_bytes())   # the side forward's keys count
+            for layer, length in zip(cache.layers, lengths):
+                layer.truncate(length)
+            column += n
+        cache.query_observer = None
 
 
 def _record_what_was_kept(stats: MemoryStats, state: "_LoopState", cache: MemoryCache) -> None:
@@ -401,6 +461,8 @@ class SharedPrefix:
         cache.release_buffers()
         state = copy.copy(self.state)
         state.seen = self.state.seen.clone()
+        if state.history is not None:
+            state.history = (list(state.history[0]), list(state.history[1]))
         stats = copy.deepcopy(self.stats)
         return cache, state, stats, self.end, self.last_logits
 
@@ -414,13 +476,20 @@ def _clone_layer(layer):
     return new
 
 
+NEVER = 2**62   # `next_update` once a one-shot compression is done
+
+
 @dataclass
 class _LoopState:
     positions: torch.Tensor
     mask: torch.Tensor
     next_update: int
+    one_shot: bool = False     # compress once (at next_update), then never again
     seen: torch.Tensor = None
     last_query: tuple = None   # (positions, valid) of the newest chunk, for the update step
+    newest: torch.Tensor = None  # [B] position of each row's newest token
+    last_update: int = 0       # column of the previous update
+    history: Optional[tuple] = None  # (ids, real) chunks so far, for a policy that re-reads them
 
     def __post_init__(self):
         self.seen = torch.zeros(self.mask.shape[0], dtype=torch.long, device=self.mask.device)

@@ -1,16 +1,23 @@
 """Memory policies: what to keep in each layer's KV cache.
 
-A policy sees one layer at a time. The memory calls
-  observe(layer_idx, layer, attn, step)   after every forward chunk, with the attention
-                                          the chunk's queries paid to the cached keys
-                                          (only when `needs_attention`), and
-  select(layer_idx, layer, step)          every `update_every` tokens, returning a
-                                          [B, H_kv, S] bool mask of the slots to keep.
-Per-token statistics a policy accumulates live in `layer.aux[name]` ([B, H_kv, S, ...]);
-the cache appends zeros for new tokens and compacts them together with keys and values,
-so they always stay aligned with the slots they describe.
+The memory calls, for every forward chunk and every layer,
+  observe(layer_idx, layer, attn, step)        the attention the chunk's queries paid to the
+                                               cached keys (when `needs_attention`),
+  observe_queries(layer_idx, layer, query, scaling, step)
+                                               the chunk's post-RoPE queries (when `needs_queries`),
+and every `update_every` tokens
+  select_all(layers, step)                     [B, H_kv, S] bool masks of the slots to keep.
+A policy that `reconstructs` (KVzip) first gets a side forward that re-reads the tokens since
+the last update (`reconstruction_inputs`, then `observe_reconstruction` per layer).
+Per-token statistics a policy accumulates live in `layer.aux[name]` ([B, H_kv, S, ...]); the
+cache appends zeros for new tokens and compacts them together with keys and values, so they
+always stay aligned with the slots they describe.
 
-Each baseline is a small class with one scoring rule (the kvpress style):
+Policies that score tokens (`BudgetPolicy`) implement one rule, `score()`, in the kvpress
+style; the budget and its structure (per head, head-adaptive, model-wide or one global set,
+span pooling, sinks: selection.py) are options of every one of them. Spec strings name a
+policy, its budget, and options separated by `/`: `tova:0.5/global/pool=15/sinks=4`,
+`snapkv:0.25/window=64/kernel=5/adakv`.
 
 | policy        | keeps                                                              |
 | ------------- | ------------------------------------------------------------------ |
@@ -22,19 +29,29 @@ Each baseline is a small class with one scoring rule (the kvpress style):
 | tova          | the most attended by the newest query                              |
 | fastgen       | per head, the cheapest of five hybrid rules that recovers a share  |
 |               | of the recent attention (no fixed budget)                          |
+| expected_attention, kvzip: their own modules                                       |
 """
 from __future__ import annotations
 
-import math
+import inspect
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
-import torch.nn.functional as F
+
+from .selection import (  # noqa: F401  (re-exported: the policies' public vocabulary)
+    Budget,
+    Structure,
+    keep_top,
+    parse_structure_options,
+    pool_over_slots,
+    select_with_structure,
+    shared_selection,
+    structure_suffix,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cache import LayerMemory
+    from .cache import MemoryLayer
 
 
 @dataclass(frozen=True)
@@ -49,133 +66,67 @@ class StepInfo:
 
 
 @dataclass(frozen=True)
-class Budget:
-    """How many tokens an evicting policy may keep: a fraction of the tokens seen, or a count."""
-    value: float
-    is_fraction: bool
-
-    @staticmethod
-    def parse(spec: Union[str, int, float, "Budget"]) -> "Budget":
-        if isinstance(spec, Budget):
-            return spec
-        text = str(spec).strip()
-        try:
-            number = float(text)
-        except ValueError:
-            raise ValueError(f"budget {spec!r} is not a number: give a fraction like 0.25 or a token count like 1024") from None
-        is_fraction = isinstance(spec, float) or ("." in text) or ("e" in text.lower())
-        if not math.isfinite(number):
-            raise ValueError(f"budget {spec!r} must be finite")
-        if not number > 0:
-            raise ValueError(f"budget {spec!r} must be positive")
-        if is_fraction and number > 1:
-            if number != int(number):
-                raise ValueError(f"budget {spec!r} is neither a fraction in (0, 1] nor a whole number of tokens")
-            is_fraction = False          # '1e3', 1024.0: a token count written as a float
-        if not is_fraction and number != int(number):
-            raise ValueError(f"budget {spec!r} must be a whole number of tokens")
-        return Budget(number, is_fraction)
-
-    def tokens(self, seen: torch.Tensor) -> torch.Tensor:
-        """Budget per sequence, [B] long, given the tokens seen so far."""
-        if self.is_fraction:
-            # exact ceil(seen * fraction): float products like 0.07 * 100 = 7.000000000000001 overshoot
-            f = Fraction(self.value).limit_denominator(10**9)
-            return ((seen.long() * f.numerator + f.denominator - 1) // f.denominator).clamp(min=1)
-        return torch.full_like(seen, int(self.value), dtype=torch.long)
-
-    def __str__(self) -> str:
-        if self.is_fraction:
-            text = f"{self.value:g}"
-            return text if ("." in text or "e" in text) else text + ".0"  # "1.0" stays a fraction when parsed back
-        return str(int(self.value))
-
-
-def keep_top(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Keep mask of the k[b] highest-scoring valid slots of every (batch b, head) row.
-
-    scores, valid: [B, H, S]; k: [B]. Ties are broken towards the newer slot index.
-    """
-    # a valid slot scored -inf still outranks every invalid slot
-    masked = scores.float().nan_to_num(neginf=torch.finfo(torch.float32).min).masked_fill(~valid, float("-inf"))
-    S = masked.shape[-1]
-    # descending score; a stable sort of the reversed row puts the newer slot first on ties
-    order = (S - 1) - torch.argsort(masked.flip(-1), dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(S, device=scores.device).expand_as(order))
-    return (ranks < k.view(-1, 1, 1)) & valid
-
-
-def pool_over_slots(scores: torch.Tensor, valid: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Each valid slot's score becomes the max over the `kernel` valid slots centred on it, in
-    position order (slots are kept in position order within each row; invalid slots take no
-    part). A token next to a high-scoring one is then kept with it, so a span (a number, a name)
-    is kept or evicted as a whole. scores, valid: [..., S]."""
-    if kernel <= 1:
-        return scores
-    shape, S = scores.shape, scores.shape[-1]
-    flat_scores, flat_valid = scores.reshape(-1, S).float(), valid.reshape(-1, S)
-    # gather the valid slots to the front (stable: position order kept), pool, scatter back
-    order = torch.argsort((~flat_valid).to(torch.int8), dim=-1, stable=True)
-    packed = flat_scores.gather(-1, order).masked_fill(~flat_valid.gather(-1, order), float("-inf"))
-    pooled = F.max_pool1d(packed.unsqueeze(1), kernel, stride=1, padding=kernel // 2).squeeze(1)
-    out = torch.empty_like(pooled).scatter_(-1, order, pooled)
-    return torch.where(flat_valid, out, flat_scores).reshape(shape)
-
-
-def shared_selection(layers: list["LayerMemory"], scores: list[torch.Tensor], protected: list[torch.Tensor],
-                     k: torch.Tensor, kernel: int = 1) -> list[torch.Tensor]:
-    """One set of kept tokens for every layer and KV head: each token's score is the mean of
-    its scores over the layers and heads that hold it; the `k[b]` best tokens (protected first)
-    are kept wherever they are held. scores, protected: per layer [B, H, S]; k: [B]."""
-    B = k.shape[0]
-    device = scores[0].device
-    span = 1 + max(int(layer.positions.masked_fill(~layer.valid, -1).max()) for layer in layers)
-    total = torch.zeros(B, span, device=device)
-    count = torch.zeros(B, span, device=device)
-    guard = torch.zeros(B, span, device=device)       # how many holders protect the token
-    for layer, s, p in zip(layers, scores, protected):
-        index = layer.positions.clamp(min=0).reshape(B, -1)
-        total.scatter_add_(1, index, (s.float() * layer.valid).reshape(B, -1))
-        count.scatter_add_(1, index, layer.valid.reshape(B, -1).float())
-        guard.scatter_add_(1, index, (p & layer.valid).reshape(B, -1).float())
-    held = count > 0
-    mean = total / count.clamp(min=1)
-    mean = pool_over_slots(mean, held, kernel).masked_fill(guard > 0, float("inf"))
-    kept = keep_top(mean.unsqueeze(1), held.unsqueeze(1), k)[:, 0]          # [B, span]
-    return [kept.gather(1, layer.positions.clamp(min=0).reshape(B, -1)).view_as(layer.valid) & layer.valid
-            for layer in layers]
+class Reconstruction:
+    """A side forward that re-reads columns [first_column, end_column) of the sequence after a
+    prompt of `prompt_tokens` tokens (KVzip). Its keys are dropped after the forward."""
+    first_column: int
+    end_column: int
+    prompt_tokens: int
+    query_valid: torch.Tensor     # [B, P] False for padding re-read from left-padded rows
 
 
 class MemoryPolicy:
-    """Base class. Subclasses set `needs_attention` and override what they use."""
+    """Base class. Subclasses set `needs_attention` / `needs_queries` and override what they use."""
     name = "policy"
     needs_attention = False
+    needs_queries = False
+    reconstructs = False
     aux_shapes: dict[str, tuple[int, ...]] = {}
 
     def new_sequence(self) -> None:
         """Called before each new batch of prompts."""
 
     def bind_tokenizer(self, tokenizer) -> None:
-        """Policies that read token identities (FastGen) get the model's tokenizer here."""
+        """Policies that read token identities (FastGen, KVzip) get the model's tokenizer here."""
+
+    def bind_model(self, model) -> None:
+        """Policies that need the model's own settings (Expected Attention: its RoPE) get it here."""
 
     def prefix_key(self) -> Optional[tuple]:
         """Policies with equal keys build identical state before their first update (so
         that state can be computed once and shared); None: no sharing."""
         return None
 
-    def observe(self, layer_idx: int, layer: "LayerMemory", attn: torch.Tensor, step: StepInfo) -> None:
+    def observe(self, layer_idx: int, layer: "MemoryLayer", attn: torch.Tensor, step: StepInfo) -> None:
         """attn: [B, H_kv, Q, S] float32 attention of this chunk's queries (GQA-averaged).
 
         Its storage is reused once observe returns: keep copies, never views."""
 
-    def select(self, layer_idx: int, layer: "LayerMemory", step: StepInfo) -> Optional[torch.Tensor]:
+    def observe_queries(self, layer_idx: int, layer: "MemoryLayer", query: torch.Tensor, scaling: float,
+                        step: StepInfo) -> None:
+        """query: [B, H_q, Q, D] the chunk's queries after RoPE (the chunk's keys are already in `layer`)."""
+
+    def reconstruction_inputs(self, ids: torch.Tensor, previous: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """For a policy that `reconstructs`: the side forwards that re-read `ids` [B, n] (the
+        columns since the last update; `previous` [B, m] the columns before them), as (input ids
+        [B, p + n_i], prompt length p) pieces."""
+        raise NotImplementedError
+
+    def observe_reconstruction(self, layer_idx: int, layer: "MemoryLayer", query: torch.Tensor, scaling: float,
+                               piece: Reconstruction) -> None:
+        """query [B, H_q, P, D] of a reconstruction piece, whose P keys are the last slots of `layer`."""
+
+    def select(self, layer_idx: int, layer: "MemoryLayer", step: StepInfo) -> Optional[torch.Tensor]:
         return None
 
-    def select_all(self, layers: list["LayerMemory"], step: StepInfo) -> list[Optional[torch.Tensor]]:
+    def select_all(self, layers: list["MemoryLayer"], step: StepInfo) -> list[Optional[torch.Tensor]]:
         """Keep masks of every layer at one update. By default each layer decides alone; a
         policy that chooses one set of tokens for the whole model overrides this."""
         return [self.select(i, layer, step) for i, layer in enumerate(layers)]
+
+    def hyperparameters(self) -> dict:
+        """Every setting that changes what the policy keeps (for result keys and reports)."""
+        return {"name": self.name}
 
     def describe(self) -> str:
         return self.name
@@ -185,38 +136,85 @@ class FullCache(MemoryPolicy):
     name = "full"
 
 
+def _options_of(cls) -> dict[str, object]:
+    """A policy class's own hyperparameters and their defaults: its __init__ keyword arguments."""
+    options = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass):
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.default is not inspect.Parameter.empty and p.name != "structure":
+                    options[p.name] = p.default
+    return options
+
+
 class BudgetPolicy(MemoryPolicy):
-    def __init__(self, budget: Union[str, int, float, Budget]):
+    """Scores tokens (`score`, higher: keep) and keeps the `budget` best, protected ones first,
+    in its `structure`. Keyword arguments of a subclass's __init__ are its hyperparameters; a
+    spec sets them as `/name=value`."""
+    default_structure = Structure()
+
+    def __init__(self, budget: Union[str, int, float, Budget], structure: Optional[Structure] = None):
         self.budget = Budget.parse(budget)
+        self.structure = structure or self.default_structure
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, object]:
+        return _options_of(cls)
+
+    def hyperparameters(self) -> dict:
+        return {"name": self.name, "budget": str(self.budget),
+                **{name: getattr(self, name) for name in self.option_defaults()},
+                "scope": self.structure.scope, "pool": self.structure.pool, "sinks": self.structure.sinks,
+                **({"safeguard": self.structure.safeguard} if self.structure.scope == "adakv" else {})}
 
     def describe(self) -> str:
-        return f"{self.name}:{self.budget}"
+        options = "".join(f"/{name}={getattr(self, name):g}" if isinstance(default, float) else f"/{name}={getattr(self, name)}"
+                          for name, default in self.option_defaults().items() if getattr(self, name) != default)
+        return f"{self.name}:{self.budget}{options}{structure_suffix(self.structure, self.default_structure)}"
 
-    def score(self, layer_idx: int, layer: "LayerMemory", step: StepInfo) -> torch.Tensor:
+    # --- the rule --------------------------------------------------------------------
+    def score(self, layer_idx: int, layer: "MemoryLayer", step: StepInfo) -> torch.Tensor:
+        """[B, H, S] how much each slot is worth keeping."""
         raise NotImplementedError
 
+    def protected(self, layer_idx: int, layer: "MemoryLayer", step: StepInfo, k: torch.Tensor) -> torch.Tensor:
+        """[B, H, S] slots kept before any scored one (a recent window, an observation window)."""
+        return torch.zeros_like(layer.valid)
+
+    def after_update(self, layer_idx: int, layer: "MemoryLayer") -> None:
+        """Called on every layer once its kept set is decided (e.g. to start a new window)."""
+
+    # --- the decision ----------------------------------------------------------------
+    def select_all(self, layers, step):
+        return self._decide(list(enumerate(layers)), step)
+
     def select(self, layer_idx, layer, step):
+        """One layer alone (its heads share what the structure says; model-wide scopes see one layer)."""
+        return self._decide([(layer_idx, layer)], step)[0]
+
+    def _decide(self, indexed: list, step: StepInfo) -> list[torch.Tensor]:
         k = self.budget.tokens(step.seen)
-        return keep_top(self.score(layer_idx, layer, step), layer.valid, k)
+        layers = [layer for _, layer in indexed]
+        scores = [self.score(i, layer, step) for i, layer in indexed]
+        protected = [self.protected(i, layer, step, k) for i, layer in indexed]
+        keeps = select_with_structure(layers, scores, protected, k, self.structure)
+        for i, layer in indexed:
+            self.after_update(i, layer)
+        return keeps
 
 
-def _recency_rank(layer: "LayerMemory") -> torch.Tensor:
+def _recency_rank(layer: "MemoryLayer") -> torch.Tensor:
     """Larger for newer tokens: the position itself (invalid slots are masked by keep_top)."""
     return layer.positions.float()
 
 
 class StreamingLLM(BudgetPolicy):
+    """Xiao et al. 2024: the first tokens (attention sinks) and the most recent ones."""
     name = "streamingllm"
-
-    def __init__(self, budget, sinks: int = 4):
-        super().__init__(budget)
-        self.sinks = sinks
+    default_structure = Structure(sinks=4)
 
     def score(self, layer_idx, layer, step):
-        # the first `sinks` positions of each sequence outrank everything, then recency
-        first = layer.positions.masked_fill(~layer.valid, 2**62).amin(-1, keepdim=True)
-        is_sink = (layer.positions - first) < self.sinks
-        return _recency_rank(layer) + is_sink.float() * 1e15
+        return _recency_rank(layer)
 
 
 class L2Norm(BudgetPolicy):
@@ -233,20 +231,21 @@ class H2O(BudgetPolicy):
     needs_attention = True
     aux_shapes = {"h2o_acc": ()}
 
-    def __init__(self, budget, recent_fraction: float = 0.5):
-        super().__init__(budget)
-        self.recent_fraction = recent_fraction
+    def __init__(self, budget, structure=None, recent_fraction: float = 0.5):
+        super().__init__(budget, structure)
+        if not 0 <= float(recent_fraction) <= 1:
+            raise ValueError(f"h2o recent_fraction must be in [0, 1], got {recent_fraction}")
+        self.recent_fraction = float(recent_fraction)
 
     def observe(self, layer_idx, layer, attn, step):
         layer.aux["h2o_acc"] += attn.sum(dim=-2)
 
-    def select(self, layer_idx, layer, step):
-        k = self.budget.tokens(step.seen)
+    def score(self, layer_idx, layer, step):
+        return layer.aux["h2o_acc"]
+
+    def protected(self, layer_idx, layer, step, k):
         n_recent = torch.floor(k.float() * self.recent_fraction).long()
-        recent = keep_top(_recency_rank(layer), layer.valid, n_recent)
-        heavy_scores = layer.aux["h2o_acc"].masked_fill(recent, float("-inf"))
-        heavy = keep_top(heavy_scores, layer.valid & ~recent, k - n_recent)
-        return recent | heavy
+        return keep_top(_recency_rank(layer), layer.valid, n_recent)
 
 
 class TOVA(BudgetPolicy):
@@ -265,14 +264,17 @@ class TOVA(BudgetPolicy):
 
 class SnapKV(BudgetPolicy):
     """Li et al. 2024: score by the attention of the last `window` queries before an
-    update, max-pooled over neighbouring tokens; the observation window itself is kept."""
+    update, max-pooled over `kernel` neighbouring tokens; the observation window itself is kept."""
     name = "snapkv"
     needs_attention = True
     aux_shapes = {"snap_obs": ()}
 
-    def __init__(self, budget, window: int = 32, kernel: int = 7):
-        super().__init__(budget)
-        self.window, self.kernel = window, kernel
+    def __init__(self, budget, structure=None, window: int = 32, kernel: int = 7):
+        super().__init__(budget, structure)
+        for label, value in (("window", window), ("kernel", kernel)):
+            if isinstance(value, bool) or int(value) != value or value < 1:
+                raise ValueError(f"snapkv {label} must be a whole number >= 1, got {value!r}")
+        self.window, self.kernel = int(window), int(kernel)
 
     def observe(self, layer_idx, layer, attn, step):
         # absolute column index of each query row of this chunk
@@ -282,19 +284,13 @@ class SnapKV(BudgetPolicy):
         layer.aux["snap_obs"] += (attn * in_window.view(1, 1, Q, 1)).sum(dim=-2)
 
     def score(self, layer_idx, layer, step):
-        obs = layer.aux["snap_obs"]
-        # pool along positions: slots are kept in position order within each head
-        B, H, S = obs.shape
-        pooled = F.max_pool1d(obs.reshape(B * H, 1, S), self.kernel, stride=1,
-                              padding=self.kernel // 2).reshape(B, H, S)
-        newest = layer.newest_positions()
-        in_window = layer.positions > newest - self.window
-        return pooled + in_window.float() * 1e15
+        return pool_over_slots(layer.aux["snap_obs"], layer.valid, self.kernel)
 
-    def select(self, layer_idx, layer, step):
-        keep = super().select(layer_idx, layer, step)
+    def protected(self, layer_idx, layer, step, k):
+        return layer.valid & (layer.positions > layer.newest_positions() - self.window)
+
+    def after_update(self, layer_idx, layer):
         layer.aux["snap_obs"].zero_()  # a new observation window for the next update
-        return keep
 
 
 class FastGen(MemoryPolicy):
@@ -384,6 +380,18 @@ class FastGen(MemoryPolicy):
         layer.aux["fg_recent"].zero_()  # a new profile for the next update
         return keep
 
+    @classmethod
+    def option_defaults(cls) -> dict[str, object]:
+        """Hyperparameters a spec may set as /name=value (the threshold T is the argument)."""
+        return {k: v for k, v in _options_of(cls).items() if k != "recovery"}
+
+    def hyperparameters(self) -> dict:
+        return {"name": self.name, "recovery": self.recovery, "heavy_fraction": self.heavy.value,
+                "recent_fraction": self.recent.value}
+
     def describe(self) -> str:
-        return f"fastgen:{self.recovery:g}"
+        options = "".join(f"/{name}={value:g}" for name, value in (("heavy_fraction", self.heavy.value),
+                                                                   ("recent_fraction", self.recent.value))
+                          if value != self.option_defaults()[name])
+        return f"fastgen:{self.recovery:g}{options}"
 

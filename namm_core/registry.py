@@ -13,8 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from .expected_attention import ExpectedAttention
+from .kvzip import KVzip
 from .namm import NAMM
 from .policies import H2O, TOVA, FastGen, FullCache, L2Norm, MemoryPolicy, SnapKV, StreamingLLM
+from .selection import SCOPES, parse_structure_options
 
 # The NAMM shipped with the project (evolved on the embedded model), used by `namm` alone.
 DEFAULT_NAMM_DIR = Path(__file__).resolve().parent.parent / "namms" / "smollm2"
@@ -60,6 +63,12 @@ register(PolicyKind("l2", L2Norm, "budget", "per head, the keys with the lowest 
 register(PolicyKind("snapkv", SnapKV, "budget", "per head, the most attended by the last 32 queries before each "
                     "update, max-pooled; the observation window is kept", "snapkv:0.5"))
 register(PolicyKind("tova", TOVA, "budget", "per head, the most attended by the newest query", "tova:0.5"))
+register(PolicyKind("expected_attention", ExpectedAttention, "budget", "per head, the keys future queries are "
+                    "expected to attend to (statistics of the queries since the last update, RoPE averaged over the next "
+                    "512 positions), times the value norm; the first 4 tokens", "expected_attention:0.5"))
+register(PolicyKind("kvzip", KVzip, "budget", "the keys the model attends to when asked to repeat the tokens since the "
+                    "last update (a side forward per update), the budget shared by every layer and head; the first 4 "
+                    "tokens", "kvzip:0.5"))
 register(PolicyKind("fastgen", FastGen, "threshold", "per head, the cheapest of special / +punctuation / +heavy "
                     "hitters / +recent / all that holds a share T (default 0.85) of the recent attention; no budget",
                     "fastgen:0.7"))
@@ -83,27 +92,75 @@ POLICY_HELP = policy_help()
 
 
 def parse_policy(spec: str) -> MemoryPolicy:
-    """Build a memory policy from its spec string; errors name the spec and the fix."""
+    """Build a memory policy from its spec string; errors name the spec and the fix.
+
+    `NAME[:ARG][/OPTION...]`: ARG is the budget (or FastGen's threshold); each OPTION is a
+    hyperparameter `name=value` or a structure flag (`head`, `adakv`, `modelwide`, `global`,
+    `pool=N`, `sinks=N`, `safeguard=F`), e.g. `tova:0.5/global/pool=15/sinks=4`."""
     spec = spec.strip()
-    name, _, arg = spec.partition(":")
-    name = name.lower()
-    if name.startswith("namm@") or name == "namm":
+    if spec.lower().startswith("namm@") or spec.lower() == "namm" or spec.lower().startswith("namm:"):
         return _parse_namm(spec)
+    head, *option_texts = spec.split("/")
+    name, _, arg = head.partition(":")
+    name = name.lower()
     kind = REGISTRY.get(name)
     if kind is None:
         raise ValueError(f"unknown policy {spec!r}: expected {policy_help()}")
     try:
+        options = _parse_options(option_texts)
         if kind.argument == "none":
-            if arg:
-                raise ValueError(f"{name} takes no budget")
+            if arg or options:
+                raise ValueError(f"{name} takes no budget and no options")
             return kind.factory()
+        settings = _typed_options(kind, options)
         if kind.argument == "threshold":
-            return kind.factory(float(arg)) if arg else kind.factory()
+            return kind.factory(float(arg), **settings) if arg else kind.factory(**settings)
         if not arg:
             raise ValueError(f"needs a budget, e.g. {name}:0.25 or {name}:1024")
-        return kind.factory(arg)
-    except ValueError as e:
+        structure = parse_structure_options({k: v for k, v in options.items() if k in STRUCTURE_OPTIONS},
+                                            kind.factory.default_structure)
+        return kind.factory(arg, structure=structure, **settings)
+    except (TypeError, ValueError) as e:
         raise ValueError(f"policy {spec!r}: {e}") from None
+
+
+STRUCTURE_OPTIONS = (*SCOPES, "pool", "sinks", "safeguard")
+
+
+def _parse_options(texts: list[str]) -> dict[str, object]:
+    """['global', 'pool=15'] -> {'global': True, 'pool': '15'}; each option once."""
+    options: dict[str, object] = {}
+    for text in texts:
+        key, eq, value = text.strip().partition("=")
+        key = key.strip().lower()
+        if not key or (eq and not value.strip()):
+            raise ValueError(f"empty option in {'/'.join(texts)!r}: write /name=value or /flag")
+        if key in options:
+            raise ValueError(f"option {key!r} given twice")
+        options[key] = value.strip() if eq else True
+    return options
+
+
+def _typed_options(kind: PolicyKind, options: dict) -> dict:
+    """The policy's own hyperparameters among the options, cast like their defaults."""
+    defaults = kind.factory.option_defaults() if hasattr(kind.factory, "option_defaults") else {}
+    structure = STRUCTURE_OPTIONS if kind.argument == "budget" else ()
+    unknown = [k for k in options if k not in defaults and k not in structure]
+    if unknown:
+        known = sorted(defaults) + list(structure)
+        raise ValueError(f"unknown option {unknown[0]!r} for {kind.name}; known: {', '.join(known) or 'none'}")
+    typed = {}
+    for key, default in defaults.items():
+        if key not in options:
+            continue
+        value = options[key]
+        if value is True:
+            raise ValueError(f"option {key} needs a value: /{key}=...")
+        try:
+            typed[key] = int(value) if isinstance(default, int) and not isinstance(default, bool) else float(value)
+        except ValueError:
+            raise ValueError(f"option {key}={value!r} is not a {type(default).__name__}") from None
+    return typed
 
 
 def _parse_namm(spec: str) -> NAMM:

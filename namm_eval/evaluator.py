@@ -28,6 +28,15 @@ from .tasks.base import Sample
 log = logging.getLogger(__name__)
 FIDELITY_METRIC = "fidelity"
 LOGLIK_TARGETS = ("reference", "full_cache")
+# When the memory runs: "chunked" every `update_every` tokens while the prompt is read in chunks
+# (the project's protocol, the NAMM's own); "agnostic" once, after a dense read of the context,
+# before the question (kvpress's query-agnostic leaderboard setting); "aware" once, after the
+# whole prompt, question included (kvpress's query-aware setting). In the two one-shot protocols
+# the question and the reply are read with nothing more evicted, so the peak KV is the full cache's.
+PROTOCOLS = ("chunked", "agnostic", "aware")
+# The version of what a stored result means: bump it whenever a change to the evaluation, the
+# tasks or a policy changes any score, so stored rows of older code are not reused (bench/).
+EVAL_VERSION = 2
 
 
 @dataclass
@@ -100,21 +109,36 @@ class Evaluator:
         return encode_prompt(self.tokenizer, text)
 
     # --- evaluation --------------------------------------------------------------------
-    def run_sample(self, sample: Sample, policy: MemoryPolicy) -> SampleResult:
+    def compress_at(self, sample: Sample, protocol: str = "chunked") -> Optional[int]:
+        """The column of the one-shot compression of a protocol (None: periodic updates)."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+        if protocol == "chunked":
+            return None
+        if sample.metric == FIDELITY_METRIC:
+            raise ValueError(f"prompt {sample.sample_id}: the fidelity task has no question to separate "
+                             f"(protocol {protocol!r} needs one)")
+        ids, _ = self.encode(sample)
+        return ids.shape[1] if protocol == "aware" else question_start(self.tokenizer, sample, ids)
+
+    def run_sample(self, sample: Sample, policy: MemoryPolicy, protocol: str = "chunked") -> SampleResult:
         ids, cropped = self.encode(sample)
+        compress_at = self.compress_at(sample, protocol)
         lm = MemoryManagedLM(self.model, policy, update_every=self.update_every, chunk_size=self.chunk_size,
                              tokenizer=self.tokenizer)
         t = time.perf_counter()
         if sample.metric == FIDELITY_METRIC:
             return self._run_fidelity(sample, lm, ids, t)
+        prefix = self._prefix(sample, lm, ids) if compress_at is None else None
         out = lm.generate(ids, max_new_tokens=sample.max_new_tokens, eos_token_id=self._eos_ids(),
-                          pad_token_id=self.tokenizer.pad_token_id or 0, prefix=self._prefix(sample, lm, ids))
+                          pad_token_id=self.tokenizer.pad_token_id or 0, prefix=prefix, compress_at=compress_at)
         prediction = self.tokenizer.decode(out.sequences[0], skip_special_tokens=True).strip()
         score = score_prediction(prediction, sample.answers, sample.metric, sample.all_classes,
                                  dataset=sample.meta.get("dataset"))
         return self._result(sample, policy, score, prediction, out.stats, time.perf_counter() - t, ids, cropped)
 
-    def run_loglik(self, sample: Sample, policy: MemoryPolicy, target: str = "reference") -> SampleResult:
+    def run_loglik(self, sample: Sample, policy: MemoryPolicy, target: str = "reference",
+                   protocol: str = "chunked") -> SampleResult:
         """Teacher-forced mean log-probability per token of a reply, under `policy`'s memory.
 
         target "reference": the sample's first reference answer; "full_cache": the full
@@ -123,10 +147,12 @@ class Evaluator:
         """
         ids, cropped = self.encode(sample)
         reply = self.reply_ids(sample, target)
+        compress_at = self.compress_at(sample, protocol)
         lm = MemoryManagedLM(self.model, policy, update_every=self.update_every, chunk_size=self.chunk_size,
                              tokenizer=self.tokenizer)
         t = time.perf_counter()
-        logp, stats = lm.continuation_logprobs(ids, reply, prefix=self._prefix(sample, lm, ids))
+        prefix = self._prefix(sample, lm, ids) if compress_at is None else None
+        logp, stats = lm.continuation_logprobs(ids, reply, prefix=prefix, compress_at=compress_at)
         return self._result(sample, policy, float(logp.mean()), "", stats, time.perf_counter() - t, ids, cropped,
                             extra={"reply_tokens": int(reply.shape[1])})
 
@@ -231,3 +257,31 @@ class Evaluator:
         if ref_logp is not None and self.fidelity_kl:
             extra["kl"] = (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean().item()
         return self._result(sample, lm.policy, agreement, "", out.stats, time.perf_counter() - t0, ids, 0, extra)
+
+
+def question_start(tokenizer, sample: Sample, ids: torch.Tensor) -> int:
+    """The number of prompt tokens before the sample's question (`input`): the context with the
+    template's instruction and the chat template's header. ids [1, T] is the encoded prompt."""
+    marker = "\x00namm-question\x00"
+    head = sample.template.format(context=sample.context, input=marker).split(marker)[0]
+    if not sample.input or head == sample.prompt():
+        raise ValueError(f"prompt {sample.sample_id}: no question after the context to separate")
+    # the chat-rendered text up to the question, tokenised alone, must be a prefix of the prompt's tokens
+    rendered = _render(tokenizer, sample.prompt())
+    start = rendered.index(sample.prompt()) + len(head) if sample.prompt() in rendered else None
+    if start is None:
+        raise ValueError(f"prompt {sample.sample_id}: the chat template changes the prompt text; cannot find its question")
+    encoding = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoding.input_ids) != ids[0].tolist():
+        raise ValueError(f"prompt {sample.sample_id}: the rendered prompt does not tokenise as the model input")
+    before = sum(1 for s, _ in encoding.offset_mapping if s < start)
+    if not 0 < before < ids.shape[1]:
+        raise ValueError(f"prompt {sample.sample_id}: the question starts at token {before} of {ids.shape[1]}")
+    return before
+
+
+def _render(tokenizer, text: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=False)
+    return text

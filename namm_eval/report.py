@@ -162,10 +162,19 @@ def result_header(argv: Optional[list[str]] = None) -> str:
 
 
 def _plot_family(policy: str) -> str:
-    """The curve a policy belongs to: its kind without the budget; each NAMM directory its own."""
+    """The curve a policy belongs to: its kind and options without the budget; each NAMM
+    directory its own."""
     if policy.startswith("namm:"):
         return "namm " + Path(policy[len("namm:"):].rpartition("@")[0] or policy[len("namm:"):]).name
-    return policy.split(":")[0].split("@")[0]
+    if policy.startswith("fastgen"):
+        return "fastgen"
+    return without_budget(policy).split("@")[0]
+
+
+def without_budget(policy: str) -> str:
+    """'tova:0.5/global/pool=15' -> 'tova/global/pool=15': a policy's name and options."""
+    head, *options = policy.split("/")
+    return "/".join([head.split(":")[0], *options])
 
 
 def plot_score_vs_retention(rows: list[dict], path, title: str = "") -> Path:

@@ -58,3 +58,9 @@ class TinyTokenizer:
 
     def decode(self, ids):
         return {0: "<s>", 1: " .", 2: ","}.get(ids[0], f" w{ids[0]}")
+
+    def __call__(self, text, add_special_tokens=True, **kwargs):
+        """Characters as word ids (KVzip's reconstruction prompt)."""
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=[3 + ord(ch) % 60 for ch in text])   # within every tiny vocabulary

@@ -26,6 +26,20 @@ def test_namm_core_imports_neither_ray_nor_mlflow():
     ("full:0.5", "takes no budget"),
     ("magic:0.5", "unknown policy"),
     ("namm:/definitely/not/here", "does not exist"),
+    ("tova:0.5/global/adakv", "choose one scope"),
+    ("tova:0.5/pool=4", "pool must be an odd"),
+    ("tova:0.5/sinks=-1", "sinks must be a whole number"),
+    ("tova:0.5/window=8", "unknown option 'window' for tova; known: head, adakv"),
+    ("snapkv:0.5/window=abc", "window='abc' is not a int"),
+    ("snapkv:0.5/window", "option window needs a value"),
+    ("snapkv:0.5/window=8/window=9", "given twice"),
+    ("snapkv:0.5//global", "empty option"),
+    ("l2:0.5/safeguard=0.3", "safeguard applies to the adakv scope only"),
+    ("l2:0.5/adakv/safeguard=2", "safeguard must be in"),
+    ("kvzip:0.5/chunk=0", "chunk must be a whole number >= 1"),
+    ("expected_attention:0.5/covariance=2", "covariance must be 0 or 1"),
+    ("full/global", "takes no budget and no options"),
+    ("fastgen:0.8/heavy_fraction=2", "heavy_fraction must be in"),
 ])
 def test_bad_policy_specs_name_the_problem(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -36,7 +50,17 @@ def test_policy_specs_build_the_right_policies():
     assert parse_policy("full").describe() == "full"
     assert parse_policy("h2o:0.25").describe() == "h2o:0.25"
     assert parse_policy("SnapKV:1024").describe() == "snapkv:1024"
-    assert parse_policy("streamingllm:0.5").sinks == 4
+    assert parse_policy("streamingllm:0.5").structure.sinks == 4
+    # every hyperparameter is in describe() when it differs from the default, and always in hyperparameters()
+    snap = parse_policy("snapkv:0.5/window=64/kernel=5/adakv/pool=3")
+    assert snap.describe() == "snapkv:0.5/window=64/kernel=5/adakv/pool=3"
+    assert parse_policy("snapkv:0.5").hyperparameters() != parse_policy("snapkv:0.5/window=64").hyperparameters()
+    assert parse_policy("snapkv:0.5").hyperparameters()["window"] == 32
+    assert parse_policy("TOVA:0.25/Global/sinks=4/pool=15").describe() == "tova:0.25/global/pool=15/sinks=4"
+    assert parse_policy("kvzip:0.5").describe() == "kvzip:0.5" and parse_policy("kvzip:0.5/head").structure.scope == "head"
+    assert parse_policy("expected_attention:0.5/epsilon=0.01/adakv").describe() == \
+        "expected_attention:0.5/epsilon=0.01/adakv"
+    assert parse_policy("fastgen:0.7/recent_fraction=0.2").describe() == "fastgen:0.7/recent_fraction=0.2"
 
 
 def test_model_without_attention_interface_is_refused():

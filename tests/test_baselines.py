@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from namm_core.cache import MemoryLayer
 from namm_core.generation import MemoryManagedLM
-from namm_core.policies import H2O, TOVA, Budget, FullCache, L2Norm, SnapKV, StepInfo, StreamingLLM, keep_top
+from namm_core.policies import H2O, TOVA, Budget, FullCache, L2Norm, SnapKV, StepInfo, StreamingLLM, Structure, keep_top
 from namm_core.registry import budgeted_baselines, parse_policy
 
 
@@ -233,7 +233,7 @@ def test_streamingllm_sinks_plus_recent():
     B, H, S = 2, 2, 16
     valid = left_pad_valid(B, S, [0, 0])
     layer = make_layer(torch.randn(B, H, S, 4), valid)
-    policy = StreamingLLM(10, sinks=4)
+    policy = StreamingLLM(10, Structure(sinks=4))
     keep = policy.select(0, layer, step_for(valid, S, S, S))
     expected = [True] * 4 + [False] * 6 + [True] * 6          # 4 sinks + 6 most recent
     assert keep.tolist() == [[expected] * H] * B
@@ -247,7 +247,7 @@ def test_streamingllm_fraction_budget_per_sequence_and_left_padding(pad_position
     # what an invalid slot says its position is must not matter (generation clamps it to 0)
     positions = positions_of(valid).masked_fill(~valid, pad_position)
     layer = make_layer(torch.randn(B, H, S, 4), valid, positions)
-    policy = StreamingLLM(0.5, sinks=4)
+    policy = StreamingLLM(0.5, Structure(sinks=4))
     keep = policy.select(0, layer, step_for(valid, S, S, S))
     # row 0: seen 20 -> k 10: slots 0-3 and the 6 newest (14-19)
     row0 = [s < 4 or s >= 14 for s in range(S)]
@@ -263,7 +263,7 @@ def test_streamingllm_after_compaction_keeps_same_sinks():
     B, H = 1, 2
     valid = left_pad_valid(B, 12, [0])
     layer = make_layer(torch.randn(B, H, 12, 4), valid)
-    policy = StreamingLLM(6, sinks=4)
+    policy = StreamingLLM(6, Structure(sinks=4))
     layer.compact(policy.select(0, layer, step_for(valid, 12, 12, 12)))
     assert layer.positions[0, 0].tolist() == [0, 1, 2, 3, 10, 11]
     # append 5 more tokens (positions 12-16, columns 12-16)
@@ -478,7 +478,8 @@ def tiny_llama(seed=0):
 
 
 # every budgeted baseline in the registry, and SnapKV with a window shorter than an update
-EVICTING = {name: (lambda name=name: parse_policy(f"{name}:0.5")) for name in budgeted_baselines()}
+# per head (kvzip shares its budget model-wide by default): the budget holds for every row
+EVICTING = {name: (lambda name=name: parse_policy(f"{name}:0.5/head")) for name in budgeted_baselines()}
 EVICTING["snapkv_small_window"] = lambda: SnapKV(0.5, window=8, kernel=3)
 
 
@@ -500,7 +501,7 @@ def e2e_setup():
 def test_evicting_baselines_end_to_end(name, e2e_setup):
     model, ids, mask, pad, full = e2e_setup
     T, new, every = ids.shape[1], 20, 16
-    lm = MemoryManagedLM(model, EVICTING[name](), update_every=every, chunk_size=every)
+    lm = MemoryManagedLM(model, EVICTING[name](), update_every=every, chunk_size=every, tokenizer=TinyTokenizer())
     out = lm.generate(ids, attention_mask=mask, max_new_tokens=new)
     processed = T + new - 1                       # the last generated token is never fed back
     last_update = processed // every * every      # 80

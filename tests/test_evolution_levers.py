@@ -9,7 +9,7 @@ from conftest import tiny_model
 
 from namm_core import DEFAULT_NAMM_DIR, NAMM, MemoryManagedLM, NAMMConfig, parse_policy
 from namm_core.imitation import ImitationRecorder, agreement, fit_scorer
-from namm_core.policies import StreamingLLM
+from namm_core.policies import StreamingLLM, Structure
 from orchestrator.fitness import candidate_fitness, loglik_ratio, task_ratio
 
 
@@ -169,7 +169,7 @@ def test_warm_start_learns_to_imitate_streamingllm():
     are told apart by the attention they draw, which a random tiny model does not have: no sinks.)"""
     model = tiny_model()
     namm = NAMM(NAMMConfig(scorer="mlp", mlp_hidden=[16]))
-    recorder = ImitationRecorder(namm, StreamingLLM("0.5", sinks=0))
+    recorder = ImitationRecorder(namm, StreamingLLM("0.5", Structure(sinks=0)))
     for seed in range(3):
         out = MemoryManagedLM(model, recorder, update_every=32, chunk_size=32).generate(_ids(160, seed=seed),
                                                                                      max_new_tokens=1)

@@ -34,18 +34,17 @@ class Recorder(MemoryPolicy):
     def __init__(self, inner):
         self.inner = inner
         self.name = inner.name
-        self.needs_attention = inner.needs_attention
+        self.needs_attention, self.needs_queries = inner.needs_attention, inner.needs_queries
+        self.reconstructs = inner.reconstructs
         self.aux_shapes = getattr(inner, "aux_shapes", {})
+        # every other hook goes straight to the policy under test
+        for hook in ("bind_tokenizer", "bind_model", "observe", "observe_queries", "reconstruction_inputs",
+                     "observe_reconstruction"):
+            setattr(self, hook, getattr(inner, hook))
 
     def new_sequence(self):
         self.inner.new_sequence()
         self.evicted, self.updates = [], []
-
-    def bind_tokenizer(self, tokenizer):
-        self.inner.bind_tokenizer(tokenizer)
-
-    def observe(self, layer_idx, layer, attn, step):
-        self.inner.observe(layer_idx, layer, attn, step)
 
     def select_all(self, layers, step):
         keeps = self.inner.select_all(layers, step)   # the memory's own entry point
@@ -54,7 +53,7 @@ class Recorder(MemoryPolicy):
                 keep = keeps[layer_idx] = layer.valid.clone()
             for b, h, s in (layer.valid & ~keep).nonzero().tolist():
                 self.evicted.append((layer_idx, b, h, int(layer.positions[b, h, s]), step.processed))
-            self.updates.append((layer_idx, step.seen.clone(), (keep & layer.valid).sum(-1), layer))
+            self.updates.append((layer_idx, step.seen, (keep & layer.valid).sum(-1), layer.valid.sum(-1), layer))
         return keeps
 
 
@@ -80,6 +79,34 @@ def test_every_policy_keeps_what_the_model_then_sees(name, setup):
     assert_equals_masked_reference(model, ids, mask, out, recorder.evicted, 2, 2)
 
 
+def scope_of(policy) -> str:
+    return policy.config.scope if isinstance(policy, NAMM) else policy.structure.scope
+
+
+def assert_budget_shared_as_its_scope_says(recorder, budget, scope):
+    """At every update: per head (head), per layer (adakv), over the model (modelwide) or one
+    set (global), the kept slots are exactly the budget, or all there are when fewer."""
+    by_update = {}
+    for _, seen, kept, held, _ in recorder.updates:
+        by_update.setdefault(id(seen), []).append((seen, kept, held))
+    assert by_update
+    for entries in by_update.values():
+        seen = entries[0][0]
+        kept = torch.stack([k for _, k, _ in entries])          # [L, B, H]
+        held = torch.stack([h for _, _, h in entries])
+        k = budget.tokens(seen).view(1, -1, 1)
+        if scope in ("head", "global"):
+            assert torch.equal(kept, torch.minimum(held, k)), (scope, kept, k)
+        if scope == "global":
+            assert (kept == kept[:1, :, :1]).all(), "one kept set for every layer and head"
+        if scope == "adakv":
+            limit = k[..., 0] * held.shape[-1]
+            assert torch.equal(kept.sum(-1), torch.minimum(held.sum(-1), limit)), (kept, limit)
+        if scope == "modelwide":
+            limit = k[0, :, 0] * held.shape[0] * held.shape[-1]
+            assert torch.equal(kept.sum((0, 2)), torch.minimum(held.sum((0, 2)), limit)), (kept, limit)
+
+
 @pytest.mark.parametrize("name", [k.name for k in REGISTRY.values() if k.budgeted] + [GLOBAL_NAMM])
 def test_every_budgeted_policy_honours_its_budget_at_every_update(name, setup):
     model, ids, mask = setup
@@ -87,12 +114,46 @@ def test_every_budgeted_policy_honours_its_budget_at_every_update(name, setup):
     policy = build(kind)
     budget = Budget.parse("0.5" if kind == GLOBAL_NAMM else kind.example.rpartition(":")[2].rpartition("@")[2])
     recorder = Recorder(policy)
-    MemoryManagedLM(model, recorder, update_every=16, chunk_size=16).generate(ids, attention_mask=mask,
-                                                                              max_new_tokens=10)
-    assert recorder.updates
-    for _, seen, kept, _ in recorder.updates:
-        limit = budget.tokens(seen).view(-1, 1)
-        assert (kept <= limit).all(), (name, kept, limit)
+    MemoryManagedLM(model, recorder, update_every=16, chunk_size=16, tokenizer=TinyTokenizer()).generate(
+        ids, attention_mask=mask, max_new_tokens=10)
+    assert_budget_shared_as_its_scope_says(recorder, budget, scope_of(policy))
+
+
+SCORING = [k.name for k in REGISTRY.values() if k.argument == "budget"]
+STRUCTURES = ["head", "adakv", "modelwide", "global/pool=3/sinks=2", "adakv/safeguard=0.5/pool=3"]
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("name", SCORING)
+def test_every_scoring_policy_in_every_structure_keeps_what_the_model_sees_within_its_budget(name, structure, setup):
+    """The structure (who shares the budget, pooling, sinks) is an option of every scorer: the
+    model attends to exactly what is kept, and the budget is shared as the scope says."""
+    model, ids, mask = setup
+    policy = parse_policy(f"{name}:0.5/{structure}")
+    assert policy.describe() == parse_policy(policy.describe()).describe()
+    recorder = Recorder(policy)
+    lm = MemoryManagedLM(model, recorder, update_every=16, chunk_size=16, tokenizer=TinyTokenizer())
+    out = lm.generate(ids, attention_mask=mask, max_new_tokens=10, return_logits=True)
+    assert recorder.evicted
+    assert_equals_masked_reference(model, ids, mask, out, recorder.evicted, 2, 2)
+    assert_budget_shared_as_its_scope_says(recorder, Budget.parse("0.5"), structure.split("/")[0])
+    sinks = int(structure.partition("sinks=")[2] or 0) or policy.default_structure.sinks
+    evicted_in_first_row = {pos for _, b, _, pos, _ in recorder.evicted if b == 0}   # row 0 is unpadded
+    assert not (set(range(sinks)) & evicted_in_first_row), "a sink was evicted"
+
+
+@pytest.mark.parametrize("name", SCORING + [GLOBAL_NAMM])
+def test_one_compression_after_the_prompt_then_nothing_more(name, setup):
+    """The peers' protocol (compress_at): one update at that column, the model then attends to
+    exactly what it kept, and the reply is read and written with nothing more evicted."""
+    model, ids, mask = setup
+    kind = kind_of(name)
+    recorder = Recorder(build(kind))
+    lm = MemoryManagedLM(model, recorder, update_every=16, chunk_size=16, tokenizer=TinyTokenizer())
+    out = lm.generate(ids, attention_mask=mask, max_new_tokens=10, return_logits=True, compress_at=80)
+    assert out.stats.updates == 1 and recorder.evicted
+    assert {when for *_, when in recorder.evicted} == {80}
+    assert_equals_masked_reference(model, ids, mask, out, recorder.evicted, 2, 2)
 
 
 @pytest.mark.parametrize("name", [k.name for k in REGISTRY.values() if getattr(build(k), "aux_shapes", {})]
@@ -102,7 +163,7 @@ def test_per_token_state_stays_aligned_through_compaction(name, setup):
     recorder = Recorder(build(kind_of(name)))
     MemoryManagedLM(model, recorder, update_every=16, chunk_size=16, tokenizer=TinyTokenizer()).generate(
         ids, attention_mask=mask, max_new_tokens=10)
-    for _, _, _, layer in recorder.updates:
+    for *_, layer in recorder.updates:
         for field, value in layer.aux.items():
             assert value.shape[:3] == layer.valid.shape, (name, field, value.shape, layer.valid.shape)
     assert any(layer.valid.shape[-1] < ids.shape[1] for *_, layer in recorder.updates), "compaction happened"
@@ -129,7 +190,7 @@ def test_the_registry_drives_the_command_line_help_and_the_baseline_lists():
     from namm_cli.cli import build_parser
     from namm_core import POLICY_HELP, budgeted_baselines
 
-    assert set(budgeted_baselines()) == {"streamingllm", "h2o", "l2", "snapkv", "tova"}
+    assert set(budgeted_baselines()) == {"streamingllm", "h2o", "l2", "snapkv", "tova", "expected_attention", "kvzip"}
     help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
     for kind in REGISTRY.values():
         assert kind.syntax in POLICY_HELP
