@@ -32,8 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="smollm2", help="'smollm2' (embedded, default), 'gemma3-270m', a hub id or path")
     p.add_argument("--policy", action="append", default=None, help="a memory policy; repeatable (default: full)")
     p.add_argument("--baselines-at-namm-retention", action="store_true",
-                   help="also run every budgeted baseline at the first NAMM's own mean retention (on full-attention "
-                        "layers); FastGen has no budget to match (its retention follows from T) and is left out")
+                   help="also run every budgeted baseline at the first NAMM's cache size: its budget when it keeps a "
+                        "fixed share (namm@B, or a NAMM saved with a budget), else its measured mean retention (on "
+                        "full-attention layers); FastGen has no budget to match (its retention follows from T) and "
+                        "is left out")
     p.add_argument("--tasks", default="passkey,niah_single,vt,kv_retrieval",
                    help="comma-separated task names and/or task files")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
@@ -96,9 +98,8 @@ def run(args) -> int:
         for policy in policies:
             rows += [r.to_row() for r in evaluator.evaluate(samples, policy, progress=tick)]
         if args.baselines_at_namm_retention:
-            namm_label = next(p.describe() for p in policies if isinstance(p, NAMM))
-            retention, fraction = report.namm_matched_budget(model, [r for r in rows if r["policy"] == namm_label])
-            bar.write(f"NAMM retention {retention:.3f} on full-attention layers: baselines at {fraction}")
+            fraction, matched_note = matched_budget(model, first_namm, rows)
+            bar.write(matched_note)
             for name in baselines:
                 rows += [r.to_row() for r in evaluator.evaluate(samples, parse_policy(f"{name}:{fraction}"),
                                                                 progress=tick)]
@@ -114,6 +115,9 @@ def run(args) -> int:
                                    title=f"{args.model}, {length}, {len(samples)} prompts")
     markdown = report.result_header() + "\n" + f"{args.model}, {length}, {len(samples)} prompts\n\n" + \
         report.format_table(rows, markdown=True) + "\n"
+    if args.baselines_at_namm_retention:
+        markdown += "\n" + matched_note + "\n"
+        table += "\n" + matched_note
     if first_namm is not None and len(policies) + args.baselines_at_namm_retention > 1:
         comparisons = report.format_comparisons(rows, first_namm.describe())
         markdown += "\n" + report.format_comparisons(rows, first_namm.describe(), markdown=True) + "\n"
@@ -140,3 +144,19 @@ def check_writable(out: Path) -> None:
         raise ValueError(f"--out {out}: directory {parent} is not writable")
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a .parquet file name")
+
+
+def matched_budget(model, namm, rows: list[dict]) -> tuple[str, str]:
+    """The budget the baselines get to match `namm`'s cache size, and a line that says how.
+
+    A NAMM with a fixed budget (top-k) keeps exactly that share at every update: the baselines
+    get the same budget, as on the board. A score >= 0 NAMM keeps what its scores say: the
+    baselines get its measured mean retention on the full-attention layers (sliding-window layers
+    evict by their window under every policy alike)."""
+    from namm_eval import report
+
+    if namm.config.selection == "top_k" and namm.config.budget is not None:
+        return namm.config.budget, f"baselines at the NAMM's budget {namm.config.budget} (it keeps that share at every update)"
+    retention, fraction = report.namm_matched_budget(model, [r for r in rows if r["policy"] == namm.describe()])
+    return str(fraction), (f"baselines at {fraction}: the NAMM keeps tokens scored >= 0, with a measured mean retention "
+                           f"of {retention:.3f} on full-attention layers")

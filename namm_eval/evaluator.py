@@ -271,10 +271,13 @@ def question_start(tokenizer, sample: Sample, ids: torch.Tensor) -> int:
     start = rendered.index(sample.prompt()) + len(head) if sample.prompt() in rendered else None
     if start is None:
         raise ValueError(f"prompt {sample.sample_id}: the chat template changes the prompt text; cannot find its question")
-    encoding = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+    # as encode_prompt: a chat template writes its own special tokens, a plain prompt gets the tokenizer's
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    encoding = tokenizer(rendered, add_special_tokens=not chat, return_offsets_mapping=True)
     if list(encoding.input_ids) != ids[0].tolist():
         raise ValueError(f"prompt {sample.sample_id}: the rendered prompt does not tokenise as the model input")
-    before = sum(1 for s, _ in encoding.offset_mapping if s < start)
+    before = sum(1 for s, e in encoding.offset_mapping if s < start and e > s) + \
+        sum(1 for s, e in encoding.offset_mapping if s == e == 0)      # special tokens (BOS) carry no text
     if not 0 < before < ids.shape[1]:
         raise ValueError(f"prompt {sample.sample_id}: the question starts at token {before} of {ids.shape[1]}")
     return before

@@ -58,6 +58,21 @@ def test_namm_eval_writes_parquet_plot_and_table(tiny_dir, tmp_path, capsys):
     assert "fidelity" in table and "passkey" in table and "retention" in table
 
 
+def test_baselines_get_a_budgeted_namms_budget_not_its_measured_retention(tiny_dir, tmp_path, capsys):
+    """A NAMM keeping a fixed share gets baselines at that share, as on the board (its measured
+    retention at the end of a generation is higher: the reply is never evicted)."""
+    NAMM().set_params(torch.randn(4172, generator=torch.Generator().manual_seed(1)) * 0.3).save_pretrained(
+        tmp_path / "namm")
+    out = tmp_path / "eval.parquet"
+    assert main(["eval", "--model", str(tiny_dir), "--policy", f"namm:{tmp_path / 'namm'}@0.25",
+                 "--baselines-at-namm-retention", "--tasks", "passkey", "--num-prompts", "1", "--context-length", "400",
+                 "--update-every", "64", "--chunk-size", "64", "--out", str(out)]) == 0
+    policies = {r["policy"] for r in pq.read_table(out).to_pylist()}
+    assert {"streamingllm:0.25", "tova:0.25", "expected_attention:0.25", "kvzip:0.25"} <= policies
+    assert "baselines at the NAMM's budget 0.25" in out.with_suffix(".md").read_text()
+    assert "baselines at the NAMM's budget 0.25" in capsys.readouterr().out
+
+
 def test_every_policy_sees_the_same_prompts_and_references_are_cached(tiny):
     model, tok = tiny
     samples = load_tasks(["niah_single"], tok, num_prompts=2, context_length=500, seed=1)
@@ -215,3 +230,23 @@ def test_generate_refuses_bad_prompts(tmp_path, capsys):
     binary.write_bytes(b"\xff\xfe\x00\x80" * 10)
     assert main(["generate", "--prompt-file", str(binary)]) == 2
     assert f"{binary} is not UTF-8 text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_the_question_starts_where_the_context_ends(tiny, chat):
+    """kvpress's query-agnostic protocol compresses the context alone: the boundary is the first
+    token of the question, with or without a chat template (then the tokenizer's BOS counts)."""
+    import copy
+
+    model, tok = tiny
+    if not chat:
+        tok = copy.deepcopy(tok)
+        tok.chat_template = None
+        tok.add_bos_token = True
+    ev = Evaluator(model, tok)
+    for sample in load_tasks(["passkey", "niah_multiquery", "vt", "qa"], tok, 1, 300, seed=2):
+        ids, _ = ev.encode(sample)
+        start = ev.compress_at(sample, "agnostic")
+        assert ev.compress_at(sample, "aware") == ids.shape[1] and ev.compress_at(sample, "chunked") is None
+        assert tok.decode(ids[0, start:]).lstrip().startswith(sample.input[:20]), tok.decode(ids[0, start - 3:start + 5])
+        assert sample.input[:10] not in tok.decode(ids[0, :start])
