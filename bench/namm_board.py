@@ -347,7 +347,7 @@ def plan(args, cells: list[Cell], namm: NAMM, others: list[NAMM], trained: set[s
             + f". Policies at each budget B: `{namm.source}@B`"
             + "".join(f", `{o.source}@B`" for o in others)
             + "".join(f", `{at_budget(b, 'B')}`" for b in args.baselines)
-            + f"; in the chunked protocol also the full cache's peers in the NAMM's structure: {controls}, and "
+            + f"; in the chunked protocol also hand-designed scorers in the NAMM's own structure: {controls}, and "
             f"`{FASTGEN}`. Evaluation version {EVAL_VERSION}.\n\n")
 
 

@@ -15,6 +15,7 @@ names end in `output_mean`, `output_var` and `output_num` (the frozen ones, not 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +37,14 @@ def load_official_checkpoint(path, which: str = "mean") -> NAMM:
     if not path.is_file():
         raise FileNotFoundError(f"official checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle refusals and corrupt files come in many types
+        refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+        what = f"it holds a {refused.group(1)}, which is not a tensor, a container or a numpy number" if refused \
+            else f"{type(e).__name__}: a corrupt file, or objects other than tensors"
         raise ValueError(f"{path}: not a checkpoint of plain tensors that torch.load(weights_only=True) "
-                         f"accepts ({type(e).__name__}: a corrupt file, or objects other than tensors)") from None
+                         f"accepts ({what})") from None
     state = ckpt.get("evolution_state") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path}: no 'evolution_state' dict; an official NAMM checkpoint holds "
@@ -63,6 +68,19 @@ def load_official_checkpoint(path, which: str = "mean") -> NAMM:
     namm.metadata = {"imported_from": str(path), "which": which, "iter_num": _plain(ckpt.get("iter_num")),
                      "best_val_loss": _plain(ckpt.get("best_val_loss"))}
     return namm
+
+
+def _numpy_scalar_globals() -> list:
+    """What unpickling the official trainer's numpy numbers needs, and nothing more: its
+    `best_val_loss` is `np.mean(...) / 100`, a numpy.float64, pickled as
+    numpy.core.multiarray.scalar(dtype, bytes) by numpy 1 and numpy._core.multiarray.scalar by numpy 2."""
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    allowed = [np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
+    dtypes = getattr(np, "dtypes", None)       # numpy >= 1.25 pickles a dtype through its class
+    if dtypes is not None:
+        allowed += [getattr(dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType")]
+    return allowed
 
 
 def _bam_vector(theta: np.ndarray) -> np.ndarray:
@@ -109,6 +127,8 @@ def _statistics(state: dict, path: Path) -> tuple[np.ndarray, np.ndarray, float]
 
 
 def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
     return value

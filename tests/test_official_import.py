@@ -18,14 +18,24 @@ class ArbitraryObject:
     pass
 
 
-def _official_checkpoint(path, theta_mean, theta_best, mean, var, num=1000.0, extra_state=None):
+def _official_checkpoint(path, theta_mean, theta_best, mean, var, num=1000.0, extra_state=None, numpy1=False):
+    """Saved as the official trainer saves it: torch.save of tensors, its iteration count, and its
+    best validation loss as a numpy.float64 (`np.mean(...) / 100`). numpy1: the pickle a numpy 1
+    trainer writes (numpy.core.multiarray.scalar), in torch's legacy file format."""
     state = {"mean": torch.tensor(theta_mean), "best_member": torch.tensor(theta_best),
              PREFIX + "memory_policy.token_embedding_output_mean": torch.tensor(mean).view(1, 1, 17),
              PREFIX + "memory_policy.token_embedding_output_var": torch.tensor(var).view(1, 1, 17),
              PREFIX + "memory_policy.token_embedding_output_num": torch.tensor([num]),
              PREFIX + "memory_policy.token_embedding_online_new_output_mean": torch.zeros(1, 1, 17)}
     state.update(extra_state or {})
-    torch.save({"evolution_state": state, "iter_num": 200, "best_val_loss": torch.tensor(-0.5)}, path)
+    ckpt = {"evolution_state": state, "iter_num": 200, "best_val_loss": np.mean(np.array([-52.0, -48.0])) / 100}
+    if not numpy1:
+        torch.save(ckpt, path)
+        return path
+    torch.save(ckpt, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    assert b"numpy._core.multiarray" in raw
+    path.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
     return path
 
 
@@ -127,13 +137,30 @@ def test_import_refuses_bad_checkpoints(tmp_path):
     torch.save({"evolution_state": {"mean": torch.zeros(4172)}}, tmp_path / "d.pt")
     with pytest.raises(ValueError, match="output_mean"):
         load_official_checkpoint(tmp_path / "d.pt")
-    # an object torch.load(weights_only=True) must refuse to unpickle
+    # an object torch.load(weights_only=True) must refuse to unpickle: named in the error
     torch.save({"evolution_state": {"mean": torch.zeros(4172), "optimizer": ArbitraryObject()}}, tmp_path / "e.pt")
-    with pytest.raises(ValueError, match="weights_only"):
+    with pytest.raises(ValueError, match="weights_only.*ArbitraryObject, which is not a tensor"):
         load_official_checkpoint(tmp_path / "e.pt")
+    # numpy numbers are allowed, numpy arrays (other reconstructors) are not
+    torch.save({"evolution_state": {"mean": np.zeros(4172)}}, tmp_path / "g.pt")
+    with pytest.raises(ValueError, match=r"holds a numpy\._core\.multiarray\._reconstruct"):
+        load_official_checkpoint(tmp_path / "g.pt")
     (tmp_path / "f.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="weights_only"):
         load_official_checkpoint(tmp_path / "f.pt")
     with pytest.raises(FileNotFoundError):
         load_official_checkpoint(tmp_path / "missing.pt")
     assert cli(["import-official", str(tmp_path / "c.pt"), str(tmp_path / "out")]) == 2
+
+
+@pytest.mark.parametrize("numpy1", [False, True])
+def test_a_checkpoint_saved_as_the_official_trainer_saves_it_imports(tmp_path, numpy1):
+    """Its best_val_loss is a numpy.float64 (numpy 1 or 2 pickle); plain weights_only refuses it."""
+    theta = np.random.default_rng(0).normal(size=4172) * 0.1
+    path = _official_checkpoint(tmp_path / "ckpt.pt", theta, theta, np.zeros(17), np.ones(17), numpy1=numpy1)
+    with pytest.raises(Exception, match="scalar"):
+        torch.load(path, weights_only=True)
+    namm = load_official_checkpoint(path)
+    assert namm.metadata["best_val_loss"] == pytest.approx(-0.5) and namm.metadata["iter_num"] == 200
+    assert cli(["import-official", str(path), str(tmp_path / "out")]) == 0
+    assert NAMM.from_pretrained(tmp_path / "out").metadata["best_val_loss"] == pytest.approx(-0.5)
