@@ -53,15 +53,23 @@ def run(args) -> int:
     from transformers import GenerationConfig, TextStreamer
 
     from namm_core import MemoryManagedLM, load_model, parse_policy
+    from namm_core.sampling import make_generation_config
     from namm_eval.prompts import encode_prompt
 
-    policies = [parse_policy(s) for s in (args.policy or ["full"])]  # validate before loading the model
+    # everything a user typed is checked before the model loads
+    policies = [parse_policy(s) for s in (args.policy or ["full"])]
     texts = _prompts(args)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                              stop_strings=args.stop or None)
-    for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
-        if getattr(args, name) is not None:
-            setattr(config, name, getattr(args, name))
+    sampling = [f"--{n.replace('_', '-')}" for n in ("temperature", "top_k", "top_p") if getattr(args, n) is not None]
+    if sampling and not args.do_sample:
+        raise ValueError(f"{', '.join(sampling)} only apply when sampling: add --do-sample (greedy decoding otherwise)")
+    if args.seed is not None and not args.do_sample:
+        raise ValueError("--seed seeds the sampling: add --do-sample (greedy decoding needs no seed)")
+    if args.stop is not None and not all(args.stop):
+        raise ValueError("--stop is empty: give the text that ends a reply, e.g. --stop '\n\n'")
+    config = make_generation_config(GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                                                     stop_strings=args.stop or None),
+                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                    repetition_penalty=args.repetition_penalty)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     encoded = [encode_prompt(tokenizer, t, chat=not args.no_chat_template)[0] for t in texts]
@@ -71,7 +79,7 @@ def run(args) -> int:
     for i, e in enumerate(encoded):   # left padding: every prompt ends in the last column
         ids[i, width - len(e):], mask[i, width - len(e):] = e, 1
     print(f"{len(texts)} prompt(s) of {min(map(len, encoded))}-{width} tokens, model {args.model}")
-    rows = []
+    rows, answers = [], []
     for policy in policies:
         lm = MemoryManagedLM(model, policy, update_every=args.update_every, chunk_size=args.chunk_size,
                              tokenizer=tokenizer)
@@ -82,15 +90,24 @@ def run(args) -> int:
                 outs.append(lm.generate(ids[i:i + 1, width - len(encoded[i]):], generation_config=config,
                                         seed=args.seed, streamer=TextStreamer(tokenizer, skip_prompt=True,
                                                                              skip_special_tokens=True)))
-            results = [(o.sequences[0], o.stats) for o in outs]
+            results = [(o.sequences[0], o.stats.sequence_retention(0), o.stats) for o in outs]
         else:
             out = lm.generate(ids, attention_mask=mask, generation_config=config, seed=args.seed)
-            results = [(out.sequences[i], out.stats) for i in range(len(texts))]
-        for i, (sequence, stats) in enumerate(results):
+            results = [(out.sequences[i], out.stats.sequence_retention(i), out.stats if i == 0 else None)
+                       for i in range(len(texts))]
+        for i, (sequence, retention, stats) in enumerate(results):
             answer = tokenizer.decode(sequence, skip_special_tokens=True).strip()
-            rows.append((policy.describe(), f"prompt {i + 1}", f"{stats.mean_retention:.3f}",
-                         f"{stats.peak_kv_bytes / 2**20:.1f}", f"{stats.seconds:.2f}", answer.replace("\n", " ")[:60]))
-    _print_table(("policy", "prompt", "retention", "peak KV MiB", "seconds", "answer"), rows)
+            # a batch shares one cache and one clock: its peak KV and seconds are given once
+            cost = ("", "") if stats is None else (f"{stats.peak_kv_bytes / 2**20:.1f}", f"{stats.seconds:.2f}")
+            rows.append((policy.describe(), f"prompt {i + 1}", f"{retention:.3f}", *cost))
+            answers.append((policy.describe(), i + 1, answer))
+    batch = len(texts) > 1 and not args.stream
+    _print_table(("policy", "prompt", "retention", "peak KV MiB" + " (batch)" * batch, "seconds" + " (batch)" * batch),
+                 rows)
+    if not args.stream:   # streamed replies were printed whole already
+        print()
+        for name, i, answer in answers:
+            print(f"[{name}, prompt {i}] {answer}")
     return 0
 
 

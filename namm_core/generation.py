@@ -46,6 +46,10 @@ class MemoryStats:
         seen = torch.tensor(self.tokens_seen, dtype=torch.float32).view(1, -1, 1)
         return (self.kept_per_layer_head.float() / seen.clamp(min=1)).mean(dim=(1, 2))
 
+    def sequence_retention(self, b: int) -> float:
+        """Kept / seen of sequence b, averaged over layers and heads."""
+        return float((self.kept_per_layer_head[:, b].float() / max(1, self.tokens_seen[b])).mean())
+
     @property
     def mean_retention(self) -> float:
         return float(self.retention_per_layer.mean())

@@ -39,6 +39,12 @@ def make_generation_config(generation_config: Optional[GenerationConfig] = None,
             raise ValueError(f"temperature must be positive when sampling, got {config.temperature}")
         if config.top_p is not None and not 0 < config.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {config.top_p}")
+    if config.stop_strings is not None:
+        stops = [config.stop_strings] if isinstance(config.stop_strings, str) else list(config.stop_strings)
+        if not stops or not all(isinstance(t, str) and t for t in stops):
+            raise ValueError(f"stop_strings must be non-empty strings, got {config.stop_strings!r}")
+    if config.top_k is not None and (isinstance(config.top_k, bool) or config.top_k < 0):
+        raise ValueError(f"top_k must be >= 0, got {config.top_k}")
     if config.repetition_penalty is not None and not config.repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be positive, got {config.repetition_penalty}")
     return config

@@ -110,9 +110,41 @@ def test_generate_cli_prompts_file_sampling_and_stream(tmp_path, capsys, monkeyp
     first = seconds.sub("", capsys.readouterr().out)
     assert cli(args) == 0
     assert seconds.sub("", capsys.readouterr().out) == first     # seeded: the same samples
-    assert first.count("streamingllm:0.5") == 2 and "prompt 2" in first
+    assert first.count("streamingllm:0.5") == 4 and "prompt 2" in first   # two table rows, two full answers
+    assert "peak KV MiB (batch)" in first
     assert cli(["generate", "--model", "tiny-random", "--prompt", "Hi there", "--stream", "--max-new-tokens", "4"]) == 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n')
     assert cli(["generate", "--model", "tiny-random", "--prompts-file", str(bad)]) == 2
     assert "bad.jsonl:1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--stop", ""], "--stop is empty"),
+    (["--temperature", "0.7"], "--temperature only apply when sampling: add --do-sample"),
+    (["--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p only apply when sampling"),
+    (["--seed", "3"], "--seed seeds the sampling"),
+    (["--do-sample", "--top-p", "1.5"], "top_p must be in"),
+    (["--do-sample", "--temperature", "-1"], "temperature must be positive"),
+])
+def test_generate_refuses_bad_decoding_options_before_loading_the_model(extra, message, monkeypatch, capsys):
+    import namm_core
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+    monkeypatch.setattr(namm_core, "load_model", no_model)
+    assert cli(["generate", "--prompt", "Hi", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_batch_rows_have_their_own_retention_and_whole_answers(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": "word " * n}) for n in (6, 60)))
+    assert cli(["generate", "--model", "tiny-random", "--prompts-file", str(prompts), "--policy", "streamingllm:16",
+                "--max-new-tokens", "40", "--update-every", "8", "--chunk-size", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("streamingllm:16  prompt")]
+    assert len(rows) == 2 and rows[0][3] != rows[1][3], rows     # a short and a long prompt keep different shares
+    assert len(rows[0]) == 6 and len(rows[1]) == 4, rows          # the batch's peak KV and seconds once
+    answers = [line for line in out.splitlines() if line.startswith("[streamingllm:16, prompt")]
+    assert len(answers) == 2 and max(len(a) for a in answers) > 80   # not cut to 60 characters
