@@ -11,7 +11,8 @@ EPILOG = """examples:
 
 policies: {policies}
   B is a fraction of the tokens seen (0.25) or a token count (1024). A NAMM keeps what it was
-  saved with (score >= 0, or its budget); namm@B keeps its B best-scored tokens per layer and head.
+  saved with (score >= 0, or its budget); namm@B keeps its B best-scored tokens. Options follow
+  '/': tova:0.25/global/pool=15/sinks=4, snapkv:0.5/window=64/adakv (see --list-policies).
 tasks: synthetic names (see `namm eval --list-tasks`), `fidelity` (agreement with the full cache
   on plain text, for any model), or LongBench-format .jsonl/.parquet files (--num-prompts is per
   dataset in a file holding several; a record may name its `metric`, or give --metric).
@@ -39,6 +40,8 @@ def add_parser(sub) -> None:
     p.add_argument("--tasks", default="passkey,niah_single,vt,kv_retrieval",
                    help="comma-separated task names and/or task files")
     p.add_argument("--list-tasks", action="store_true", help="list the built-in tasks and exit")
+    p.add_argument("--list-policies", action="store_true",
+                   help="list the memory policies, what each keeps, their options, and exit")
     p.add_argument("--num-prompts", type=int, default=10, help="prompts per task")
     p.add_argument("--context-length", type=int, default=4096, help="synthetic prompt length in model tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
@@ -68,6 +71,11 @@ def run(args) -> int:
 
     if args.list_tasks:
         print("\n".join(task_names()))
+        return 0
+    if args.list_policies:
+        from namm_core.registry import policy_listing
+
+        print(policy_listing())
         return 0
     specs = args.policy or ["full"]
     policies = [parse_policy(s) for s in specs]  # bad specs fail before the model loads

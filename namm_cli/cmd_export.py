@@ -48,8 +48,16 @@ def run(args) -> int:
             raise ValueError(f"{path}: no {args.which} candidate recorded yet")
         vector, selected = entry["vector"], entry["generation"]
     namm = NAMM.from_vector(np.asarray(vector), state.norm, NAMMConfig.from_spec(state.namm_spec))
-    namm.save_pretrained(args.out_dir, metadata={"checkpoint": str(path), "which": args.which,
+    namm.save_pretrained(args.out_dir, metadata={"checkpoint": checkpoint_label(path), "which": args.which,
                                                  "generation": selected,
                                                  "checkpoint_generation": state.global_generation})
     print(f"wrote {args.out_dir} ({namm.num_params} parameters, {args.which} of {path.name})")
     return 0
+
+
+def checkpoint_label(path: Path) -> str:
+    """Where a NAMM came from, without the machine's own directories: `RUN/checkpoints/FILE`."""
+    path = Path(path).resolve()
+    if path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}/checkpoints/{path.name}"
+    return path.name

@@ -21,7 +21,6 @@ The fitted parameters are the mean CMA-ES starts from.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,6 +28,7 @@ import torch
 
 from .namm import NAMM
 from .policies import Budget, MemoryPolicy, pool_over_slots, shared_selection
+from .scorers import fit_by_gradient
 
 
 class HindsightProbe(MemoryPolicy):
@@ -236,27 +236,14 @@ def fit_global_scorer(namm: NAMM, data: DistillData, steps: int = 1000, lr: floa
     held = [g for i, g in enumerate(data.groups) if every and i % every == every - 1]
     train = [g for i, g in enumerate(data.groups) if not (every and i % every == every - 1)] or held
     gen = torch.Generator().manual_seed(seed)
-    scorer = namm.scorer
-    if not scorer.get_flat().any():   # zero weights are a saddle: start from small noise
-        scorer.set_flat(torch.randn(scorer.num_params, generator=gen) * 0.05)
-    scorer.train()
-    optimiser = torch.optim.Adam(scorer.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps)
-    losses, t0 = [], time.perf_counter()
-    for _ in range(steps):
+
+    def loss_of_a_step():
         idx = torch.randint(len(train), (groups_per_step,), generator=gen).tolist()
         x, valid, positions, importance, protected, _ = _batch([train[i] for i in idx], rows_per_group, gen)
-        with torch.enable_grad():
-            scores = model_wide_scores(scorer, x, valid, positions, namm.config.pool)
-            loss = listwise_loss(scores, valid, importance, protected, namm.config.pool)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        if time.perf_counter() - t0 > max_seconds:
-            break
-    scorer.eval()
+        scores = model_wide_scores(namm.scorer, x, valid, positions, namm.config.pool)
+        return listwise_loss(scores, valid, importance, protected, namm.config.pool)
+
+    losses, seconds = fit_by_gradient(namm.scorer, loss_of_a_step, steps, lr, gen, max_seconds, cosine=True)
     return {"loss": sum(losses[-50:]) / len(losses[-50:]), "steps": len(losses), "groups": len(data),
-            "seconds": time.perf_counter() - t0, "kept_share_train": kept_share(namm, train[:64]),
+            "seconds": seconds, "kept_share_train": kept_share(namm, train[:64]),
             "kept_share_heldout": kept_share(namm, held) if held else float("nan")}

@@ -12,7 +12,6 @@ baseline's quality and searches upward from there.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from .namm import NAMM
 from .policies import MemoryPolicy
+from .scorers import fit_by_gradient
 
 
 @dataclass
@@ -91,30 +91,19 @@ def fit_scorer(namm: NAMM, data: ImitationData, steps: int = 300, lr: float = 0.
         raise ValueError("no imitation data: the prompts were shorter than one memory update")
     gen = torch.Generator().manual_seed(seed)
     scorer = namm.scorer
-    if not scorer.get_flat().any():
-        # all-zero weights are a saddle (a ReLU MLP gets no gradient at all): start from small noise
-        scorer.set_flat(torch.randn(scorer.num_params, generator=gen) * 0.05)
-    scorer.train()
-    optimiser = torch.optim.Adam(scorer.parameters(), lr=lr)
     pos_rate = min(max(data.keep_rate, 1e-3), 1 - 1e-3)
     pos_weight = torch.tensor((1 - pos_rate) / pos_rate)
-    losses, t0 = [], time.perf_counter()
-    for _ in range(steps):
+
+    def loss_of_a_step():
         idx = torch.randint(len(data), (min(batch_rows, len(data)),), generator=gen).tolist()
         x, positions, valid, keep = _batch(data, idx)
-        with torch.enable_grad():
-            scores = scorer(x, positions, valid)
-            loss = F.binary_cross_entropy_with_logits(scores[valid], keep[valid].float(), pos_weight=pos_weight)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        losses.append(float(loss.detach()))
-        if time.perf_counter() - t0 > max_seconds:
-            break
-    scorer.eval()
+        scores = scorer(x, positions, valid)
+        return F.binary_cross_entropy_with_logits(scores[valid], keep[valid].float(), pos_weight=pos_weight)
+
+    losses, seconds = fit_by_gradient(scorer, loss_of_a_step, steps, lr, gen, max_seconds)
     report = agreement(namm, data)
     report.update(loss=float(sum(losses[-20:]) / len(losses[-20:])), steps=len(losses),
-                  seconds=time.perf_counter() - t0, keep_rate=data.keep_rate)
+                  seconds=seconds, keep_rate=data.keep_rate)
     return report
 
 

@@ -73,7 +73,7 @@ register(PolicyKind("fastgen", FastGen, "threshold", "per head, the cheapest of 
                     "hitters / +recent / all that holds a share T (default 0.85) of the recent attention; no budget",
                     "fastgen:0.7"))
 register(PolicyKind("namm", NAMM.from_pretrained, "namm", "tokens its scorer rates >= 0, or (@B) its B best-scored, "
-                    "per layer and KV head", "namm@0.5"))
+                    "in the structure it was evolved with (the shipped NAMM: one kept set for the whole model)", "namm@0.5"))
 
 
 def budgeted_baselines() -> list[str]:
@@ -85,10 +85,27 @@ def policy_help() -> str:
     syntax = " | ".join(k.syntax for k in REGISTRY.values())
     return (f"{syntax}  (B = a fraction of the tokens seen, e.g. 0.25, or a token count, e.g. 1024; "
             "T = the share of attention FastGen must keep, default 0.85; namm alone is the shipped NAMM, "
-            "namm@B keeps its B best-scored tokens per layer and KV head)")
+            "namm@B keeps its B best-scored tokens; options after '/', see `namm eval --list-policies`)")
 
 
 POLICY_HELP = policy_help()
+
+STRUCTURE_HELP = ("options of every policy with a budget, after '/': head (each layer and KV head keeps B; the "
+                  "default of most), adakv (a layer's heads share its budget, each keeping at least safeguard=0.2 "
+                  "of B), modelwide (every layer and head share the model's budget; kvzip's default), global (one "
+                  "kept set for the whole model, by the mean score), pool=N (a token scores the best of its N "
+                  "neighbours), sinks=N (the first N tokens are always kept); and the policy's own "
+                  "hyperparameters as name=value, e.g. snapkv:0.5/window=64/kernel=5, tova:0.25/global/pool=15/sinks=4")
+
+
+def policy_listing() -> str:
+    """Every registered policy: its spec syntax, what it keeps, and its hyperparameters' defaults."""
+    lines = []
+    for kind in REGISTRY.values():
+        defaults = kind.factory.option_defaults() if hasattr(kind.factory, "option_defaults") else {}
+        options = ", ".join(f"{k}={v}" for k, v in defaults.items())
+        lines.append(f"{kind.syntax:<24} {kind.keeps}" + (f" [{options}]" if options else ""))
+    return "\n".join(lines) + "\n\n" + STRUCTURE_HELP
 
 
 def parse_policy(spec: str) -> MemoryPolicy:

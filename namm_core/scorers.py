@@ -12,6 +12,8 @@ nothing is evicted), and expose their weights as one flat vector for evolution.
 from __future__ import annotations
 
 import math
+import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -93,3 +95,30 @@ def build_scorer(kind: str, in_dim: int, **kwargs) -> FlatParams:
     if kind == "mlp":
         return MLPScorer(in_dim=in_dim, hidden=tuple(kwargs.get("hidden", (32,))))
     raise ValueError(f"unknown scorer kind {kind!r}: expected 'bam' or 'mlp'")
+
+
+def fit_by_gradient(scorer: FlatParams, loss_of_a_step: Callable[[], torch.Tensor], steps: int, lr: float,
+                    generator: torch.Generator, max_seconds: float, cosine: bool = False) -> tuple[list[float], float]:
+    """Train a scorer in place with Adam (a cosine learning-rate schedule when `cosine`):
+    `loss_of_a_step()` draws a batch and returns its loss. Returns (losses, seconds). All-zero
+    weights are a saddle (a ReLU MLP gets no gradient at all): they start from small noise drawn
+    from `generator`, before any batch is drawn."""
+    if not scorer.get_flat().any():
+        scorer.set_flat(torch.randn(scorer.num_params, generator=generator) * 0.05)
+    scorer.train()
+    optimiser = torch.optim.Adam(scorer.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps) if cosine else None
+    losses, t0 = [], time.perf_counter()
+    for _ in range(steps):
+        with torch.enable_grad():
+            loss = loss_of_a_step()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        if schedule is not None:
+            schedule.step()
+        losses.append(float(loss.detach()))
+        if time.perf_counter() - t0 > max_seconds:
+            break
+    scorer.eval()
+    return losses, time.perf_counter() - t0

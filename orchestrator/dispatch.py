@@ -45,9 +45,6 @@ class ActorPool:
         """Block until every actor has started (and loaded its model); returns their PIDs."""
         return ray.get([a.pid.remote() for a in self.actors], timeout=timeout)
 
-    def call_all(self, method: str, *args, timeout: float = 900.0) -> list:
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=timeout)
-
     def run(self, jobs: list[Job]) -> list:
         """Results in job order; None for a job that failed every attempt."""
         results: list = [None] * len(jobs)

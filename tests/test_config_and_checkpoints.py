@@ -200,6 +200,8 @@ def test_namm_export_writes_the_cma_mean_or_the_best(tmp_path, capsys):
     assert NAMM.from_pretrained(tmp_path / "best").metadata["generation"] == 0          # the best's own
     assert NAMM.from_pretrained(tmp_path / "best").metadata["checkpoint_generation"] == 1
     assert mean.metadata["generation"] == 1
+    # the run's own name and file, never the machine's directories
+    assert mean.metadata["checkpoint"] == f"{tmp_path.name}/checkpoints/{ckpt.checkpoint_path(tmp_path / 'checkpoints', 1).name}"
     assert main(["export", str(tmp_path / "checkpoints"), str(tmp_path / "start"), "--which", "start"]) == 0
     assert torch.count_nonzero(NAMM.from_pretrained(tmp_path / "start").get_params()) == 0   # this ES started at 0
     assert main(["export", str(tmp_path / "checkpoints"), str(tmp_path / "bv"), "--which", "best-validated"]) == 2

@@ -192,6 +192,10 @@ def test_the_registry_drives_the_command_line_help_and_the_baseline_lists():
 
     assert set(budgeted_baselines()) == {"streamingllm", "h2o", "l2", "snapkv", "tova", "expected_attention", "kvzip"}
     help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+    from namm_core.registry import policy_listing
+
+    listing = policy_listing()
     for kind in REGISTRY.values():
         assert kind.syntax in POLICY_HELP
         assert kind.name in help_text.replace("\n", " ")
+        assert f"{kind.syntax:<24} {kind.keeps}" in listing
