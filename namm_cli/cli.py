@@ -9,6 +9,20 @@ from . import cmd_eval, cmd_evolve, cmd_export, cmd_generate, cmd_import
 
 COMMANDS = [cmd_evolve, cmd_eval, cmd_export, cmd_generate, cmd_import]
 
+# Which optional dependency group (pyproject.toml) brings each module a command may import.
+EXTRA_OF_MODULE = {"ray": "evolve", "mlflow": "evolve", "cma": "evolve",
+                   "pyarrow": "eval", "tqdm": "eval", "matplotlib": "eval", "rapidfuzz": "eval",
+                   "rouge_score": "eval", "jieba": "eval", "yaml": "eval"}
+
+
+def missing_extra_message(command: str, error: ModuleNotFoundError) -> str | None:
+    """One line naming the extra to install, when a command needs a module of an optional group."""
+    top = (error.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(top)
+    if extra is None:
+        return None
+    return f'namm {command}: error: needs the [{extra}] extra ({top} is not installed): pip install "namm[{extra}]"'
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -30,6 +44,12 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.run(args) or 0)
+    except ModuleNotFoundError as e:
+        message = missing_extra_message(args.command, e)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
     except (ValueError, OSError, TypeError, RuntimeError) as e:
         print(f"namm {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,8 @@ EPILOG = """Resuming: re-running the same command continues the run from its new
 checkpoint in <checkpoint.root>/<name>/checkpoints (a corrupt newest checkpoint is reported and
 the previous one used). --resume makes that explicit and fails if there is nothing to resume.
 
-Ray: with RAY_ADDRESS set (a cluster, or inside `ray job submit`) the driver joins that cluster;
+Ray: with workers.pool: in_process the run needs no Ray (one model in this process, the same
+results). Otherwise, with RAY_ADDRESS set (a cluster, or inside `ray job submit`) the driver joins that cluster;
 otherwise it starts a private local Ray. MLflow: tracking.tracking_uri, else $MLFLOW_TRACKING_URI,
 else sqlite:///<run dir>/mlflow.db. $NAMM_RUN_ROOT overrides checkpoint.root.
 
@@ -63,7 +64,8 @@ def run(args) -> int:
 
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        init_ray(args.num_cpus)
+        if cfg.workers.pool == "ray":
+            init_ray(args.num_cpus)
         signal.signal(signal.SIGTERM, on_sigterm)   # after ray.init, which installs a handler that aborts
         summary = evolution.run()
     except (Interrupted, KeyboardInterrupt) as e:

@@ -13,14 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import namms
+
 from .expected_attention import ExpectedAttention
 from .kvzip import KVzip
 from .namm import NAMM
 from .policies import H2O, TOVA, FastGen, FullCache, L2Norm, MemoryPolicy, SnapKV, StreamingLLM
 from .selection import SCOPES, parse_structure_options
 
-# The NAMM shipped with the project (evolved on the embedded model), used by `namm` alone.
-DEFAULT_NAMM_DIR = Path(__file__).resolve().parent.parent / "namms" / "smollm2"
+# The NAMM shipped with the package (evolved on the embedded model), loaded by `namm` alone.
+DEFAULT_NAMM_DIR = namms.shipped_namm()
+
 
 ARGUMENTS = ("budget", "none", "threshold", "namm")
 
@@ -41,7 +44,7 @@ class PolicyKind:
     @property
     def syntax(self) -> str:
         return {"budget": f"{self.name}:B", "none": self.name, "threshold": f"{self.name}[:T]",
-                "namm": f"{self.name}[:DIR][@B]"}[self.argument]
+                "namm": f"{self.name}[:DIR|NAME][@B]"}[self.argument]
 
 
 REGISTRY: dict[str, PolicyKind] = {}
@@ -180,6 +183,18 @@ def _typed_options(kind: PolicyKind, options: dict) -> dict:
     return typed
 
 
+def _namm_directory(spec: str, where: str) -> Path:
+    """A saved NAMM's directory: a path, or the name of a NAMM shipped with the package."""
+    if not where:
+        return DEFAULT_NAMM_DIR
+    if Path(where).exists():
+        return Path(where)
+    if "/" not in where and "\\" not in where and where in namms.names():
+        return namms.shipped_namm(where)
+    raise ValueError(f"policy {spec!r}: NAMM directory {where} does not exist (shipped NAMMs: "
+                     f"{', '.join(namms.names())})")
+
+
 def _parse_namm(spec: str) -> NAMM:
     """`namm`, `namm:DIR`, `namm@B`, `namm:DIR@B` (a directory name may itself contain '@')."""
     body = spec[len("namm"):]
@@ -189,9 +204,7 @@ def _parse_namm(spec: str) -> NAMM:
         body, budget = head, tail
     if body and not body.startswith(":"):
         raise ValueError(f"unknown policy {spec!r}: expected {policy_help()}")
-    directory = Path(body[1:]) if body[1:] else DEFAULT_NAMM_DIR
-    if not directory.exists():
-        raise ValueError(f"policy {spec!r}: NAMM directory {directory} does not exist")
+    directory = _namm_directory(spec, body[1:])
     namm = REGISTRY["namm"].factory(directory)
     if budget is not None:
         try:

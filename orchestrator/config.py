@@ -92,6 +92,10 @@ class FitnessConfig:
 
 @dataclass
 class WorkersConfig:
+    # "ray": Ray actors, one model each (local, or the cluster at RAY_ADDRESS). "in_process": the
+    # same worker code in the driver's process, no Ray (a notebook, a debugger); one model, the
+    # jobs of num_actors actors run one after another, so a run equals the Ray run of the config
+    pool: str = "ray"
     num_actors: int = 2                   # CPU actors; on a GPU cluster, the number of GPU actors
     gpus_per_actor: Union[str, float] = "auto"   # auto: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1
@@ -170,6 +174,7 @@ class RunConfig:
                 "update_every": self.memory.update_every, "chunk_size": self.memory.chunk_size}
 
 
+POOLS = ("ray", "in_process")
 _NESTED = {"stages": StageConfig, "tasks": TaskSpec}
 
 
@@ -278,6 +283,8 @@ def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunCo
     positive(cfg.checkpoint.keep, "checkpoint.keep")
     if cfg.workers.max_retries < 0:
         raise ConfigError("workers.max_retries: must be 0 or more")
+    if cfg.workers.pool not in POOLS:
+        raise ConfigError(f"workers.pool: expected one of {', '.join(POOLS)}, got {cfg.workers.pool!r}")
     if isinstance(cfg.workers.gpus_per_actor, str) and cfg.workers.gpus_per_actor != "auto":
         raise ConfigError(f"workers.gpus_per_actor: expected 'auto' or a number, got {cfg.workers.gpus_per_actor!r}")
     if cfg.namm.scorer not in ("bam", "mlp"):
@@ -385,7 +392,7 @@ def _validate_model(cfg: RunConfig) -> None:
 def check_resources(cfg: RunConfig, num_cpus: Optional[int] = None) -> None:
     """A local Ray has this machine's CPUs: refuse an actor pool that could never be placed
     (Ray would wait for it forever)."""
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS") and cfg.workers.pool == "ray":
         return   # a cluster: the pool's start-up timeout says what is missing
     import torch
 
@@ -393,6 +400,8 @@ def check_resources(cfg: RunConfig, num_cpus: Optional[int] = None) -> None:
     if str(cfg.model.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device: {cfg.model.device!r}, but this machine has no CUDA device (set auto or "
                           "cpu, or submit to a GPU cluster: RAY_ADDRESS)")
+    if cfg.workers.pool == "in_process":
+        return   # one model in this process, whatever num_actors says
     available = num_cpus or os.cpu_count() or 1
     needed = cfg.workers.num_actors * cfg.workers.cpus_per_actor
     if needed > available:

@@ -14,14 +14,9 @@ from typing import Any, Callable
 
 import ray
 
+from .pool import Job
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Job:
-    method: str
-    args: tuple
-    label: str = ""
 
 
 @dataclass

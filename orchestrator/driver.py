@@ -28,7 +28,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .artifacts import export_artifacts
 from .config import RunConfig
-from .dispatch import ActorPool, Job
+from .pool import Job, in_process_pool
 from .es import EvolutionStrategy
 from .fitness import candidate_fitness
 from .runlock import RunLock
@@ -73,7 +73,8 @@ class EvolutionRun:
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.pool_factory = pool_factory or default_pool_factory
+        self.pool_factory = pool_factory or (in_process_pool if cfg.workers.pool == "in_process"
+                                             else default_pool_factory)
         self.stop_after = stop_after
         self.allow_config_change = allow_config_change
         self.state: Optional[EvolutionState] = None
@@ -269,7 +270,7 @@ class EvolutionRun:
                                      keep=self.cfg.checkpoint.keep)
 
     # ------------------------------------------------------------------------------------
-    def _collect_statistics(self, pool: ActorPool) -> dict:
+    def _collect_statistics(self, pool) -> dict:
         """Normalisation moments of the zero NAMM on the first stage's prompts, merged over actors."""
         stage = self.cfg.stages[0]
         tasks = [task_payload(t, stage) for t in stage.tasks]
@@ -292,7 +293,7 @@ class EvolutionRun:
         log.info("normalisation statistics from %d feature vectors", int(merged.count))
         return merged.stats()
 
-    def _warm_start(self, pool: ActorPool) -> Optional[np.ndarray]:
+    def _warm_start(self, pool) -> Optional[np.ndarray]:
         """The ES's starting mean: a scorer fitted to imitate a baseline (es.warm_start), else None (zeros)."""
         ws = self.cfg.es.warm_start
         if ws is None:
@@ -319,7 +320,7 @@ class EvolutionRun:
                      ws.imitate, report["sign_agreement"], report["rank_agreement"], report["rows"], report["seconds"])
         return np.asarray(result["vector"], dtype=float)
 
-    def _ensure_references(self, pool: ActorPool, requests, tasks) -> None:
+    def _ensure_references(self, pool, requests, tasks) -> None:
         refs = self.state.references
         missing = [r for r in dict.fromkeys(requests) if f"{r[0]}|{r[1]}" not in refs]
         if not missing:
@@ -354,7 +355,7 @@ class EvolutionRun:
         fitness = candidate_fitness(fc.kind, per_task, result["retention"], fc.retention_target, fc.retention_weight)
         return fitness, {k: float(np.mean(s)) for k, (s, _) in per_task.items()}
 
-    def _generation(self, pool: ActorPool, stage) -> dict:
+    def _generation(self, pool, stage) -> dict:
         st = self.state
         t0 = time.perf_counter()
         requests, tasks = self._sample_prompts(stage)
@@ -416,7 +417,7 @@ class EvolutionRun:
         self._export_artifacts(final=False)
         return metrics
 
-    def _validate(self, pool: ActorPool, stage) -> float:
+    def _validate(self, pool, stage) -> float:
         """Fitness of the CMA mean on a fixed validation set; export it when it is the best."""
         st = self.state
         tasks = [task_payload(t, stage, validation=True) for t in stage.tasks]
@@ -471,11 +472,12 @@ class EvolutionRun:
 
 
 # ----------------------------------------------------------------------------------------
-def default_pool_factory(cfg: RunConfig, actor_class=None) -> ActorPool:
-    """The run's actors (one per GPU, or `workers.num_actors` CPU actors), ready to work.
+def default_pool_factory(cfg: RunConfig, actor_class=None):
+    """The run's Ray actors (one per GPU, or `workers.num_actors` CPU actors), ready to work.
     `actor_class` replaces the worker class (tests inject faults with a subclass)."""
     import ray
 
+    from .dispatch import ActorPool
     from workers.actor import EvolutionActor, remote_actor
 
     actor = remote_actor(actor_class) if actor_class is not None else EvolutionActor

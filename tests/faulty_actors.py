@@ -2,10 +2,10 @@
 workers: the tests' Ray cluster puts this folder on their PYTHONPATH)."""
 import os
 
-from workers.actor import _Actor
+from workers.evolution_worker import EvolutionWorker
 
 
-class CrashOnceActor(_Actor):
+class CrashOnceActor(EvolutionWorker):
     """Kills its own process in evaluate() once: when the file `flag` (set by a subclass) exists,
     it deletes it and exits."""
     flag: str = ""

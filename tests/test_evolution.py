@@ -123,6 +123,31 @@ def test_driver_killed_then_resumed_equals_uninterrupted(reference_run, ray_clus
     assert steps == [0, 1, 2], "MLflow steps contiguous, none repeated"
 
 
+def test_the_in_process_pool_runs_the_same_evolution_without_ray(reference_run, tmp_path):
+    """workers.pool: in_process, run by `namm evolve` in a process where Ray cannot even be
+    imported: the same fitness values, the same validated mean and a bit-identical CMA mean."""
+    ref_cfg, ref, _ = reference_run
+    job = write_job(tmp_path, "in-process")
+    data = yaml.safe_load(job.read_text())
+    data["workers"]["pool"] = "in_process"
+    job.write_text(yaml.safe_dump(data))
+    code = ("import sys; sys.modules['ray'] = None\n"   # any `import ray` fails
+            "from namm_cli.cli import main; sys.exit(main(['evolve', sys.argv[1]]))")
+    out = subprocess.run([sys.executable, "-c", code, str(job)], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = load_config(job)
+    run = EvolutionRun(cfg)
+    summary = run.run()   # complete: reads the checkpoint, starts nothing
+    assert summary["already_complete"] and summary["generations"] == 3
+    assert np.array_equal(summary["mean"], ref["mean"]), "CMA mean bit-identical to the Ray run"
+    assert np.array_equal(summary["best_validation"]["vector"], ref["best_validation"]["vector"])
+    reference = EvolutionRun(ref_cfg).prepare()
+    reference.lock.release()
+    assert [r["fitness"] for r in run.state.history] == [r["fitness"] for r in reference.state.history]
+    assert len({r["worker_pid"] for r in run.state.history}) == 1, "one process did every job"
+
+
 def test_resume_with_a_changed_config_is_refused(reference_run):
     cfg, _, _ = reference_run
     cfg.es.sigma0 = 0.5

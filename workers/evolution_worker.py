@@ -59,34 +59,41 @@ class EvolutionWorker:
             self.pools[key] = samples
         return {spec["key"]: len(self.pools[spec["key"]]) for spec in tasks}
 
-    def _samples(self, requests: list[Request]):
+    def _samples(self, requests: list[Request], tasks: Optional[list[dict]] = None):
+        """The requested prompts, building the pools of `tasks` first (the driver sends the task
+        specs with every job, so a restarted worker rebuilds what it needs)."""
+        if tasks:
+            self.prepare(tasks)
         return [self.pools[key][index % len(self.pools[key])] for key, index in requests]
 
-    def reference(self, requests: list[Request]) -> list[float]:
+    def reference(self, requests: list[Request], tasks: Optional[list[dict]] = None) -> list[float]:
         """Full-cache values of these prompts under the run's objective (cached on this worker)."""
-        samples = self._samples(requests)
+        samples = self._samples(requests, tasks)
         if self.fitness_kind == "loglik":
             results = self.evaluator.reference_loglik(samples, self.loglik_target)
         else:
             results = self.evaluator.reference(samples)
         return [results[s.sample_id].score for s in samples]
 
-    def collect_statistics(self, requests: list[Request]) -> dict:
+    def collect_statistics(self, requests: list[Request], tasks: Optional[list[dict]] = None) -> dict:
         """Normalisation moments of a zero NAMM's features over these prompts (Chan merge-able)."""
         namm = NAMM(replace(self.namm_config, budget=None, selection="threshold", scope="head"))
+        samples = self._samples(requests, tasks)
         with namm.collecting_statistics():
-            for sample in self._samples(requests):
+            for sample in samples:
                 self.evaluator.run_sample(sample, namm)
         return {"mean": namm.norm_mean.numpy(), "var": namm.norm_var.numpy(), "count": namm.norm_count}
 
-    def evaluate(self, vector: np.ndarray, norm: Optional[dict], requests: list[Request]) -> dict:
+    def evaluate(self, vector: np.ndarray, norm: Optional[dict], requests: list[Request],
+                 tasks: Optional[list[dict]] = None) -> dict:
         """Scores of one candidate on the requested prompts (under the run's objective)."""
+        samples = self._samples(requests, tasks)
         namm = self.make_namm(vector, norm)
         t = time.perf_counter()
         if self.fitness_kind == "loglik":
-            results = [self.evaluator.run_loglik(s, namm, self.loglik_target) for s in self._samples(requests)]
+            results = [self.evaluator.run_loglik(s, namm, self.loglik_target) for s in samples]
         else:
-            results = [self.evaluator.run_sample(s, namm) for s in self._samples(requests)]
+            results = [self.evaluator.run_sample(s, namm) for s in samples]
         return {
             "scores": [r.score for r in results],
             "retention": [r.retention for r in results],
@@ -96,10 +103,13 @@ class EvolutionWorker:
         }
 
     def warm_start(self, imitate: str, norm: Optional[dict], requests: list[Request], steps: int, lr: float,
-                   seed: int, rounds: int = 1, threads: Optional[int] = None) -> dict:
+                   seed: int, rounds: int = 1, tasks: Optional[list[dict]] = None,
+                   threads: Optional[int] = None) -> dict:
         """A parameter vector fitted to imitate `imitate` on these prompts: a baseline (see
         namm_core.imitation) or "hindsight" (see namm_core.distill). `threads`: torch threads for
         this job only (the warm start runs on one actor while the others idle)."""
+        if tasks:
+            self.prepare(tasks)
         before = torch.get_num_threads()
         if threads:
             torch.set_num_threads(int(threads))

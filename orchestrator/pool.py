@@ -1,0 +1,72 @@
+"""What the driver dispatches, and the pool that runs it without Ray.
+
+The driver hands a pool a list of `Job`s (a worker method and its arguments) and gets the
+results back in job order, None for a job that failed every attempt. Two pools do that:
+`dispatch.ActorPool` (Ray actors, one model each, with restarts and timeouts) and
+`InProcessPool` here: the same `EvolutionWorker` code in the driver's own process, one model,
+jobs run one after another. It needs no Ray, so an evolution runs in a notebook, a debugger or a
+test; for the same config and seed it gives the same checkpoints and the same CMA mean.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    method: str
+    args: tuple
+    label: str = ""
+
+
+class InProcessPool:
+    """One worker, run in this process, standing in for `slots` actors.
+
+    `actors` has one entry per slot (all the same worker) so the driver splits work into the same
+    chunks as on `slots` Ray actors: chunking decides how statistics are merged, so equal chunks
+    make equal runs. A job that raises is retried up to `max_retries` times, like an actor's; there
+    is no timeout (a job cannot be stopped from inside its own process)."""
+
+    def __init__(self, worker: Any, slots: int = 1, max_retries: int = 2, restore_threads: int | None = None):
+        self.worker = worker
+        self.restore_threads = restore_threads   # the caller's torch threads, given back at shutdown
+        self.actors = [worker] * max(1, int(slots))
+        self.max_retries = max_retries
+        self.failures: list[str] = []
+
+    def run(self, jobs: list[Job]) -> list:
+        results: list = [None] * len(jobs)
+        for j, job in enumerate(jobs):
+            for attempt in range(self.max_retries + 1):
+                try:
+                    results[j] = getattr(self.worker, job.method)(*job.args)
+                    break
+                except Exception as e:  # the Ray pool retries a raising job too; same here
+                    message = f"{job.label or job.method} in process: {type(e).__name__}: {e}"
+                    self.failures.append(message)
+                    log.warning("%s (attempt %d of %d)", message, attempt + 1, self.max_retries + 1)
+        return results
+
+    def shutdown(self) -> None:
+        if self.restore_threads:
+            import torch
+
+            torch.set_num_threads(self.restore_threads)
+
+
+def in_process_pool(cfg) -> InProcessPool:
+    """The run's worker built in this process, with the same settings a Ray actor gets."""
+    from dataclasses import asdict
+
+    import torch
+
+    from workers.evolution_worker import EvolutionWorker
+
+    threads = torch.get_num_threads()
+    worker = EvolutionWorker(model=asdict(cfg.model), memory=asdict(cfg.memory), namm=cfg.namm_spec(),
+                             torch_threads=cfg.workers.torch_threads, fitness=asdict(cfg.fitness))
+    return InProcessPool(worker, cfg.workers.num_actors, cfg.workers.max_retries, restore_threads=threads)
