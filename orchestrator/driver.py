@@ -28,9 +28,9 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .artifacts import export_artifacts
 from .config import RunConfig
-from .pool import Job, in_process_pool
 from .es import EvolutionStrategy
 from .fitness import candidate_fitness
+from .pool import Job, in_process_pool
 from .runlock import RunLock
 from .state import EvolutionState
 from .tracking import Tracker, check_tracking_uri, resolve_tracking_uri
@@ -477,8 +477,9 @@ def default_pool_factory(cfg: RunConfig, actor_class=None):
     `actor_class` replaces the worker class (tests inject faults with a subclass)."""
     import ray
 
-    from .dispatch import ActorPool
     from workers.actor import EvolutionActor, remote_actor
+
+    from .dispatch import ActorPool
 
     actor = remote_actor(actor_class) if actor_class is not None else EvolutionActor
     gpus = cfg.workers.gpus_per_actor
