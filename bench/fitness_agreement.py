@@ -8,7 +8,7 @@ order the board puts them, when both fitnesses get the same CPU time:
    one budget) run on training prompts (seed 0, the pool evolution draws from), twice: the task
    score of the decoded reply, and the teacher-forced log-likelihood of the reference answer;
 2. many draws of k prompts per task: each policy's fitness as evolution computes it
-   (`orchestrator.fitness.candidate_fitness`, "task_score" or "loglik"); the log-likelihood fitness
+   (`workers.fitness.candidate_fitness`, "task_score" or "loglik"); the log-likelihood fitness
    gets k x (seconds per decoded prompt / seconds per log-likelihood prompt) prompts, the same time;
 3. the pairs of policies the board tells apart (their paired 95% interval on its held-out prompts
    excludes 0): the share each fitness orders as the board does (a tie in fitness counts half).
@@ -37,7 +37,7 @@ from bench.tables import markdown_table, write_result  # noqa: E402
 from namm_core import NAMM, parse_policy  # noqa: E402
 from namm_core.generation import resolve_memory_settings  # noqa: E402
 from namm_eval import report  # noqa: E402
-from orchestrator.fitness import candidate_fitness  # noqa: E402
+from workers.fitness import candidate_fitness  # noqa: E402
 
 KINDS = {"task_score": "score", "loglik": "loglik"}   # fitness kind -> what each prompt needs
 

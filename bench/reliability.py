@@ -50,7 +50,7 @@ def _config_cases():
         ("workers.num_actors", 0), ("workers.torch_threads", 0), ("workers.cpus_per_actor", 0),
         ("workers.gpus_per_actor", "many"), ("workers.max_retries", -1), ("memory.update_every", 1.5),
         ("memory.chunk_size", 0), ("memory.shared_prefixes", -1), ("fitness.kind", "accuracy"),
-        ("fitness.retention_target", 1.5), ("fitness.loglik_target", "oracle"),
+        ("fitness.retention_target", 1.5), ("fitness.loglik_target", "oracle"), ("workers.pool", "threads"),
         ("es.warm_start", {"imitate": "full"}), ("es.warm_start", {"imitate": "tova:0.5", "steps": 0}),
         ("stages", []), ("name", "a/b"), ("modell", {}),
     ]
@@ -171,8 +171,8 @@ def _inspect(tmp: Path, name: str) -> dict:
 
 
 def faults(tmp: Path) -> list[tuple]:
-    rows = []
-    code, _, err = _evolve(_job(tmp, "reference"))
+    """Each fault on its own run of the smoke job, judged against an undisturbed run's CMA mean."""
+    _evolve(_job(tmp, "reference"))
     reference = _inspect(tmp, "reference")["state"].es.mean
 
     def verdict(name, expected_generations=3):
@@ -185,16 +185,24 @@ def faults(tmp: Path) -> list[tuple]:
                   f"same CMA mean: {same}, runs left RUNNING: {info['running']}")
         return ok, detail
 
-    # an actor killed in every generation
-    job = _job(tmp, "actor-kill")
-    proc = _evolve(job, wait=False)
+    rows = [_actor_killed(tmp, verdict), _driver_killed(tmp, verdict), _newest_checkpoint_corrupt(tmp, verdict),
+            _every_checkpoint_corrupt(tmp, verdict)]
+    rows += [_interrupted(tmp, verdict, sig, name) for sig, name in ((signal.SIGINT, "sigint"),
+                                                                      (signal.SIGTERM, "sigterm"))]
+    return rows + [_tracking_down(tmp), _two_drivers(tmp, verdict)]
+
+
+def _actor_killed(tmp: Path, verdict) -> tuple:
+    """An actor SIGKILLed while it evaluates a candidate, once per generation."""
     import psutil
 
+    proc = _evolve(_job(tmp, "actor-kill"), wait=False)
     killed, seen = 0, set()
     while proc.poll() is None:
         for child in psutil.Process(proc.pid).children(recursive=True):
             try:
-                if "Actor.evaluate" in " ".join(child.cmdline()) and child.pid not in seen:
+                title = " ".join(child.cmdline())   # Ray names a busy worker ray::<Class>.<method>
+                if "ray::" in title and ".evaluate" in title and child.pid not in seen:
                     ckpts = list((tmp / "runs" / "actor-kill" / "checkpoints").glob("gen-*.ckpt"))
                     if len(ckpts) > killed:          # one kill per generation
                         seen.add(child.pid)
@@ -204,10 +212,12 @@ def faults(tmp: Path) -> list[tuple]:
                 pass
         time.sleep(0.3)
     ok, detail = verdict("actor-kill")
-    rows.append(("an evolution actor SIGKILLed mid-evaluation, once per generation", f"{killed} kills; {detail}",
-                 "yes" if ok and killed >= 2 else "NO"))
+    return ("an evolution actor SIGKILLed mid-evaluation, once per generation", f"{killed} kills; {detail}",
+            "yes" if ok and killed >= 2 else "NO")
 
-    # the driver SIGKILLed after its first generation, then the same command again
+
+def _driver_killed(tmp: Path, verdict) -> tuple:
+    """The driver SIGKILLed after its first generation, then the same command again."""
     job = _job(tmp, "driver-kill")
     proc = _evolve(job, wait=False)
     _wait_for(tmp / "runs" / "driver-kill" / "checkpoints" / "gen-000001.ckpt", proc)
@@ -215,9 +225,10 @@ def faults(tmp: Path) -> list[tuple]:
     proc.wait()
     code, _, _ = _evolve(job)
     ok, detail = verdict("driver-kill")
-    rows.append(("the driver SIGKILLed after generation 1, rerun", f"exit {code}; {detail}", "yes" if ok else "NO"))
+    return ("the driver SIGKILLed after generation 1, rerun", f"exit {code}; {detail}", "yes" if ok else "NO")
 
-    # the newest checkpoint corrupted, then the same command again
+
+def _newest_checkpoint_corrupt(tmp: Path, verdict) -> tuple:
     job = _job(tmp, "corrupt-newest")
     _evolve(job, "--stop-after", "2")
     newest = tmp / "runs" / "corrupt-newest" / "checkpoints" / "gen-000002.ckpt"
@@ -225,10 +236,12 @@ def faults(tmp: Path) -> list[tuple]:
     code, _, _ = _evolve(job)
     ok, detail = verdict("corrupt-newest")
     moved = list((tmp / "runs" / "corrupt-newest").glob("corrupt-*/gen-000002.ckpt"))
-    rows.append(("the newest checkpoint truncated to half, rerun", f"exit {code}; {detail}; moved aside: {bool(moved)}",
-                 "yes" if ok and moved else "NO"))
+    return ("the newest checkpoint truncated to half, rerun", f"exit {code}; {detail}; moved aside: {bool(moved)}",
+            "yes" if ok and moved else "NO")
 
-    # every checkpoint corrupted: --resume refuses; a plain rerun starts over, files kept aside
+
+def _every_checkpoint_corrupt(tmp: Path, verdict) -> tuple:
+    """--resume refuses; a plain rerun starts over, the corrupt files kept aside."""
     job = _job(tmp, "corrupt-all")
     _evolve(job, "--stop-after", "1")
     for p in (tmp / "runs" / "corrupt-all" / "checkpoints").glob("gen-*.ckpt"):
@@ -238,24 +251,27 @@ def faults(tmp: Path) -> list[tuple]:
     code2, _, _ = _evolve(job)
     ok, detail = verdict("corrupt-all")
     moved = list((tmp / "runs" / "corrupt-all").glob("corrupt-*/gen-*.ckpt"))
-    rows.append(("every checkpoint corrupt: `--resume`, then a plain rerun",
-                 f"--resume: exit {code} ({line}); rerun: exit {code2}, {detail}; {len(moved)} files moved aside",
-                 "yes" if code == 2 and ok and moved else "NO"))
+    return ("every checkpoint corrupt: `--resume`, then a plain rerun",
+            f"--resume: exit {code} ({line}); rerun: exit {code2}, {detail}; {len(moved)} files moved aside",
+            "yes" if code == 2 and ok and moved else "NO")
 
-    for sig, name in ((signal.SIGINT, "sigint"), (signal.SIGTERM, "sigterm")):
-        job = _job(tmp, name)
-        proc = _evolve(job, wait=False)
-        _wait_for(tmp / "runs" / name / "checkpoints" / "gen-000001.ckpt", proc)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=300)
-        info = _inspect(tmp, name)
-        clean = proc.returncode == 130 and "Traceback" not in err and info["running"] == 0
-        code, _, _ = _evolve(job)
-        ok, detail = verdict(name)
-        rows.append((f"{sig.name} during generation 2, rerun", f"exit {proc.returncode}, no traceback: "
-                     f"{'Traceback' not in err}, runs RUNNING after: {info['running']}; rerun: {detail}",
-                     "yes" if clean and ok else "NO"))
 
+def _interrupted(tmp: Path, verdict, sig, name: str) -> tuple:
+    job = _job(tmp, name)
+    proc = _evolve(job, wait=False)
+    _wait_for(tmp / "runs" / name / "checkpoints" / "gen-000001.ckpt", proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    info = _inspect(tmp, name)
+    clean = proc.returncode == 130 and "Traceback" not in err and info["running"] == 0
+    _evolve(job)
+    ok, detail = verdict(name)
+    return (f"{sig.name} during generation 2, rerun", f"exit {proc.returncode}, no traceback: "
+            f"{'Traceback' not in err}, runs RUNNING after: {info['running']}; rerun: {detail}",
+            "yes" if clean and ok else "NO")
+
+
+def _tracking_down(tmp: Path) -> tuple:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -264,9 +280,11 @@ def faults(tmp: Path) -> list[tuple]:
     code, _, err = _evolve(job)
     seconds = time.perf_counter() - t
     line = err.strip().splitlines()[-1] if err.strip() else ""
-    rows.append(("the MLflow tracking server unreachable", f"exit {code} after {seconds:.0f} s: {line}",
-                 "yes" if code == 2 and seconds < 60 else "NO"))
+    return ("the MLflow tracking server unreachable", f"exit {code} after {seconds:.0f} s: {line}",
+            "yes" if code == 2 and seconds < 60 else "NO")
 
+
+def _two_drivers(tmp: Path, verdict) -> tuple:
     job = _job(tmp, "two-drivers")
     first = _evolve(job, wait=False)
     _wait_for(tmp / "runs" / "two-drivers" / "driver.lock", first)
@@ -275,9 +293,8 @@ def faults(tmp: Path) -> list[tuple]:
     first.communicate(timeout=900)
     line = err.strip().splitlines()[-1] if err.strip() else ""
     ok, detail = verdict("two-drivers")
-    rows.append(("a second driver on the same run directory", f"second: exit {code} ({line}); first: {detail}",
-                 "yes" if code == 2 and "in use by pid" in line and ok else "NO"))
-    return rows
+    return ("a second driver on the same run directory", f"second: exit {code} ({line}); first: {detail}",
+            "yes" if code == 2 and "in use by pid" in line and ok else "NO")
 
 
 def main(argv=None) -> int:

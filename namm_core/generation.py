@@ -169,28 +169,43 @@ class MemoryManagedLM:
         """
         config = make_generation_config(generation_config, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                                         pad_token_id=pad_token_id, **generation_kwargs)
-        max_new_tokens = config.max_new_tokens
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
-        input_ids = input_ids.to(self.device)
-        B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask = attention_mask.to(self.device).bool()
-        if T == 0 or not attention_mask[:, -1].all():
-            raise ValueError("prompts must be non-empty and left-padded (the last column real for every row)")
-        if streamer is not None and B != 1:
-            raise ValueError(f"a streamer takes one sequence; got a batch of {B}")
+        input_ids, attention_mask = self._checked_prompt(input_ids, attention_mask)
+        if streamer is not None and input_ids.shape[0] != 1:
+            raise ValueError(f"a streamer takes one sequence; got a batch of {input_ids.shape[0]}")
+        if prefix is not None and return_logits:
+            raise ValueError("a shared prefix keeps only its last logits; return_logits needs a full run")
+        if prefix is not None and compress_at is not None:
+            raise ValueError("a shared prefix is taken before the first periodic update: not with compress_at")
         chooser = TokenChooser(config, self.device, tokenizer=self.tokenizer, seed=seed)
         if streamer is not None:
             streamer.put(input_ids.cpu())
+        logits_all: Optional[list] = [] if return_logits else None
+        cache, state, stats, last_logits = self._prefill(input_ids, attention_mask, prefix, compress_at, logits_all)
+        t1 = time.perf_counter()
+        generated = self._decode(cache, state, stats, input_ids, last_logits, chooser, config, streamer, logits_all)
+        stats.decode_seconds = time.perf_counter() - t1
+        if streamer is not None:
+            streamer.end()
+        _record_what_was_kept(stats, state, cache)
+        return GenerationOutput(sequences=generated, stats=stats,
+                                logits=torch.cat(logits_all, dim=1) if return_logits else None)
 
+    def _checked_prompt(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device).bool()
+        if input_ids.shape[1] == 0 or not attention_mask[:, -1].all():
+            raise ValueError("prompts must be non-empty and left-padded (the last column real for every row)")
+        return input_ids, attention_mask
+
+    def _prefill(self, input_ids, attention_mask, prefix: Optional["SharedPrefix"], compress_at: Optional[int],
+                 logits_all: Optional[list]):
+        """Read the prompt chunk by chunk (from a shared prefix's state when given), updating the
+        memory on the way; returns the cache, the loop state, the stats and the last logits."""
         t0 = time.perf_counter()
-        logits_all = []
+        T = input_ids.shape[1]
         if prefix is not None:
-            if return_logits:
-                raise ValueError("a shared prefix keeps only its last logits; return_logits needs a full run")
-            if compress_at is not None:
-                raise ValueError("a shared prefix is taken before the first periodic update: not with compress_at")
             prefix.check(self, input_ids)
             cache, state, stats, start, last_logits = prefix.restore()
             self.policy.new_sequence()
@@ -201,18 +216,24 @@ class MemoryManagedLM:
         while start < T:
             end = min(start + self.chunk_size, state.next_update, T)
             logits = self._forward(cache, input_ids[:, start:end], state.positions[:, start:end].clamp(min=0),
-                                   attention_mask[:, start:end], start, state, stats, keep_all=return_logits)
-            if return_logits:
+                                   attention_mask[:, start:end], start, state, stats, keep_all=logits_all is not None)
+            if logits_all is not None:
                 logits_all.append(logits)
             last_logits = logits[:, -1]
             start = end
         stats.prefill_seconds += time.perf_counter() - t0
+        return cache, state, stats, last_logits
 
-        t1 = time.perf_counter()
-        generated = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=self.device)
+    def _decode(self, cache, state, stats, input_ids, last_logits, chooser, config, streamer,
+                logits_all: Optional[list]) -> torch.Tensor:
+        """New tokens one at a time until every row has finished or max_new_tokens are made;
+        finished rows get the pad token."""
+        B, T = input_ids.shape
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+        generated = torch.full((B, config.max_new_tokens), pad_token_id, dtype=torch.long, device=self.device)
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         next_pos = state.positions[:, -1] + 1
-        for i in range(max_new_tokens):
+        for i in range(config.max_new_tokens):
             sequences = torch.cat([input_ids, generated[:, :i]], dim=1)
             token = chooser(sequences, last_logits)
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
@@ -220,21 +241,15 @@ class MemoryManagedLM:
             if streamer is not None:
                 streamer.put(token.cpu())
             finished |= chooser.finished(torch.cat([sequences, token[:, None]], dim=1), token)
-            if finished.all() or i == max_new_tokens - 1:
+            if finished.all() or i == config.max_new_tokens - 1:
                 break
             real = torch.ones(B, 1, dtype=torch.bool, device=self.device)
             logits = self._forward(cache, token.view(B, 1), next_pos.view(B, 1), real, T + i, state, stats)
-            if return_logits:
+            if logits_all is not None:
                 logits_all.append(logits)
             last_logits = logits[:, -1]
             next_pos = next_pos + 1
-        stats.decode_seconds = time.perf_counter() - t1
-        if streamer is not None:
-            streamer.end()
-
-        _record_what_was_kept(stats, state, cache)
-        return GenerationOutput(sequences=generated, stats=stats,
-                                logits=torch.cat(logits_all, dim=1) if return_logits else None)
+        return generated
 
     @_with_memory_attention
     @torch.inference_mode()

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .features import RunningMoments, SpectrogramConfig, fold_rows, recency_embedding
 from .policies import Budget, MemoryPolicy, StepInfo, keep_top, pool_over_slots, shared_selection
-from .scorers import build_scorer
+from .scorers import SCORER_KINDS, build_scorer
 
 CONFIG_NAME = "namm_config.json"
 WEIGHTS_NAME = "namm.safetensors"
@@ -75,6 +75,13 @@ class NAMMConfig:
     chunk_size: Optional[int] = None
 
     def __post_init__(self):
+        if self.scorer not in SCORER_KINDS:
+            raise ValueError(f"NAMM scorer {self.scorer!r}: expected one of {', '.join(SCORER_KINDS)}")
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim <= 0:
+            raise ValueError(f"NAMM head_dim must be a positive integer, got {self.head_dim!r}")
+        if not self.mlp_hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0
+                                          for h in self.mlp_hidden):
+            raise ValueError(f"NAMM mlp_hidden: expected a list of positive layer widths, got {self.mlp_hidden!r}")
         if self.format_version not in (LEGACY_FORMAT_VERSION, FORMAT_VERSION):
             raise ValueError(f"NAMM format_version {self.format_version!r} is not supported "
                              f"(known: {LEGACY_FORMAT_VERSION}, {FORMAT_VERSION})")

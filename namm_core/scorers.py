@@ -89,12 +89,15 @@ class MLPScorer(FlatParams):
         return self.net(x).squeeze(-1)
 
 
+SCORER_KINDS = ("bam", "mlp")   # NAMMConfig.scorer
+
+
 def build_scorer(kind: str, in_dim: int, **kwargs) -> FlatParams:
     if kind == "bam":
         return BAMScorer(in_dim=in_dim, head_dim=int(kwargs.get("head_dim", 32)))
     if kind == "mlp":
         return MLPScorer(in_dim=in_dim, hidden=tuple(kwargs.get("hidden", (32,))))
-    raise ValueError(f"unknown scorer kind {kind!r}: expected 'bam' or 'mlp'")
+    raise ValueError(f"unknown scorer kind {kind!r}: expected one of {', '.join(SCORER_KINDS)}")
 
 
 def fit_by_gradient(scorer: FlatParams, loss_of_a_step: Callable[[], torch.Tensor], steps: int, lr: float,

@@ -21,6 +21,16 @@ class ConfigError(ValueError):
     """A run config that cannot be used; the message names the field."""
 
 
+def _positive(value, where: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{where}: must be positive, got {value}")
+
+
+def _whole_number(value, where: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{where}: expected a whole number >= {minimum}, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     name: str = "smollm2"                 # 'smollm2', 'gemma3-270m', a hub id or a local path
@@ -30,6 +40,20 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = None
     tiny_random: Optional[dict] = None    # a tiny randomly initialised model (tests, smoke runs): config kwargs
 
+    def check(self) -> None:
+        import torch
+
+        from namm_core.models import pick_dtype
+
+        try:
+            pick_dtype(torch.device("cpu"), self.dtype)
+        except ValueError as e:
+            raise ConfigError(f"model.dtype: {e}") from None
+        if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
+            raise ConfigError(f"model.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.tiny_random is not None and not isinstance(self.tiny_random, dict):
+            raise ConfigError("model.tiny_random: expected a mapping of config fields")
+
 
 @dataclass
 class MemoryConfig:
@@ -37,21 +61,31 @@ class MemoryConfig:
     chunk_size: int = 512
     shared_prefixes: int = 64             # prompts whose pre-update state a worker keeps for all candidates (0: off)
 
+    def check(self) -> None:
+        _positive(self.update_every, "memory.update_every")
+        _positive(self.chunk_size, "memory.chunk_size")
+        if self.shared_prefixes < 0:
+            raise ConfigError(f"memory.shared_prefixes: must be 0 or more, got {self.shared_prefixes}")
 
-@dataclass
-class NAMMSpec:
-    scorer: str = "bam"
-    head_dim: int = 32
-    mlp_hidden: list = field(default_factory=lambda: [32])
-    stats_prompts: int = 8                # prompts of the first stage used to collect normalisation statistics
-    # "threshold" (the paper: keep score >= 0, at most `budget` when set) or "top_k" (keep the
-    # `budget` best-scored tokens per layer and KV head: a fixed memory, evolution learns a ranking)
-    selection: str = "threshold"
-    budget: Optional[Union[str, int, float]] = None   # a fraction of the tokens seen (0.5) or a token count (1024)
-    sinks: int = 0                        # the first N tokens are always kept (attention sinks; 0 in the paper)
-    scope: str = "head"                   # "head" (the paper) or "global": one kept set for the whole model
-    pool: int = 1                         # a token's score is the max over this many neighbours (odd)
 
+def _namm_spec_class():
+    """`namm:` of a run config: the NAMM's own fields, declared once in namm_core's NAMMConfig
+    (their meaning is documented there), less what a run sets elsewhere (the memory settings
+    come from `memory:`; the format version and the spectrogram are fixed by the code), plus how
+    many prompts give the normalisation statistics. NAMMConfig validates them."""
+    from namm_core.namm import NAMMConfig
+
+    hints = typing.get_type_hints(NAMMConfig)
+    hints["budget"] = Optional[Union[str, int, float]]   # YAML gives 0.5 or 1024; NAMMConfig keeps "0.5"
+    fixed = {"update_every", "chunk_size", "format_version", "spectrogram", "norm_eps"}
+    fields_ = [(f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory))
+               for f in dataclasses.fields(NAMMConfig) if f.name not in fixed]
+    # prompts of the first stage used to collect the normalisation statistics
+    fields_.append(("stats_prompts", int, field(default=8)))
+    return dataclasses.make_dataclass("NAMMSpec", fields_, namespace={"__module__": __name__})
+
+
+NAMMSpec = _namm_spec_class()
 
 
 @dataclass
@@ -67,6 +101,28 @@ class WarmStartConfig:
     # default: workers.torch_threads
     threads: Optional[int] = None
 
+    def check(self, namm_scope: str) -> None:
+        from namm_core import budgeted_baselines, parse_policy
+
+        if self.threads is not None:
+            _whole_number(self.threads, "es.warm_start.threads", minimum=1)
+        if self.imitate == "hindsight":
+            if namm_scope != "global":
+                raise ConfigError("es.warm_start.imitate: 'hindsight' fits a model-wide NAMM: set namm.scope: global "
+                                  "(with namm.selection: top_k and a budget)")
+            _whole_number(self.rounds, "es.warm_start.rounds", minimum=0)
+        else:
+            try:
+                imitated = parse_policy(self.imitate)
+            except ValueError as e:
+                raise ConfigError(f"es.warm_start.imitate: {e}") from None
+            if imitated.name not in budgeted_baselines():
+                raise ConfigError(f"es.warm_start.imitate: expected a baseline with a budget, e.g. streamingllm:0.5, "
+                                  f"or 'hindsight', got {self.imitate!r}")
+        _positive(self.prompts, "es.warm_start.prompts")
+        _positive(self.steps, "es.warm_start.steps")
+        _positive(self.lr, "es.warm_start.lr")
+
 
 @dataclass
 class ESConfig:
@@ -76,6 +132,17 @@ class ESConfig:
     seed: int = 0
     diagonal: bool = False                # CMA_diagonal: cheaper updates and small checkpoints
     warm_start: Optional[WarmStartConfig] = None   # default: the paper's mean 0 (keep everything)
+
+    def check(self, namm_scope: str) -> None:
+        _positive(self.population, "es.population")
+        if self.population < 4:
+            # pycma injects two step-size test points per generation in high dimensions (TPA)
+            raise ConfigError(f"es.population: CMA-ES here needs at least 4 candidates, got {self.population}")
+        _positive(self.sigma0, "es.sigma0")
+        if not 0 < self.elite_ratio <= 1:
+            raise ConfigError(f"es.elite_ratio: must be in (0, 1], got {self.elite_ratio}")
+        if self.warm_start is not None:
+            self.warm_start.check(namm_scope)
 
 
 @dataclass
@@ -88,6 +155,20 @@ class FitnessConfig:
     # "loglik": teacher-forced likelihood of the reply relative to the full cache (dense, no decoding)
     kind: str = "task_score"
     loglik_target: str = "reference"      # "reference" answer, or the "full_cache" model's own reply
+
+    def check(self) -> None:
+        from workers.fitness import FITNESS
+
+        if self.kind not in FITNESS:
+            raise ConfigError(f"fitness.kind: expected one of {', '.join(FITNESS)}, got {self.kind!r}")
+        # checked whatever the kind, so a typo never waits for the day the kind changes
+        targets = FITNESS[self.kind].targets or tuple(t for k in FITNESS.values() for t in k.targets)
+        if self.loglik_target not in targets:
+            raise ConfigError(f"fitness.loglik_target: expected one of {', '.join(targets)}, got {self.loglik_target!r}")
+        if self.retention_target is not None and not 0 < self.retention_target <= 1:
+            raise ConfigError(f"fitness.retention_target: must be in (0, 1], got {self.retention_target}")
+        if self.retention_weight < 0:
+            raise ConfigError(f"fitness.retention_weight: must be 0 or more, got {self.retention_weight}")
 
 
 @dataclass
@@ -102,6 +183,16 @@ class WorkersConfig:
     torch_threads: int = 1
     max_retries: int = 2                  # per candidate, on other actors, before it is told as NaN
     timeout_seconds: float = 1800
+
+    def check(self) -> None:
+        if self.pool not in POOLS:
+            raise ConfigError(f"workers.pool: expected one of {', '.join(POOLS)}, got {self.pool!r}")
+        for name in ("num_actors", "cpus_per_actor", "torch_threads", "timeout_seconds"):
+            _positive(getattr(self, name), f"workers.{name}")
+        if self.max_retries < 0:
+            raise ConfigError("workers.max_retries: must be 0 or more")
+        if isinstance(self.gpus_per_actor, str) and self.gpus_per_actor != "auto":
+            raise ConfigError(f"workers.gpus_per_actor: expected 'auto' or a number, got {self.gpus_per_actor!r}")
 
 
 @dataclass
@@ -118,6 +209,41 @@ class TaskSpec:
             return f"file:{Path(self.file).name}"
         return f"{self.task}@{self.context_length}"
 
+    def check(self, where: str, stage: "StageConfig", fitness_kind: str, check_files: bool) -> None:
+        """`file` is already resolved against the config's directory (see _resolve_paths)."""
+        from namm_eval.tasks import task_names
+        from workers.fitness import FITNESS
+
+        if bool(self.task) == bool(self.file):
+            raise ConfigError(f"{where}: give exactly one of 'task' (a synthetic task) or 'file'")
+        if self.task and self.task not in task_names():
+            raise ConfigError(f"{where}.task: unknown task {self.task!r}; known: {task_names()}")
+        if self.task in FITNESS[fitness_kind].unsupported_tasks:
+            raise ConfigError(f"{where}.task: {self.task!r} cannot be measured by fitness.kind {fitness_kind!r} "
+                              "(use fitness.kind 'task_score')")
+        if self.file and check_files:
+            self._check_file(where, stage)
+        _positive(self.context_length, f"{where}.context_length")
+        _positive(self.pool_size, f"{where}.pool_size")
+        if stage.prompts_per_task > self.pool_size:
+            raise ConfigError(f"{where}.pool_size: {self.pool_size} is smaller than the stage's prompts_per_task "
+                              f"({stage.prompts_per_task})")
+
+    def _check_file(self, where: str, stage: "StageConfig") -> None:
+        from namm_eval.tasks.files import load_task_file
+
+        path = Path(self.file)
+        if not path.is_file():
+            raise ConfigError(f"{where}.file: {path} does not exist")
+        try:
+            records = len(load_task_file(path))
+        except ValueError as e:
+            raise ConfigError(f"{where}.file: {e}") from None
+        needed = self.pool_size + stage.validation_prompts
+        if needed > records:
+            raise ConfigError(f"{where}.pool_size: {self.pool_size} training + {stage.validation_prompts} validation "
+                              f"prompts (the stage's validation_prompts) need {needed} records; {path} has {records}")
+
 
 @dataclass
 class StageConfig:
@@ -127,6 +253,12 @@ class StageConfig:
     prompts_per_task: int = 8             # resampled each generation from each task's pool
     validation_every: int = 10
     validation_prompts: int = 16          # per task, a fixed set (the first of the pool)
+
+    def check(self, where: str, fitness_kind: str, check_files: bool) -> None:
+        for name in ("generations", "prompts_per_task", "validation_every", "validation_prompts"):
+            _positive(getattr(self, name), f"{where}.{name}")
+        for j, task in enumerate(self.tasks):
+            task.check(f"{where}.tasks[{j}]", self, fitness_kind, check_files)
 
 
 @dataclass
@@ -139,6 +271,9 @@ class TrackingConfig:
 class CheckpointConfig:
     root: str = "runs"                    # the run directory is <root>/<name>
     keep: int = 3
+
+    def check(self) -> None:
+        _positive(self.keep, "checkpoint.keep")
 
 
 @dataclass
@@ -164,6 +299,33 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def check(self, check_files: bool = True) -> None:
+        """Every section checks its own fields; the NAMM's are checked by NAMMConfig itself."""
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"name: must be a non-empty name without '/', got {self.name!r}")
+        self.model.check()
+        self.memory.check()
+        _positive(self.namm.stats_prompts, "namm.stats_prompts")
+        self.namm_config()
+        self.es.check(self.namm.scope)
+        self.fitness.check()
+        self.workers.check()
+        self.checkpoint.check()
+        for i, stage in enumerate(self.stages):
+            stage.check(f"stages[{i}]", self.fitness.kind, check_files)
+
+    def namm_config(self):
+        """The NAMM this run evolves, as namm_core builds it (its errors named under `namm`)."""
+        from namm_core import NAMMConfig
+
+        try:
+            return NAMMConfig.from_spec(self.namm_spec())
+        except ValueError as e:   # NAMMConfig's messages start "NAMM <field> ..." where one field is at fault
+            words = str(e).split()
+            named = words[1].rstrip(":") if len(words) > 1 and words[0] == "NAMM" else ""
+            where = f"namm.{named}" if named in {f.name for f in dataclasses.fields(self.namm)} else "namm"
+            raise ConfigError(f"{where}: {e}") from None
 
     def namm_spec(self) -> dict:
         """What a run records of the NAMM it evolves (checkpoints, workers): its fields, the
@@ -244,149 +406,24 @@ def _convert(hint, value, where: str, name: str):
 
 
 def _validate(cfg: RunConfig, base_dir: Path, check_files: bool = True) -> RunConfig:
-    from namm_eval.tasks import task_names
-
-    def positive(value, where):
-        if value <= 0:
-            raise ConfigError(f"{where}: must be positive, got {value}")
-
-    def whole_number(value, where, minimum):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{where}: expected a whole number >= {minimum}, got {value!r}")
-
-    positive(cfg.es.population, "es.population")
-    if cfg.es.population < 4:
-        # pycma injects two step-size test points per generation in high dimensions (TPA)
-        raise ConfigError(f"es.population: CMA-ES here needs at least 4 candidates, got {cfg.es.population}")
-    positive(cfg.es.sigma0, "es.sigma0")
-    if not 0 < cfg.es.elite_ratio <= 1:
-        raise ConfigError(f"es.elite_ratio: must be in (0, 1], got {cfg.es.elite_ratio}")
-    positive(cfg.memory.update_every, "memory.update_every")
-    positive(cfg.memory.chunk_size, "memory.chunk_size")
-    if cfg.memory.shared_prefixes < 0:
-        raise ConfigError(f"memory.shared_prefixes: must be 0 or more, got {cfg.memory.shared_prefixes}")
-    target = cfg.fitness.retention_target
-    if target is not None and not 0 < target <= 1:
-        raise ConfigError(f"fitness.retention_target: must be in (0, 1], got {target}")
-    if cfg.fitness.retention_weight < 0:
-        raise ConfigError(f"fitness.retention_weight: must be 0 or more, got {cfg.fitness.retention_weight}")
-    positive(cfg.workers.num_actors, "workers.num_actors")
-    positive(cfg.workers.cpus_per_actor, "workers.cpus_per_actor")
-    positive(cfg.workers.torch_threads, "workers.torch_threads")
-    positive(cfg.workers.timeout_seconds, "workers.timeout_seconds")
-    positive(cfg.namm.head_dim, "namm.head_dim")
-    positive(cfg.namm.stats_prompts, "namm.stats_prompts")
-    if not cfg.namm.mlp_hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0
-                                          for h in cfg.namm.mlp_hidden):
-        raise ConfigError(f"namm.mlp_hidden: expected a list of positive layer widths, got {cfg.namm.mlp_hidden!r}")
-    _validate_model(cfg)
-    positive(cfg.checkpoint.keep, "checkpoint.keep")
-    if cfg.workers.max_retries < 0:
-        raise ConfigError("workers.max_retries: must be 0 or more")
-    if cfg.workers.pool not in POOLS:
-        raise ConfigError(f"workers.pool: expected one of {', '.join(POOLS)}, got {cfg.workers.pool!r}")
-    if isinstance(cfg.workers.gpus_per_actor, str) and cfg.workers.gpus_per_actor != "auto":
-        raise ConfigError(f"workers.gpus_per_actor: expected 'auto' or a number, got {cfg.workers.gpus_per_actor!r}")
-    if cfg.namm.scorer not in ("bam", "mlp"):
-        raise ConfigError(f"namm.scorer: expected 'bam' or 'mlp', got {cfg.namm.scorer!r}")
-    try:
-        from namm_core import NAMMConfig
-
-        cfg.namm.budget = NAMMConfig.from_spec(cfg.namm_spec()).budget   # normalised: "0.5", "1024"
-    except ValueError as e:
-        raise ConfigError(f"namm: {e}") from None
-    from .fitness import KINDS
-
-    if cfg.fitness.kind not in KINDS:
-        raise ConfigError(f"fitness.kind: expected one of {', '.join(KINDS)}, got {cfg.fitness.kind!r}")
-    if cfg.fitness.loglik_target not in ("reference", "full_cache"):
-        raise ConfigError(f"fitness.loglik_target: expected 'reference' or 'full_cache', got {cfg.fitness.loglik_target!r}")
-    ws = cfg.es.warm_start
-    if ws is not None:
-        from namm_core import budgeted_baselines, parse_policy
-
-        if ws.threads is not None:
-            whole_number(ws.threads, "es.warm_start.threads", minimum=1)
-        if ws.imitate == "hindsight":
-            if cfg.namm.scope != "global":
-                raise ConfigError("es.warm_start.imitate: 'hindsight' fits a model-wide NAMM: set namm.scope: global "
-                                  "(with namm.selection: top_k and a budget)")
-            whole_number(ws.rounds, "es.warm_start.rounds", minimum=0)
-        else:
-            try:
-                imitated = parse_policy(ws.imitate)
-            except ValueError as e:
-                raise ConfigError(f"es.warm_start.imitate: {e}") from None
-            if imitated.name not in budgeted_baselines():
-                raise ConfigError(f"es.warm_start.imitate: expected a baseline with a budget, e.g. streamingllm:0.5, "
-                                  f"or 'hindsight', got {ws.imitate!r}")
-        positive(ws.prompts, "es.warm_start.prompts")
-        positive(ws.steps, "es.warm_start.steps")
-        positive(ws.lr, "es.warm_start.lr")
-    if not cfg.name or "/" in cfg.name:
-        raise ConfigError(f"name: must be a non-empty name without '/', got {cfg.name!r}")
-    for i, stage in enumerate(cfg.stages):
-        where = f"stages[{i}]"
-        positive(stage.generations, f"{where}.generations")
-        positive(stage.prompts_per_task, f"{where}.prompts_per_task")
-        positive(stage.validation_every, f"{where}.validation_every")
-        positive(stage.validation_prompts, f"{where}.validation_prompts")
-        for j, task in enumerate(stage.tasks):
-            tw = f"{where}.tasks[{j}]"
-            if bool(task.task) == bool(task.file):
-                raise ConfigError(f"{tw}: give exactly one of 'task' (a synthetic task) or 'file'")
-            if task.task and task.task not in task_names():
-                raise ConfigError(f"{tw}.task: unknown task {task.task!r}; known: {task_names()}")
-            if task.task == "fidelity" and cfg.fitness.kind == "loglik":
-                raise ConfigError(f"{tw}.task: 'fidelity' has no reference reply for fitness.kind 'loglik' "
-                                  "(its own score is already dense: use fitness.kind 'task_score')")
-            if task.file:
-                path = Path(task.file)
-                if not path.is_absolute():
-                    path = (base_dir / path).resolve()
-                if check_files and not path.is_file():
-                    raise ConfigError(f"{tw}.file: {path} does not exist")
-                task.file = str(path)
-                if check_files:
-                    from namm_eval.tasks.files import load_task_file
-
-                    try:
-                        records = len(load_task_file(path))
-                    except ValueError as e:
-                        raise ConfigError(f"{tw}.file: {e}") from None
-                    if task.pool_size + stage.validation_prompts > records:
-                        raise ConfigError(
-                            f"{tw}.pool_size: {task.pool_size} training + {stage.validation_prompts} validation "
-                            f"prompts ({where}.validation_prompts) need {task.pool_size + stage.validation_prompts} "
-                            f"records; {path} has {records}")
-            positive(task.context_length, f"{tw}.context_length")
-            positive(task.pool_size, f"{tw}.pool_size")
-            if stage.prompts_per_task > task.pool_size:
-                raise ConfigError(f"{tw}.pool_size: {task.pool_size} is smaller than "
-                                  f"{where}.prompts_per_task ({stage.prompts_per_task})")
-    # `ray job submit --working-dir` runs the driver in a temporary copy of the repo: the run
-    # root (and the MLflow URI) must then come from the environment as absolute paths
-    root = Path(os.environ.get("NAMM_RUN_ROOT") or cfg.checkpoint.root)
-    cfg.checkpoint.root = str(root)
-    if not root.is_absolute():
-        cfg.checkpoint.root = str((base_dir / root).resolve())
+    """Resolve the config's paths, check every field, then normalise (the NAMM budget as
+    NAMMConfig writes it: "0.5", "1024"), so checking never edits what it checks."""
+    _resolve_paths(cfg, base_dir)
+    cfg.check(check_files)
+    cfg.namm.budget = cfg.namm_config().budget
     return cfg
 
 
-def _validate_model(cfg: RunConfig) -> None:
-    import torch
-
-    from namm_core.models import pick_dtype
-
-    try:
-        pick_dtype(torch.device("cpu"), cfg.model.dtype)
-    except ValueError as e:
-        raise ConfigError(f"model.dtype: {e}") from None
-    device = cfg.model.device
-    if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
-        raise ConfigError(f"model.device: expected auto, cpu, cuda or cuda:N, got {device!r}")
-    if cfg.model.tiny_random is not None and not isinstance(cfg.model.tiny_random, dict):
-        raise ConfigError("model.tiny_random: expected a mapping of config fields")
+def _resolve_paths(cfg: RunConfig, base_dir: Path) -> None:
+    """Task files and the run root relative to the config file's directory. `ray job submit
+    --working-dir` runs the driver in a temporary copy of the repo: the run root (and the MLflow
+    URI) must then come from the environment as absolute paths."""
+    for stage in cfg.stages:
+        for task in stage.tasks:
+            if task.file and not Path(task.file).is_absolute():
+                task.file = str((base_dir / task.file).resolve())
+    root = Path(os.environ.get("NAMM_RUN_ROOT") or cfg.checkpoint.root)
+    cfg.checkpoint.root = str(root if root.is_absolute() else (base_dir / root).resolve())
 
 
 def check_resources(cfg: RunConfig, num_cpus: Optional[int] = None) -> None:

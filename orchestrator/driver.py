@@ -25,11 +25,12 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from workers.fitness import candidate_fitness
+
 from . import checkpoint as ckpt
 from .artifacts import export_artifacts
 from .config import RunConfig
 from .es import EvolutionStrategy
-from .fitness import candidate_fitness
 from .pool import Job, in_process_pool
 from .runlock import RunLock
 from .state import EvolutionState

@@ -51,10 +51,13 @@ def _with(path: str, value):
     ("es.sigma0", float("inf"), "es.sigma0: expected a finite number"),
     ("model.dtype", "float33", "model.dtype: unknown dtype 'float33'"),
     ("model.device", "tpu", "model.device: expected auto, cpu, cuda"),
-    ("namm.head_dim", 0, "namm.head_dim: must be positive"),
-    ("namm.mlp_hidden", ["a"], "namm.mlp_hidden: expected a list of positive layer widths"),
+    ("namm.head_dim", 0, "namm.head_dim: NAMM head_dim must be a positive integer"),
+    ("namm.mlp_hidden", ["a"], "namm.mlp_hidden: NAMM mlp_hidden: expected a list of positive layer widths"),
+    ("namm.sinks", -1, "namm.sinks: NAMM sinks must be a whole number"),
+    ("workers.pool", "threads", "workers.pool: expected one of ray, in_process"),
+    ("fitness", {"kind": "loglik", "loglik_target": "oracle"}, "fitness.loglik_target: expected one of reference"),
     ("namm.stats_prompts", 0, "namm.stats_prompts: must be positive"),
-    ("namm.selection", "top_k", "namm: NAMM selection 'top_k' needs a budget"),
+    ("namm.selection", "top_k", "namm.selection: NAMM selection 'top_k' needs a budget"),
     ("namm.budget", 2.5, "namm: budget 2.5 is neither a fraction"),
     ("workers.torch_threads", 0, "workers.torch_threads: must be positive"),
     ("workers.cpus_per_actor", 0, "workers.cpus_per_actor: must be positive"),
@@ -215,7 +218,7 @@ def test_namm_export_writes_the_cma_mean_or_the_best(tmp_path, capsys):
     (0.5, 1.0, 0.3, (0.5 + 0.05) / (1.0 + 0.05)),           # under the target: no bonus
 ])
 def test_fitness_is_the_task_ratio_less_the_retention_over_the_target(target, weight, retention, expected):
-    from orchestrator.fitness import candidate_fitness
+    from workers.fitness import candidate_fitness
 
     fitness = candidate_fitness("task_score", {"passkey@512": ([1.0, 0.0], [1.0, 1.0])}, [retention, retention],
                                 retention_target=target, retention_weight=weight)

@@ -140,8 +140,8 @@ def test_a_worker_distils_a_warm_start_on_real_prompts(tmp_path):
      "es.warm_start.rounds"),
     ({"selection": "top_k", "budget": 0.5, "scope": "global"}, {"imitate": "hindsight", "threads": 0},
      "es.warm_start.threads"),
-    ({"scope": "global"}, {"imitate": "streamingllm:0.5"}, "namm: NAMM scope 'global' needs selection 'top_k'"),
-    ({"selection": "top_k", "budget": 0.5, "pool": 2}, None, "namm: NAMM pool must be an odd"),
+    ({"scope": "global"}, {"imitate": "streamingllm:0.5"}, "namm.scope: NAMM scope 'global' needs selection 'top_k'"),
+    ({"selection": "top_k", "budget": 0.5, "pool": 2}, None, "namm.pool: NAMM pool must be an odd"),
 ])
 def test_bad_distillation_settings_name_the_field(namm, warm, message, tmp_path):
     from orchestrator.config import ConfigError, config_from_dict

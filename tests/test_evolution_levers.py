@@ -10,7 +10,7 @@ from conftest import tiny_model
 from namm_core import DEFAULT_NAMM_DIR, NAMM, MemoryManagedLM, NAMMConfig, parse_policy
 from namm_core.imitation import ImitationRecorder, agreement, fit_scorer
 from namm_core.policies import StreamingLLM, Structure
-from orchestrator.fitness import candidate_fitness, loglik_ratio, task_ratio
+from workers.fitness import candidate_fitness, loglik_ratio, task_ratio
 
 
 def _random_namm(seed: int, **config) -> NAMM:

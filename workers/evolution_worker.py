@@ -17,6 +17,8 @@ import torch
 from namm_core import NAMM, NAMMConfig, load_model
 from namm_eval.evaluator import Evaluator
 
+from .fitness import fitness_kind
+
 Request = tuple[str, int]  # (task key, prompt index in the task's pool)
 
 
@@ -30,7 +32,7 @@ class EvolutionWorker:
                                    share_prefixes=memory.get("shared_prefixes", 0))
         self.namm_config = NAMMConfig.from_spec(namm)   # the run's NAMM spec (RunConfig.namm_spec)
         fitness = fitness or {}
-        self.fitness_kind = fitness.get("kind", "task_score")
+        self.fitness = fitness_kind(fitness.get("kind", "task_score"))
         self.loglik_target = fitness.get("loglik_target", "reference")
         self.pools: dict[str, list] = {}
 
@@ -69,10 +71,7 @@ class EvolutionWorker:
     def reference(self, requests: list[Request], tasks: Optional[list[dict]] = None) -> list[float]:
         """Full-cache values of these prompts under the run's objective (cached on this worker)."""
         samples = self._samples(requests, tasks)
-        if self.fitness_kind == "loglik":
-            results = self.evaluator.reference_loglik(samples, self.loglik_target)
-        else:
-            results = self.evaluator.reference(samples)
+        results = self.fitness.reference(self.evaluator, samples, self.loglik_target)
         return [results[s.sample_id].score for s in samples]
 
     def collect_statistics(self, requests: list[Request], tasks: Optional[list[dict]] = None) -> dict:
@@ -90,10 +89,7 @@ class EvolutionWorker:
         samples = self._samples(requests, tasks)
         namm = self.make_namm(vector, norm)
         t = time.perf_counter()
-        if self.fitness_kind == "loglik":
-            results = [self.evaluator.run_loglik(s, namm, self.loglik_target) for s in samples]
-        else:
-            results = [self.evaluator.run_sample(s, namm) for s in samples]
+        results = [self.fitness.measure(self.evaluator, s, namm, self.loglik_target) for s in samples]
         return {
             "scores": [r.score for r in results],
             "retention": [r.retention for r in results],

@@ -1,6 +1,7 @@
-"""Fitness of a candidate from its per-prompt results: pure functions, no Ray, no state.
+"""The fitness kinds: how a worker measures a candidate on a prompt, and how the driver turns
+those measurements into one number. One entry per kind (`fitness.kind` in a run config) feeds
+the config's validation, the worker and the driver; adding a kind is one `register` call.
 
-Two objectives (`fitness.kind` in a run config):
 - "task_score" (the paper's): per task, (mean score + eps) / (mean full-cache score + eps) on
   the same prompts, pooled over the prompts before dividing, so one lucky answer on a prompt
   the full cache misses cannot blow a ratio up; averaged over tasks. 1.0 = the full cache.
@@ -15,12 +16,12 @@ retention r exceeds t loses weight * (r - t).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 TASK_SCORE_EPS = 0.05
-KINDS = ("task_score", "loglik")
 
 
 def task_ratio(scores: Sequence[float], references: Sequence[float]) -> float:
@@ -33,13 +34,47 @@ def loglik_ratio(logliks: Sequence[float], references: Sequence[float]) -> float
     return math.exp(float(np.mean(np.asarray(logliks, dtype=float) - np.asarray(references, dtype=float))))
 
 
+@dataclass(frozen=True)
+class FitnessKind:
+    name: str
+    ratio: Callable[[Sequence[float], Sequence[float]], float]   # one task: candidate vs full-cache values
+    measure: Callable    # (evaluator, sample, policy, target) -> SampleResult whose .score is the value
+    reference: Callable  # (evaluator, samples, target) -> {sample_id: SampleResult} under the full cache
+    targets: tuple[str, ...] = ()          # allowed fitness.loglik_target values ((): not used)
+    unsupported_tasks: tuple[str, ...] = ()   # synthetic tasks without what this kind measures
+
+
+FITNESS: dict[str, FitnessKind] = {}
+
+
+def register(kind: FitnessKind) -> FitnessKind:
+    FITNESS[kind.name] = kind
+    return kind
+
+
+register(FitnessKind("task_score", task_ratio,
+                     measure=lambda ev, sample, policy, target: ev.run_sample(sample, policy),
+                     reference=lambda ev, samples, target: ev.reference(samples)))
+register(FitnessKind("loglik", loglik_ratio,
+                     measure=lambda ev, sample, policy, target: ev.run_loglik(sample, policy, target),
+                     reference=lambda ev, samples, target: ev.reference_loglik(samples, target),
+                     targets=("reference", "full_cache"),
+                     # its score is already dense and it has no reference reply
+                     unsupported_tasks=("fidelity",)))
+KINDS = tuple(FITNESS)
+
+
+def fitness_kind(name: str) -> FitnessKind:
+    if name not in FITNESS:
+        raise ValueError(f"fitness kind {name!r}: expected one of {', '.join(FITNESS)}")
+    return FITNESS[name]
+
+
 def candidate_fitness(kind: str, per_task: dict[str, tuple[list[float], list[float]]],
                       retentions: Sequence[float], retention_target: Optional[float] = None,
                       retention_weight: float = 1.0) -> float:
     """per_task: task -> (candidate values, full-cache values), prompt by prompt."""
-    if kind not in KINDS:
-        raise ValueError(f"fitness kind {kind!r}: expected one of {', '.join(KINDS)}")
-    ratio = task_ratio if kind == "task_score" else loglik_ratio
+    ratio = fitness_kind(kind).ratio
     fitness = float(np.mean([ratio(s, r) for s, r in per_task.values()]))
     if retention_target is not None:
         fitness -= retention_weight * max(0.0, float(np.mean(retentions)) - retention_target)
