@@ -351,7 +351,27 @@ def plan(args, cells: list[Cell], namm: NAMM, others: list[NAMM], trained: set[s
             f"`{FASTGEN}`. Evaluation version {EVAL_VERSION}.\n\n")
 
 
-def main(argv=None) -> int:
+def cell_section(cell: Cell, budget: str, budgeted, table_rows: list[dict], n: int, args, update_every: int) -> str:
+    """One cell at one budget: its table, the paired comparisons and a plot of score vs retention."""
+    protocol = "" if cell.protocol == "chunked" else f", {cell.protocol}"
+    title = f"{cell.model}, {cell.length} tokens, budget {budget}{protocol}, {n} held-out prompts"
+    suffix = "" if cell.protocol == "chunked" else f"_{cell.protocol}"
+    plot = args.out_dir / f"{args.name}_{cell.model}_{cell.length}_{budget}{suffix}.png"
+    report.plot_score_vs_retention(table_rows, plot, title=title)
+    when = (f"updates every {update_every} tokens" if cell.protocol == "chunked" else
+            "one compression after a dense read of the "
+            + ("context, before the question" if cell.protocol == "agnostic" else "whole prompt, question included")
+            + "; the peak KV is the full cache's")
+    return (f"### {cell.model}, {cell.length} tokens, {budget} of the cache, {cell.protocol} protocol "
+            f"({cell.prompts} prompts per task, seed {args.seed}; {when})\n\n"
+            + report.format_table(table_rows, markdown=True) + "\n\n"
+            + f"{budgeted.describe()} against each policy, paired on the same prompts:\n\n"
+            + report.format_comparisons(table_rows, budgeted.describe(), markdown=True)
+            + f"\n\n![{title}]({plot.name})\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The board's arguments, with defaults resolved for this machine; bad specs fail here, before any model loads."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--namm", type=Path, default=ROOT / "namms" / "smollm2", help="the NAMM directory")
     p.add_argument("--also", type=Path, action="append", default=[],
@@ -395,6 +415,11 @@ def main(argv=None) -> int:
             parse_policy(at_budget(spec, "0.5"))
         except ValueError as e:
             raise SystemExit(f"--baselines/--controls: {e}") from None
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     import pyarrow.parquet as pq
 
     cells = [Cell.parse(c) for c in (args.cell or DEFAULT_CELLS)]
@@ -432,22 +457,7 @@ def main(argv=None) -> int:
             runner.close()
         for budget, (budgeted, part) in parts.items():
             table_rows = full + part + fastgen
-            protocol = "" if cell.protocol == "chunked" else f", {cell.protocol}"
-            title = f"{cell.model}, {cell.length} tokens, budget {budget}{protocol}, {n} held-out prompts"
-            suffix = "" if cell.protocol == "chunked" else f"_{cell.protocol}"
-            plot = args.out_dir / f"{args.name}_{cell.model}_{cell.length}_{budget}{suffix}.png"
-            report.plot_score_vs_retention(table_rows, plot, title=title)
-            when = (f"updates every {update_every} tokens" if cell.protocol == "chunked" else
-                    "one compression after a dense read of the "
-                    + ("context, before the question" if cell.protocol == "agnostic" else "whole prompt, question included")
-                    + "; the peak KV is the full cache's")
-            sections.append(
-                f"### {cell.model}, {cell.length} tokens, {budget} of the cache, {cell.protocol} protocol "
-                f"({cell.prompts} prompts per task, seed {args.seed}; {when})\n\n"
-                + report.format_table(table_rows, markdown=True) + "\n\n"
-                + f"{budgeted.describe()} against each policy, paired on the same prompts:\n\n"
-                + report.format_comparisons(table_rows, budgeted.describe(), markdown=True)
-                + f"\n\n![{title}]({plot.name})\n")
+            sections.append(cell_section(cell, budget, budgeted, table_rows, n, args, update_every))
             summaries.append((f"{cell.title} @{budget}", budgeted.describe(), table_rows))
             write_text_atomic(markdown, head + summary(summaries, groups) + "\n" + "\n".join(sections))
     print(head + summary(summaries, groups) + "\n" + "\n".join(sections), flush=True)

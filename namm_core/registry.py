@@ -206,6 +206,8 @@ def _parse_namm(spec: str) -> NAMM:
         raise ValueError(f"unknown policy {spec!r}: expected {policy_help()}")
     directory = _namm_directory(spec, body[1:])
     namm = REGISTRY["namm"].factory(directory)
+    if directory.parent == namms.DIRECTORY:   # a shipped NAMM is named by its name, wherever installed
+        namm.source = directory.name
     if budget is not None:
         try:
             namm = namm.with_budget(budget)

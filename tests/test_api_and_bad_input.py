@@ -146,12 +146,12 @@ def test_bfloat16_memory_runs_and_a_zero_namm_matches_the_full_cache():
 
 
 def test_shipped_namm_is_the_default_namm_policy():
-    from pathlib import Path
 
     from namm_core.registry import DEFAULT_NAMM_DIR
 
     namm = parse_policy("namm")
-    assert Path(namm.source) == DEFAULT_NAMM_DIR and DEFAULT_NAMM_DIR.name == "smollm2"
+    assert namm.source == "smollm2" and DEFAULT_NAMM_DIR.name == "smollm2"
+    assert namm.describe() == "namm:smollm2@0.5" and parse_policy("namm@0.25").describe() == "namm:smollm2@0.25"
     assert namm.num_params == 4172 and namm.norm_count > 0
     params = namm.get_params()
     assert torch.isfinite(params).all() and params.abs().sum() > 0, "an evolved NAMM, not the zero one"

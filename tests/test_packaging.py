@@ -43,14 +43,14 @@ def test_the_installed_namm_loads_from_outside_the_repository(wheel, tmp_path):
             "import namm_core, namms\n"
             "from namm_core import parse_policy\n"
             "namm = parse_policy('namm'); warm = parse_policy('namm:smollm2-warm-start@0.5')\n"
-            "print(namm_core.__file__); print(namm.source); print(warm.describe()); print(namm.num_params)\n")
+            "print(namm_core.__file__); print(namms.shipped_namm()); print(warm.describe()); print(namm.num_params)\n")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     out = subprocess.run([sys.executable, "-c", code, str(site)], cwd=elsewhere, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     core_file, source, warm, params = out.stdout.split("\n")[:4]
     assert core_file.startswith(str(site)) and source.startswith(str(site)), out.stdout
-    assert "smollm2-warm-start@0.5" in warm and int(params) == 4172
+    assert warm == "namm:smollm2-warm-start@0.5" and int(params) == 4172
 
 
 def test_a_missing_extra_ends_in_one_line_naming_it(monkeypatch, capsys):
