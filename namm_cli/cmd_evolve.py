@@ -32,6 +32,15 @@ def add_parser(sub) -> None:
     p.add_argument("--stop-after", type=int, default=None, metavar="G",
                    help="stop cleanly once G generations are done (resume later)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what the run needs per actor (weights, KV cache, attention of a chunk) on its GPUs "
+                        "and the seconds per generation, refuse it if it cannot fit, and exit without running")
+    p.add_argument("--plan-gpus", metavar="NxGPU", default=None,
+                   help="with --plan: the GPUs to plan for, e.g. 8xA100-80GB, 1xL4, 4xH100 (default: the cluster at "
+                        "RAY_ADDRESS, else this machine)")
+    p.add_argument("--plan-seconds-per-token", type=float, default=None, metavar="S",
+                   help="with --plan: the model's cost per token read (default: estimated from the GPU's bf16 "
+                        "throughput, or measured here when planning for this machine)")
     p.set_defaults(run=run)
 
 
@@ -41,6 +50,8 @@ def run(args) -> int:
     from orchestrator.config import check_context_lengths, check_resources, load_config
     from orchestrator.driver import EvolutionRun, Interrupted, init_ray
 
+    if args.plan:
+        return print_plan(args)
     cfg = load_config(args.config)
     check_resources(cfg, args.num_cpus)
     check_context_lengths(cfg)
@@ -84,3 +95,28 @@ def run(args) -> int:
           f"`mlflow ui --backend-store-uri {summary['tracking_uri']}`, then open the experiment "
           f"'{cfg.tracking.experiment}' (its runs are under the Runs tab; each stage is a nested run)")
     return 0
+
+
+def print_plan(args) -> int:
+    import os
+
+    from orchestrator.config import load_config
+    from orchestrator.plan import plan_for
+
+    cfg = load_config(args.config, check_files=False)   # a plan is often made before the data is in place
+    resources = None
+    if not args.plan_gpus and os.environ.get("RAY_ADDRESS") and cfg.workers.pool == "ray":
+        import ray
+
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        resources = ray.cluster_resources()
+    local = not args.plan_gpus and resources is None
+    plan = plan_for(cfg, args.plan_gpus, args.plan_seconds_per_token, cluster_resources=resources,
+                    measure=local and args.plan_seconds_per_token is None)
+    print(plan.text())
+    if not plan.fits:
+        print(f"namm evolve: error: {cfg.name} does not fit on these GPUs (see 'fits' above): shorten the longest "
+              "context or the chunk size, or plan for GPUs with more memory", file=sys.stderr)
+        return 2
+    return 0
+
