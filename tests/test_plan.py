@@ -82,3 +82,30 @@ def test_a_plan_for_this_machine_measures_the_model(capsys):
     assert main(["evolve", "jobs/smoke.yaml", "--plan"]) == 0
     out = capsys.readouterr().out
     assert "measured here" in out and "seconds per generation" in out and "GPUs" not in out
+
+
+def test_the_cluster_config_can_run_the_paper_run():
+    """ray_cluster.yaml and jobs/evolve.yaml agree: enough GPU workers with enough CPUs for the
+    actors, a GPU the plan says the run fits, the evolution extras installed, the same run root
+    and MLflow server as the job's runtime environment."""
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    cluster = yaml.safe_load((root / "ray_cluster.yaml").read_text())
+    runtime = yaml.safe_load((root / "jobs" / "runtime_env.yaml").read_text())
+    cfg = paper_run()
+    gpu_nodes = [n for n in cluster["available_node_types"].values() if n["resources"].get("GPU", 0) > 0]
+    assert len(gpu_nodes) == 1
+    node = gpu_nodes[0]
+    actors_per_node = int(node["resources"]["GPU"] // cfg.workers.gpus_per_actor)
+    assert node["min_workers"] * actors_per_node >= cfg.workers.num_actors
+    assert node["resources"]["CPU"] >= actors_per_node * cfg.workers.cpus_per_actor
+    gpu_of_instance = {"g6e.2xlarge": "1xL40S", "g5.2xlarge": "1xA10G", "g6.2xlarge": "1xL4"}
+    gpu = gpu_of_instance[node["node_config"]["InstanceType"]]
+    assert plan_for(cfg, f"{node['min_workers']}x{gpu.split('x')[1]}").fits, f"the run does not fit a {gpu}"
+    assert any('pip install -e ".[all]"' in c for c in cluster["setup_commands"])
+    assert runtime["env_vars"]["NAMM_RUN_ROOT"] == cfg.checkpoint.root
+    port = runtime["env_vars"]["MLFLOW_TRACKING_URI"].rsplit(":", 1)[1]
+    assert any(f"mlflow server --host 127.0.0.1 --port {port}" in c for c in cluster["head_setup_commands"])
