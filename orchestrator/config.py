@@ -181,8 +181,11 @@ class WorkersConfig:
     gpus_per_actor: Union[str, float] = "auto"   # auto: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1
     torch_threads: int = 1
-    max_retries: int = 2                  # per candidate, on other actors, before it is told as NaN
+    max_retries: int = 2                  # per job, on other actors, before its candidate is told as NaN
     timeout_seconds: float = 1800
+    # a candidate's prompts are dispatched in jobs of this many (none: one job per candidate), so
+    # an actor that finishes early takes over part of a slow candidate; the scores are the same
+    prompts_per_job: Optional[int] = None
 
     def check(self) -> None:
         if self.pool not in POOLS:
@@ -191,6 +194,8 @@ class WorkersConfig:
             _positive(getattr(self, name), f"workers.{name}")
         if self.max_retries < 0:
             raise ConfigError("workers.max_retries: must be 0 or more")
+        if self.prompts_per_job is not None:
+            _whole_number(self.prompts_per_job, "workers.prompts_per_job", minimum=1)
         if isinstance(self.gpus_per_actor, str) and self.gpus_per_actor != "auto":
             raise ConfigError(f"workers.gpus_per_actor: expected 'auto' or a number, got {self.gpus_per_actor!r}")
 

@@ -45,9 +45,16 @@ class Interrupted(RuntimeError):
 
 
 
+# how jobs reach the workers, not what they compute (tested equal): a run may resume under another
+# setting, and runs made before these settings existed keep their hash
+RESULT_NEUTRAL_WORKER_FIELDS = ("pool", "prompts_per_job")
+
+
 def config_hash(cfg: RunConfig) -> str:
     data = cfg.to_dict()
     data["stages"] = [{k: v for k, v in s.items()} for s in data["stages"]]
+    for name in RESULT_NEUTRAL_WORKER_FIELDS:
+        data["workers"].pop(name)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -366,10 +373,8 @@ class EvolutionRun:
         candidates = es.ask()
         ask_seconds = time.perf_counter() - t_ask
         failures_before = len(pool.failures)
-        jobs = [Job("evaluate", (x.astype(np.float32), st.norm, requests, tasks), f"candidate {i}")
-                for i, x in enumerate(candidates)]
         t_eval = time.perf_counter()
-        results = pool.run(jobs)
+        results = self._evaluate_candidates(pool, candidates, requests, tasks)
         eval_seconds = time.perf_counter() - t_eval
         scored = [self._fitness(r, requests) for r in results]
         fitness = [f for f, _ in scored]
@@ -417,6 +422,18 @@ class EvolutionRun:
         self._log(g, metrics)
         self._export_artifacts(final=False)
         return metrics
+
+    def _evaluate_candidates(self, pool, candidates, requests, tasks) -> list[Optional[dict]]:
+        """Every candidate on the same prompts: one job each, or jobs of `workers.prompts_per_job`
+        prompts whose results are put back together in prompt order (None if any part failed)."""
+        size = self.cfg.workers.prompts_per_job or len(requests)
+        parts = [requests[i:i + size] for i in range(0, len(requests), size)]
+        jobs = [Job("evaluate", (x.astype(np.float32), self.state.norm, part, tasks),
+                    f"candidate {i}" + (f" prompts {p * size}-{p * size + len(part) - 1}" if len(parts) > 1 else ""))
+                for i, x in enumerate(candidates) for p, part in enumerate(parts)]
+        results = pool.run(jobs)
+        return [_merge_parts(results[i * len(parts):(i + 1) * len(parts)], [len(p) for p in parts])
+                for i in range(len(candidates))]
 
     def _validate(self, pool, stage) -> float:
         """Fitness of the CMA mean on a fixed validation set; export it when it is the best."""
@@ -497,6 +514,17 @@ def default_pool_factory(cfg: RunConfig, actor_class=None):
     pids = pool.wait_ready()
     log.info("%d actors ready (pids %s), %s GPU each", len(pids), pids, gpus)
     return pool
+
+
+def _merge_parts(results: list[Optional[dict]], sizes: list[int]) -> Optional[dict]:
+    """One candidate's results from the jobs of its prompts, in prompt order."""
+    if len(results) == 1 or any(r is None for r in results):
+        return results[0] if len(results) == 1 else None
+    per_layer = np.average([r["retention_per_layer"] for r in results], axis=0, weights=sizes)
+    return {"scores": [s for r in results for s in r["scores"]],
+            "retention": [x for r in results for x in r["retention"]],
+            "retention_per_layer": per_layer.tolist(), "seconds": sum(r["seconds"] for r in results),
+            "pid": results[0]["pid"]}
 
 
 def _split(items: list, parts: int) -> list[list]:
