@@ -129,11 +129,9 @@ TINY_RANDOM = "tiny-random"
 TINY_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3")
 
 
-def tiny_random_model(architecture: str = "llama", seed: int = 0, tokenizer: str = "smollm2", device=None,
-                      dtype=None, **config_kwargs):
-    """(model, tokenizer): a randomly initialised model of a few layers (milliseconds) with a real
-    tokenizer (default: the embedded SmolLM2's). For smoke runs and tests: its replies are noise."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def tiny_random_config(architecture: str = "llama", tokenizer: str = "smollm2", **config_kwargs):
+    """(config, tokenizer) of a tiny random model: a few small layers over a real tokenizer's vocabulary."""
+    from transformers import AutoConfig, AutoTokenizer
 
     if architecture not in TINY_ARCHITECTURES:
         raise ValueError(f"tiny random architecture: expected one of {TINY_ARCHITECTURES}, got {architecture!r}")
@@ -144,7 +142,16 @@ def tiny_random_model(architecture: str = "llama", seed: int = 0, tokenizer: str
     kwargs = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
     kwargs.update(config_kwargs)
-    config = AutoConfig.for_model("gemma3_text" if architecture == "gemma3" else architecture, **kwargs)
+    return AutoConfig.for_model("gemma3_text" if architecture == "gemma3" else architecture, **kwargs), tok
+
+
+def tiny_random_model(architecture: str = "llama", seed: int = 0, tokenizer: str = "smollm2", device=None,
+                      dtype=None, **config_kwargs):
+    """(model, tokenizer): a randomly initialised model of a few layers (milliseconds) with a real
+    tokenizer (default: the embedded SmolLM2's). For smoke runs and tests: its replies are noise."""
+    from transformers import AutoModelForCausalLM
+
+    config, tok = tiny_random_config(architecture, tokenizer, **config_kwargs)
     dev = pick_device(device)
     torch.manual_seed(int(seed))
     model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(dev, dtype)).to(dev).eval()

@@ -189,7 +189,7 @@ def _namm_directory(spec: str, where: str) -> Path:
         return DEFAULT_NAMM_DIR
     if Path(where).exists():
         return Path(where)
-    if "/" not in where and "\\" not in where and where in namms.names():
+    if where in namms.names():
         return namms.shipped_namm(where)
     raise ValueError(f"policy {spec!r}: NAMM directory {where} does not exist (shipped NAMMs: "
                      f"{', '.join(namms.names())})")

@@ -518,8 +518,10 @@ def default_pool_factory(cfg: RunConfig, actor_class=None):
 
 def _merge_parts(results: list[Optional[dict]], sizes: list[int]) -> Optional[dict]:
     """One candidate's results from the jobs of its prompts, in prompt order."""
-    if len(results) == 1 or any(r is None for r in results):
-        return results[0] if len(results) == 1 else None
+    if len(results) == 1:
+        return results[0]
+    if any(r is None for r in results):
+        return None
     per_layer = np.average([r["retention_per_layer"] for r in results], axis=0, weights=sizes)
     return {"scores": [s for r in results for s in r["scores"]],
             "retention": [x for r in results for x in r["retention"]],

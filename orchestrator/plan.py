@@ -97,11 +97,10 @@ def architecture(cfg: RunConfig) -> Architecture:
     from namm_core.models import resolve_model_path
 
     name = cfg.model.name
-    if cfg.model.tiny_random is not None:   # the defaults of namm_core.models.tiny_random_model
-        fields = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-        fields.update({k: v for k, v in cfg.model.tiny_random.items() if k not in ("architecture", "seed", "tokenizer")})
-        config = AutoConfig.for_model(cfg.model.tiny_random.get("architecture", "llama"), **fields)
+    if cfg.model.tiny_random is not None:
+        from namm_core.models import tiny_random_config
+
+        config, _ = tiny_random_config(**{k: v for k, v in cfg.model.tiny_random.items() if k != "seed"})
     elif name in KNOWN_ARCHITECTURES and not os.path.isdir(name):
         fields = dict(KNOWN_ARCHITECTURES[name])
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)

@@ -6,6 +6,7 @@ import yaml
 
 from orchestrator.config import config_from_dict
 from orchestrator.driver import EvolutionRun
+from orchestrator.pool import in_process_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,13 +23,22 @@ def smoke(tmp_path: Path, name: str, **workers):
 def test_candidates_split_into_jobs_of_one_prompt_give_the_same_run(tmp_path):
     whole = EvolutionRun(smoke(tmp_path, "whole"))
     whole_summary = whole.run()
-    split = EvolutionRun(smoke(tmp_path, "split", prompts_per_job=1))
+    jobs = []
+
+    def recording_pool(cfg):   # the in-process pool, noting every evaluate job it is given
+        pool = in_process_pool(cfg)
+        run = pool.run
+        pool.run = lambda batch: jobs.extend(j for j in batch if j.method == "evaluate") or run(batch)
+        return pool
+
+    split = EvolutionRun(smoke(tmp_path, "split", prompts_per_job=1), pool_factory=recording_pool)
     split_summary = split.run()
     assert split_summary["generations"] == whole_summary["generations"] == 3
     assert [r["fitness"] for r in split.state.history] == [r["fitness"] for r in whole.state.history]
     assert np.array_equal(split_summary["mean"], whole_summary["mean"])
-    # every candidate's result was put together from two jobs of one prompt each
-    assert all(r["retention"] > 0 for r in split.state.history)
+    # each candidate went out as two jobs of one prompt (2 prompts per generation, 6 candidates)
+    candidate_jobs = [j for j in jobs if j.label.startswith("candidate")]
+    assert len(candidate_jobs) == 3 * 6 * 2 and all(len(j.args[2]) == 1 for j in candidate_jobs)
 
 
 def test_an_in_process_run_resumes_to_the_uninterrupted_run(tmp_path):
