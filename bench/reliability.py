@@ -1,15 +1,16 @@
 """The reliability table: faults injected into real runs, and bad inputs tried, with what happened.
 
-    .venv/bin/python bench/reliability.py                 # both parts (~15 min on 2 cores)
+    .venv/bin/python bench/reliability.py                 # both parts (~20 min on 2 cores)
     .venv/bin/python bench/reliability.py --inputs-only   # the bad inputs alone (about a minute)
 
 Faults: each on the smoke job (a tiny random model, 3 generations), started as users start it
 (`namm evolve` in a subprocess with a private local Ray and a sqlite MLflow store), against an
 uninterrupted reference run: an actor killed in every generation, the driver SIGKILLed and rerun,
 the newest or every checkpoint corrupted, SIGINT and SIGTERM, an unreachable tracking server, two
-drivers on one run directory. Checked for each: the exit code, the message, that every candidate
-was evaluated, that the CMA mean equals the reference's, that MLflow steps are contiguous with one
-value each and that no run is left RUNNING.
+drivers on one run directory; and on a cluster of three Ray nodes (orchestrator/local_cluster.py),
+a worker node crashed mid-generation with a new node joining after it. Checked for each: the exit
+code, the message, that every candidate was evaluated, that the CMA mean equals the reference's,
+that MLflow steps are contiguous with one value each and that no run is left RUNNING.
 
 Bad inputs: run configs with one field wrong, command-line arguments, policy specs, task and
 prompt files, NAMM directories; each must fail before any work with one line naming the problem.
@@ -189,7 +190,66 @@ def faults(tmp: Path) -> list[tuple]:
             _every_checkpoint_corrupt(tmp, verdict)]
     rows += [_interrupted(tmp, verdict, sig, name) for sig, name in ((signal.SIGINT, "sigint"),
                                                                       (signal.SIGTERM, "sigterm"))]
-    return rows + [_tracking_down(tmp), _two_drivers(tmp, verdict)]
+    return rows + [_tracking_down(tmp), _two_drivers(tmp, verdict), _node_lost(tmp)]
+
+
+def _node_lost(tmp: Path) -> tuple:
+    """A worker node of a three-node cluster (orchestrator/local_cluster.py) crashed while its actor
+    evaluates a candidate, a new node joining right after; judged against an undisturbed run of the
+    same job on the same cluster (6 generations, so the new node joins while the run goes on)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.local_cluster import LocalCluster
+
+    generations = 6
+    data = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    data["stages"] = data["stages"][:1]
+    data["stages"][0].update(generations=generations, validation_every=generations)
+    with LocalCluster(tmp / "cluster") as cluster:
+        cluster.add_node(1)
+        victim = cluster.add_node(1)
+        env = dict(cluster.env, RAY_ADDRESS=cluster.address, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+
+        def start(name):
+            path = _job(tmp, name, **{k: v for k, v in data.items() if k not in ("name", "checkpoint", "tracking")})
+            return subprocess.Popen([PY, "-m", "namm_cli", "evolve", str(path)], cwd=ROOT, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        start("nodes-reference").communicate(timeout=900)
+        proc = start("node-lost")
+        first = tmp / "runs" / "node-lost" / "checkpoints" / "gen-000001.ckpt"
+        crashed = False
+        while proc.poll() is None and not crashed:
+            if first.exists() and victim.busy_with("evaluate"):
+                cluster.crash_node(victim)
+                crashed = True
+            time.sleep(0.05)
+        joined = cluster.add_node(1) if crashed else None
+        proc.communicate(timeout=900)
+    reference, lost = _inspect(tmp, "nodes-reference")["state"], _inspect(tmp, "node-lost")
+    st = lost["state"]
+    same = st is not None and np.array_equal(st.es.mean, reference.es.mean)
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow-node-lost.db")
+
+    def metric(key):
+        if st is None:
+            return []
+        return [x.value for x in sorted(client.get_metric_history(st.mlflow.parent, key), key=lambda x: x.step)]
+
+    nodes_lost, in_use, failures = metric("nodes_lost"), metric("nodes_in_use"), metric("failures")
+    reports = [f.path for f in client.list_artifacts(st.mlflow.parent, "failures")] if st else []
+    early = {h["worker_node"] for h in st.history if h["generation"] == 0} if st else set()
+    late = {h["worker_node"] for h in st.history if h["generation"] == generations - 1} if st else set()
+    ok = (crashed and st is not None and st.global_generation == generations and same and lost["finite"]
+          and lost["steps"] == list(range(generations)) and nodes_lost[-1:] == [1.0] and reports
+          and in_use[-1:] == [2.0] and len(late - early) == 1 and joined is not None)
+    return ("a worker node crashed (raylet and all its processes SIGKILLed) mid-evaluation in generation 2, "
+            "a new node joining right after",
+            f"{st.global_generation if st else 0} of {generations} generations, every candidate evaluated: "
+            f"{lost['finite']}, same CMA mean as the undisturbed run: {same}; MLflow: failures {sum(failures):.0f}, "
+            f"nodes_lost {nodes_lost[-1:] and int(nodes_lost[-1])}, failure report {reports[:1]}; nodes in use "
+            f"at the end {in_use[-1:] and int(in_use[-1])}, the new node ran the last generation: "
+            f"{len(late - early) == 1}", "yes" if ok else "NO")
 
 
 def _actor_killed(tmp: Path, verdict) -> tuple:

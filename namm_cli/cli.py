@@ -51,6 +51,7 @@ def main(argv=None) -> int:
         print(message, file=sys.stderr)
         return 2
     except (ValueError, OSError, TypeError, RuntimeError) as e:
+        logging.getLogger("namm").debug("where it failed", exc_info=True)   # with --verbose
         print(f"namm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -44,7 +44,9 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     if cache.query_observer is not None:
         cache.query_observer(module.layer_idx, layer, query, scaling)
 
-    if cache.observer is None and softcap is None:
+    observing = cache.observer is not None and (cache.observed_layers is None
+                                                 or module.layer_idx in cache.observed_layers)
+    if not observing and softcap is None:
         if layer.heads_uniform:  # one mask for all heads
             mask = memory_mask(layer, cache.chunk_positions, cache.chunk_valid, window, heads=slice(0, 1))
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
@@ -68,7 +70,7 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     grouped = query.view(B, Hkv, n_rep, Q, D)
     keys_t = key.transpose(-1, -2).reshape(B * Hkv, D, S)
     out = query.new_empty(B, Q, Hkv, n_rep, value.shape[-1])
-    observed = cache.attention_rows(B, Hkv, Q, S, query.device) if cache.observer is not None else None
+    observed = cache.attention_rows(B, Hkv, Q, S, query.device) if observing else None
     first = first_masked_slot(layer, cache.chunk_positions, cache.chunk_valid, window)
     step = rows_per_block(B * Hq * S * 4, Q, query.device)
     for r0 in range(0, Q, step):

@@ -169,6 +169,7 @@ class MemoryCache(Cache):
         self.observer = None
         # query_observer(layer_idx, layer, query [B, H_q, Q, D] post-RoPE, scaling): the chunk's queries
         self.query_observer = None
+        self.observed_layers: Optional[set[int]] = None   # layers the observer wants (None: all)
         self._rows_storage: Optional[torch.Tensor] = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

@@ -380,6 +380,7 @@ class MemoryManagedLM:
                 stats.policy_seconds += spent
                 stats.observe_seconds += spent
             cache.observer = observer
+            cache.observed_layers = policy.observed_layers(len(cache.layers))
         with cache.active():
             out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
                              logits_to_keep=0 if keep_all else logits_to_keep)

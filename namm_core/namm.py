@@ -22,7 +22,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -70,6 +70,10 @@ class NAMMConfig:
     # a token's score is the max over `pool` neighbouring tokens (odd; 1: off), so a span the
     # scorer marks (a number, a name) is kept or evicted as a whole
     pool: int = 1
+    # model-wide scope only: the layers whose scores decide, as a count (that many layers evenly
+    # spaced from the first to the last) or a list of layer indices; None: every layer. The other
+    # layers are neither observed nor scored, so they attend with the fused kernel (cheaper)
+    score_layers: Optional[Union[int, list[int]]] = None
     # the memory settings the NAMM was evolved with; MemoryManagedLM uses them unless told otherwise
     update_every: Optional[int] = None
     chunk_size: Optional[int] = None
@@ -99,6 +103,10 @@ class NAMMConfig:
             raise ValueError("NAMM scope 'global' needs selection 'top_k' and a budget")
         if isinstance(self.pool, bool) or not isinstance(self.pool, int) or self.pool < 1 or self.pool % 2 == 0:
             raise ValueError(f"NAMM pool must be an odd whole number >= 1, got {self.pool!r}")
+        if self.score_layers is not None:
+            self.score_layers = _checked_score_layers(self.score_layers)
+            if self.scope != "global":
+                raise ValueError("NAMM score_layers needs the model-wide scope (scope 'global')")
         for name in ("update_every", "chunk_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -129,6 +137,31 @@ class NAMMConfig:
     @property
     def legacy(self) -> bool:
         return self.format_version == LEGACY_FORMAT_VERSION
+
+
+def _checked_score_layers(value):
+    if isinstance(value, (list, tuple)):
+        if not value or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+            raise ValueError(f"NAMM score_layers: expected layer indices >= 0, got {value!r}")
+        return sorted(set(value))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"NAMM score_layers: expected a layer count >= 1 or a list of layer indices, got {value!r}")
+    return value
+
+
+def scored_layer_indices(score_layers, num_layers: int) -> list[int]:
+    """The layers a model-wide NAMM scores with: `score_layers` evenly spaced ones (first and
+    last included), or the listed ones; every layer when None."""
+    if score_layers is None or (isinstance(score_layers, int) and score_layers >= num_layers):
+        return list(range(num_layers))
+    if isinstance(score_layers, int):
+        if score_layers == 1:
+            return [num_layers - 1]
+        return sorted({round(i * (num_layers - 1) / (score_layers - 1)) for i in range(score_layers)})
+    beyond = [i for i in score_layers if i >= num_layers]
+    if beyond:
+        raise ValueError(f"NAMM score_layers {beyond} beyond the model's {num_layers} layers")
+    return list(score_layers)
 
 
 class NAMM(MemoryPolicy):
@@ -249,11 +282,18 @@ class NAMM(MemoryPolicy):
             protected = protected | ((layer.positions - first) < self.config.sinks)
         return protected
 
+    def observed_layers(self, num_layers: int) -> Optional[set[int]]:
+        if self.config.score_layers is None:
+            return None
+        return set(scored_layer_indices(self.config.score_layers, num_layers))
+
     def select_all(self, layers, step):
         if self.config.scope == "head":
             return super().select_all(layers, step)
         # one decision per token; the pooling runs over the model-wide scores
-        return shared_selection(layers, [self.score(layer) for layer in layers],
+        scored = self.observed_layers(len(layers))
+        return shared_selection(layers, [self.score(layer) if scored is None or i in scored else None
+                                         for i, layer in enumerate(layers)],
                                 [self.protected(layer) for layer in layers],
                                 self._budget.tokens(step.seen), kernel=self.config.pool)
 
@@ -280,6 +320,12 @@ class NAMM(MemoryPolicy):
         other.config = replace(self.config, budget=str(Budget.parse(budget)), selection=selection, scope=scope)
         return other
 
+    def scoring_from(self, score_layers) -> "NAMM":
+        """This NAMM deciding from a subset of layers (`NAMMConfig.score_layers`); model-wide only."""
+        other = copy.copy(self)
+        other.config = replace(self.config, score_layers=score_layers)
+        return other
+
     def memory_settings(self) -> dict:
         """The update interval and chunk size the NAMM was evolved with (those recorded)."""
         return {k: v for k, v in (("update_every", self.config.update_every),
@@ -287,10 +333,15 @@ class NAMM(MemoryPolicy):
 
     def prefix_key(self) -> tuple:
         # observe() depends only on the spectrogram settings, never on the scorer's parameters
-        return ("namm", tuple(sorted(asdict(self.spec).items())))
+        # which layers are observed matters too: unobserved layers keep no spectrogram
+        layers = self.config.score_layers
+        return ("namm", tuple(sorted(asdict(self.spec).items())), tuple(layers) if isinstance(layers, list) else layers)
 
     def describe(self) -> str:
         budget = "" if self.config.budget is None else f"@{self.config.budget}"
+        layers = self.config.score_layers
+        if layers is not None:
+            budget += "/layers=" + (",".join(map(str, layers)) if isinstance(layers, list) else str(layers))
         return f"namm:{self.source}{budget}"
 
     # --- persistence -------------------------------------------------------------------

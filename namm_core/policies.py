@@ -92,6 +92,11 @@ class MemoryPolicy:
     def bind_model(self, model) -> None:
         """Policies that need the model's own settings (Expected Attention: its RoPE) get it here."""
 
+    def observed_layers(self, num_layers: int) -> Optional[set[int]]:
+        """The layers whose attention `observe` needs (None: all of them, when `needs_attention`);
+        the others attend with the fused kernel."""
+        return None
+
     def prefix_key(self) -> Optional[tuple]:
         """Policies with equal keys build identical state before their first update (so
         that state can be computed once and shared); None: no sharing."""

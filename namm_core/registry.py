@@ -98,7 +98,9 @@ STRUCTURE_HELP = ("options of every policy with a budget, after '/': head (each 
                   "of B), modelwide (every layer and head share the model's budget; kvzip's default), global (one "
                   "kept set for the whole model, by the mean score), pool=N (a token scores the best of its N "
                   "neighbours), sinks=N (the first N tokens are always kept); and the policy's own "
-                  "hyperparameters as name=value, e.g. snapkv:0.5/window=64/kernel=5, tova:0.25/global/pool=15/sinks=4")
+                  "hyperparameters as name=value, e.g. snapkv:0.5/window=64/kernel=5, tova:0.25/global/pool=15/sinks=4. "
+                  "A model-wide NAMM takes layers=K after its budget (namm@0.25/layers=6: it scores from six layers "
+                  "evenly spaced, or from the listed ones, layers=0,10,20; the others attend with the fused kernel)")
 
 
 def policy_listing() -> str:
@@ -199,18 +201,51 @@ def _parse_namm(spec: str) -> NAMM:
     """`namm`, `namm:DIR`, `namm@B`, `namm:DIR@B` (a directory name may itself contain '@')."""
     body = spec[len("namm"):]
     budget: Optional[str] = None
+    options: dict = {}
     head, at, tail = body.rpartition("@")
     if at and "/" not in tail:
         body, budget = head, tail
+    elif at and _is_budget(tail.split("/")[0]):
+        # namm[:DIR]@B/OPTION...: options come after the budget
+        budget, *option_texts = tail.split("/")
+        body = head
+        try:
+            options = _parse_options(option_texts)
+        except ValueError as e:
+            raise ValueError(f"policy {spec!r}: {e}") from None
     if body and not body.startswith(":"):
         raise ValueError(f"unknown policy {spec!r}: expected {policy_help()}")
     directory = _namm_directory(spec, body[1:])
     namm = REGISTRY["namm"].factory(directory)
     if directory.parent == namms.DIRECTORY:   # a shipped NAMM is named by its name, wherever installed
         namm.source = directory.name
-    if budget is not None:
-        try:
+    try:
+        if budget is not None:
             namm = namm.with_budget(budget)
-        except ValueError as e:
-            raise ValueError(f"policy {spec!r}: {e}") from None
+        unknown = [k for k in options if k != "layers"]
+        if unknown:
+            raise ValueError(f"unknown option {unknown[0]!r} for namm; known: layers")
+        if "layers" in options:
+            namm = namm.scoring_from(_layers_option(options["layers"]))
+    except ValueError as e:
+        raise ValueError(f"policy {spec!r}: {e}") from None
     return namm
+
+
+def _is_budget(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _layers_option(value) -> object:
+    """`layers=6` (six layers evenly spaced) or `layers=0,10,20` (those layers)."""
+    if value is True:
+        raise ValueError("option layers needs a value: /layers=6 or /layers=0,10,20")
+    try:
+        items = [int(v) for v in str(value).split(",")]
+    except ValueError:
+        raise ValueError(f"option layers={value!r}: expected a count or layer indices like 0,10,20") from None
+    return items[0] if len(items) == 1 and "," not in str(value) else items

@@ -134,22 +134,27 @@ def shared_selection(layers: list["MemoryLayer"], scores: list[torch.Tensor], pr
     """One set of kept tokens for every layer and KV head: each token's score is the mean of
     its scores over the layers and heads that hold it; the `k[b]` best tokens are kept wherever
     they are held, the `first` ones (sinks) before the protected ones before the rest.
-    scores, protected, first: per layer [B, H, S]; k: [B]."""
+    scores, protected, first: per layer [B, H, S]; k: [B]. A layer whose score is None holds
+    tokens without voting on them (a NAMM that scores from a subset of layers)."""
     B = k.shape[0]
-    device = scores[0].device
+    device = layers[0].positions.device
     span = 1 + max(int(layer.positions.masked_fill(~layer.valid, -1).max()) for layer in layers)
     total = torch.zeros(B, span, device=device)
-    count = torch.zeros(B, span, device=device)
+    count = torch.zeros(B, span, device=device)       # how many scored holders
+    holders = torch.zeros(B, span, device=device)
     guard = torch.zeros(B, span, device=device)       # how many holders protect the token
     sink = torch.zeros(B, span, device=device)
     first = first if first is not None else [torch.zeros_like(p) for p in protected]
     for layer, s, p, f in zip(layers, scores, protected, first):
         index = layer.positions.clamp(min=0).reshape(B, -1)
-        total.scatter_add_(1, index, (s.float().nan_to_num() * layer.valid).reshape(B, -1))
-        count.scatter_add_(1, index, layer.valid.reshape(B, -1).float())
+        valid = layer.valid.reshape(B, -1).float()
+        holders.scatter_add_(1, index, valid)
+        if s is not None:
+            total.scatter_add_(1, index, (s.float().nan_to_num() * layer.valid).reshape(B, -1))
+            count.scatter_add_(1, index, valid)
         guard.scatter_add_(1, index, (p & layer.valid).reshape(B, -1).float())
         sink.scatter_add_(1, index, (f & layer.valid).reshape(B, -1).float())
-    held = count > 0
+    held = holders > 0
     mean = total / count.clamp(min=1)
     mean = pool_over_slots(mean, held, kernel).masked_fill(guard > 0, PROTECTED).masked_fill(sink > 0, float("inf"))
     kept = keep_top(mean.unsqueeze(1), held.unsqueeze(1), k)[:, 0]          # [B, span]

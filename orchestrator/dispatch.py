@@ -4,6 +4,10 @@ Not ray.util.ActorPool: it drops the job of an actor that dies. Here every job i
 until it has a result: a job whose actor dies, raises, or runs past the timeout is retried on
 another actor (the failed actor is restarted by Ray, or killed and restarted on a timeout);
 after `max_retries` retries it is reported as failed (None) and the run goes on.
+
+On a cluster an actor can die with its node: its job goes to an actor on another node, and Ray
+restarts the actor wherever resources allow (a node that joins later, when none are free now).
+The pool keeps each actor's node so the driver can report the nodes lost and in use.
 """
 from __future__ import annotations
 
@@ -33,19 +37,36 @@ class ActorPool:
         self.actors = [make_actor(i) for i in range(size)]
         self.max_retries, self.timeout, self.poll = max_retries, timeout_seconds, poll_seconds
         self.failures: list[str] = []       # what went wrong, for logs and MLflow
+        self.nodes: list = [None] * size      # each actor's Ray node id, as last reported
+        self.nodes_seen: set = set()          # every node an actor of this pool has run on
         self._probes: dict = {}
         self._reprobe: list[tuple[float, int]] = []   # (when, actor): health checks to ask again
 
     def wait_ready(self, timeout: float = 900.0) -> list[int]:
         """Block until every actor has started (and loaded its model); returns their PIDs."""
-        return ray.get([a.pid.remote() for a in self.actors], timeout=timeout)
+        where = ray.get([a.location.remote() for a in self.actors], timeout=timeout)
+        for i, w in enumerate(where):
+            self._located(i, w)
+        return [w["pid"] for w in where]
+
+    def node_report(self) -> dict:
+        """Nodes alive in the cluster, nodes this pool's actors run on, nodes they ran on that died."""
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        return {"nodes_alive": len(alive), "nodes_in_use": len({n for n in self.nodes if n in alive}),
+                "nodes_lost": sorted(self.nodes_seen - alive)}
+
+    def _located(self, actor_index: int, where: dict) -> None:
+        self.nodes[actor_index] = where.get("node")
+        if where.get("node"):
+            self.nodes_seen.add(where["node"])
 
     def run(self, jobs: list[Job]) -> list:
         """Results in job order; None for a job that failed every attempt."""
         results: list = [None] * len(jobs)
         attempts = [0] * len(jobs)
         last_actor: dict[int, int] = {}
-        queue = list(range(len(jobs)))
+        # costliest first (longest-processing-time order): the generation ends with short jobs
+        queue = sorted(range(len(jobs)), key=lambda j: -jobs[j].cost)
         # health checks of actors that died or were killed; they stay out of work until they answer
         probes = self._probes
         idle = [i for i in range(len(self.actors)) if i not in probes.values()]
@@ -89,14 +110,14 @@ class ActorPool:
         return results
 
     def _probe(self, actor_index: int, probes: dict) -> None:
-        probes[self.actors[actor_index].pid.remote()] = actor_index
+        probes[self.actors[actor_index].location.remote()] = actor_index
 
     def _probe_done(self, ref, probes: dict, idle: list) -> None:
         actor_index = probes.pop(ref)
         try:
-            ray.get(ref)
+            self._located(actor_index, ray.get(ref))
             idle.append(actor_index)
-            log.info("actor %d is back", actor_index)
+            log.info("actor %d is back (node %s)", actor_index, _short_id(self.nodes[actor_index]))
         except ray.exceptions.ActorDiedError:
             log.warning("actor %d is gone for good; starting a replacement", actor_index)
             self.actors[actor_index] = self.make_actor(actor_index)
@@ -110,7 +131,8 @@ class ActorPool:
         j = flight.job_index
         attempts[j] += 1
         last_actor[j] = flight.actor_index
-        message = f"{jobs[j].label or jobs[j].method} on actor {flight.actor_index}: {reason}"
+        node = _short_id(self.nodes[flight.actor_index])
+        message = f"{jobs[j].label or jobs[j].method} on actor {flight.actor_index} (node {node}): {reason}"
         self.failures.append(message)
         if attempts[j] <= self.max_retries:
             log.warning("%s; retrying (%d/%d)", message, attempts[j], self.max_retries)
@@ -129,6 +151,10 @@ class ActorPool:
 def _actor_is_down(e: Exception) -> bool:
     """The actor itself failed (died, restarting, unreachable), as opposed to the task raising."""
     return isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
+
+
+def _short_id(node) -> str:
+    return node[:8] if node else "?"
 
 
 def _short(e: Exception, limit: int = 300) -> str:

@@ -400,7 +400,7 @@ class EvolutionRun:
             "sigma": es.sigma, "mean_retention": float(np.mean([np.mean(r["retention"]) for r in ok_results])),
             "eval_seconds": eval_seconds, "generation_seconds": time.perf_counter() - t0,
             "es_seconds": ask_seconds + tell_seconds, "failures": len(pool.failures) - failures_before,
-            "failed_candidates": sum(1 for r in results if r is None), "stage": st.stage,
+            "failed_candidates": sum(1 for r in results if r is None), "stage": st.stage, **_node_metrics(pool),
             **{f"score/{_metric_key(k)}": float(np.mean(v)) for k, v in task_means.items()},
         }
         for i, (x, f, r) in enumerate(zip(candidates, fitness, results)):
@@ -408,6 +408,7 @@ class EvolutionRun:
                 "generation": g, "stage": st.stage, "candidate": i, "fitness": f,
                 "retention": float(np.mean(r["retention"])) if r else math.nan,
                 "seconds": r["seconds"] if r else math.nan, "worker_pid": r["pid"] if r else -1,
+                "worker_node": (r.get("node") or "") if r else "",
                 "param_norm": float(np.linalg.norm(x)),
             })
         st.global_generation = g + 1
@@ -420,20 +421,18 @@ class EvolutionRun:
             metrics["validation_fitness"] = self._validate(pool, stage)
         self._checkpoint()            # the run is safe from here on
         self._log(g, metrics)
+        if len(pool.failures) > failures_before:   # what failed and where (actor, node), for the dashboard
+            self.tracker.log_text(st.mlflow.parent, "\n".join(pool.failures[failures_before:]) + "\n",
+                                  f"failures/generation-{g:06d}.txt")
         self._export_artifacts(final=False)
         return metrics
 
     def _evaluate_candidates(self, pool, candidates, requests, tasks) -> list[Optional[dict]]:
         """Every candidate on the same prompts: one job each, or jobs of `workers.prompts_per_job`
         prompts whose results are put back together in prompt order (None if any part failed)."""
-        size = self.cfg.workers.prompts_per_job or len(requests)
-        parts = [requests[i:i + size] for i in range(0, len(requests), size)]
-        jobs = [Job("evaluate", (x.astype(np.float32), self.state.norm, part, tasks),
-                    f"candidate {i}" + (f" prompts {p * size}-{p * size + len(part) - 1}" if len(parts) > 1 else ""))
-                for i, x in enumerate(candidates) for p, part in enumerate(parts)]
+        jobs, sizes = candidate_jobs(candidates, self.state.norm, requests, tasks, self.cfg.workers.prompts_per_job)
         results = pool.run(jobs)
-        return [_merge_parts(results[i * len(parts):(i + 1) * len(parts)], [len(p) for p in parts])
-                for i in range(len(candidates))]
+        return [_merge_parts(results[i * len(sizes):(i + 1) * len(sizes)], sizes) for i in range(len(candidates))]
 
     def _validate(self, pool, stage) -> float:
         """Fitness of the CMA mean on a fixed validation set; export it when it is the best."""
@@ -507,13 +506,38 @@ def default_pool_factory(cfg: RunConfig, actor_class=None):
                 torch_threads=cfg.workers.torch_threads, fitness=asdict(cfg.fitness))
 
     def make(i):
-        options = dict(num_cpus=cfg.workers.cpus_per_actor, num_gpus=gpus)
+        # spread over the nodes: a lost node takes as few actors with it as it can
+        options = dict(num_cpus=cfg.workers.cpus_per_actor, num_gpus=gpus, scheduling_strategy="SPREAD")
         return actor.options(**options).remote(**init)
 
     pool = ActorPool(make, cfg.workers.num_actors, cfg.workers.max_retries, cfg.workers.timeout_seconds)
     pids = pool.wait_ready()
     log.info("%d actors ready (pids %s), %s GPU each", len(pids), pids, gpus)
     return pool
+
+
+def candidate_jobs(candidates, norm, requests, tasks, prompts_per_job: Optional[int] = None
+                   ) -> tuple[list[Job], list[int]]:
+    """The jobs that evaluate every candidate on the same prompts: one per candidate, or one per
+    `prompts_per_job` prompts of it (candidate-major), and the number of prompts in each part.
+    A job's cost is its prompts' tokens, so the pool starts the longest parts first."""
+    size = prompts_per_job or len(requests)
+    parts = [requests[i:i + size] for i in range(0, len(requests), size)]
+    tokens = {t["key"]: t.get("context_length") or 1 for t in tasks}
+    jobs = [Job("evaluate", (x.astype(np.float32), norm, part, tasks),
+                f"candidate {i}" + (f" prompts {p * size}-{p * size + len(part) - 1}" if len(parts) > 1 else ""),
+                cost=sum(tokens.get(key, 1) for key, _ in part))
+            for i, x in enumerate(candidates) for p, part in enumerate(parts)]
+    return jobs, [len(part) for part in parts]
+
+
+def _node_metrics(pool) -> dict:
+    """Cluster nodes alive, in use by the run's actors, and lost with actors on them (Ray pools)."""
+    if not hasattr(pool, "node_report"):
+        return {}
+    report = pool.node_report()
+    return {"nodes_alive": report["nodes_alive"], "nodes_in_use": report["nodes_in_use"],
+            "nodes_lost": len(report["nodes_lost"])}
 
 
 def _merge_parts(results: list[Optional[dict]], sizes: list[int]) -> Optional[dict]:
@@ -526,7 +550,7 @@ def _merge_parts(results: list[Optional[dict]], sizes: list[int]) -> Optional[di
     return {"scores": [s for r in results for s in r["scores"]],
             "retention": [x for r in results for x in r["retention"]],
             "retention_per_layer": per_layer.tolist(), "seconds": sum(r["seconds"] for r in results),
-            "pid": results[0]["pid"]}
+            "pid": results[0]["pid"], "node": results[0].get("node")}
 
 
 def _split(items: list, parts: int) -> list[list]:

@@ -21,6 +21,9 @@ class Job:
     method: str
     args: tuple
     label: str = ""
+    # the job's expected cost (e.g. the tokens of its prompts): the Ray pool starts the costliest
+    # first, so short jobs fill the gaps at the end of a generation instead of a long one starting late
+    cost: float = 1.0
 
 
 class InProcessPool:

@@ -6,7 +6,8 @@
 # for no decision (evolution draws seed 0 and its validation seed; the earlier board seed 7).
 # Tasks: four the NAMM trained on, three it never saw (niah_multiquery, vt, cwe). Cells, in order of
 # what they decide: the chunked protocol at 1k and half the cache; kvpress's query-agnostic protocol
-# at 1k and half the cache; the chunked protocol at a quarter; Gemma-3-270M zero-shot. 12 prompts per
+# at 1k and half the cache; the chunked protocol at a quarter; Gemma-3-270M zero-shot; 2k at half
+# the cache; the query-agnostic protocol at a quarter; the query-aware one at half. 12 prompts per
 # task (84 per policy and cell). About an hour per cell on 2 CPU cores; run it again to resume.
 # Results: bench/results/heldout_board.{md,parquet,*.png}.
 set -euo pipefail
@@ -16,4 +17,7 @@ exec bash "$(dirname "${BASH_SOURCE[0]}")/board.sh" --name heldout_board --seed 
     --cell smollm2:1024:0.5:12 \
     --cell smollm2:1024:0.5:12:agnostic \
     --cell smollm2:1024:0.25:12 \
-    --cell gemma3-270m:1024:0.5:12 "$@"
+    --cell gemma3-270m:1024:0.5:12 \
+    --cell smollm2:2048:0.5:12 \
+    --cell smollm2:1024:0.25:12:agnostic \
+    --cell smollm2:1024:0.5:12:aware "$@"

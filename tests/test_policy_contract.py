@@ -39,7 +39,7 @@ class Recorder(MemoryPolicy):
         self.aux_shapes = getattr(inner, "aux_shapes", {})
         # every other hook goes straight to the policy under test
         for hook in ("bind_tokenizer", "bind_model", "observe", "observe_queries", "reconstruction_inputs",
-                     "observe_reconstruction"):
+                     "observe_reconstruction", "observed_layers"):
             setattr(self, hook, getattr(inner, hook))
 
     def new_sequence(self):

@@ -113,3 +113,85 @@ def test_a_global_namm_on_sliding_window_layers_equals_masked_attention():
     full = [i for i, w in enumerate(sliding) if w is None]
     kept = out.stats.kept_per_layer_head
     assert all(torch.equal(kept[full[0]], kept[i]) for i in full)
+
+
+def test_a_layer_without_a_score_holds_tokens_without_voting():
+    layers = [FakeLayer([[[0, 1, 2, 3]]], [[[True] * 4]]), FakeLayer([[[0, 1, 2, 3]]], [[[True] * 4]])]
+    scores = [torch.tensor([[[0.0, 5.0, 1.0, 2.0]]]), None]
+    protected = [torch.zeros(1, 1, 4, dtype=torch.bool)] * 2
+    keeps = shared_selection(layers, scores, protected, torch.tensor([2]))
+    assert [set(layer.positions[keep].tolist()) for layer, keep in zip(layers, keeps)] == [{1, 3}, {1, 3}]
+
+
+class SubsetRecorder(NAMM):
+    """Records which layers are observed, and the kept set the subset's mean score implies."""
+
+    def observe(self, layer_idx, layer, attn, step):
+        self.observed.add(layer_idx)
+        super().observe(layer_idx, layer, attn, step)
+
+    def select_all(self, layers, step):
+        scored = sorted(self.observed_layers(len(layers)))
+        # by hand: the mean score of each position over the scored layers' heads (pool 1, no sinks)
+        mean = torch.stack([self.score(layers[i])[0].mean(0) for i in scored]).mean(0)
+        positions = layers[0].positions[0, 0]
+        newest = int(positions.max())
+        k = self._budget.tokens(step.seen)[0]
+        order = sorted(range(len(positions)), key=lambda s: (int(positions[s]) != newest, -float(mean[s])))
+        self.expected.append({int(positions[s]) for s in order[:int(k)]})
+        keeps = super().select_all(layers, step)
+        self.kept.append({int(p) for p in layers[0].positions[0, 0][keeps[0][0, 0]]})
+        return keeps
+
+
+def test_a_namm_scoring_from_a_subset_of_layers_observes_only_those_and_keeps_their_best():
+    from test_memory_equivalence import assert_equals_masked_reference
+    from test_policy_contract import Recorder
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    namm = SubsetRecorder(NAMMConfig(selection="top_k", budget="0.4", scope="global", score_layers=[1, 3]))
+    namm.set_params(torch.randn(4172, generator=torch.Generator().manual_seed(2)) * 0.3)
+    namm.observed, namm.expected, namm.kept = set(), [], []
+    ids = torch.randint(3, 97, (1, 96), generator=torch.Generator().manual_seed(4))
+    recorder = Recorder(namm)
+    out = MemoryManagedLM(model, recorder, update_every=16, chunk_size=16).generate(
+        ids, max_new_tokens=6, return_logits=True)
+    assert namm.observed == {1, 3}, "only the scored layers pay for attention rows"
+    assert len(namm.kept) >= 5 and namm.kept == namm.expected
+    assert_equals_masked_reference(model, ids, torch.ones_like(ids), out, recorder.evicted, 4, 2)
+
+
+def test_scoring_from_every_layer_listed_is_the_default_exactly():
+    model = tiny_model("llama", num_hidden_layers=3)
+    ids = torch.randint(3, 97, (2, 80), generator=torch.Generator().manual_seed(5))
+    outs = []
+    for layers in (None, [0, 1, 2], 3):
+        namm = NAMM(NAMMConfig(selection="top_k", budget="0.5", scope="global", pool=3, sinks=2, score_layers=layers))
+        namm.set_params(torch.randn(4172, generator=torch.Generator().manual_seed(2)) * 0.3)
+        outs.append(MemoryManagedLM(model, namm, update_every=16, chunk_size=16).generate(
+            ids, max_new_tokens=5, return_logits=True))
+    for other in outs[1:]:
+        assert torch.equal(other.sequences, outs[0].sequences) and torch.equal(other.logits, outs[0].logits)
+        assert torch.equal(other.stats.kept_per_layer_head, outs[0].stats.kept_per_layer_head)
+
+
+def test_score_layers_in_specs_configs_and_saved_namms(tmp_path):
+    from namm_core import parse_policy
+    from namm_core.namm import scored_layer_indices
+
+    assert scored_layer_indices(6, 30) == [0, 6, 12, 17, 23, 29]
+    assert scored_layer_indices(None, 4) == scored_layer_indices(9, 4) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="beyond the model's 4 layers"):
+        scored_layer_indices([1, 7], 4)
+    namm = parse_policy("namm@0.25/layers=6")
+    assert namm.config.score_layers == 6 and namm.describe() == "namm:smollm2@0.25/layers=6"
+    assert parse_policy("namm:smollm2@0.5/layers=0,10,29").config.score_layers == [0, 10, 29]
+    for bad, message in (("namm@0.5/layers=x", "expected a count or layer indices"),
+                         ("namm@0.5/depth=2", "unknown option 'depth' for namm"),
+                         ("namm@0.5/layers=0", "a layer count >= 1")):
+        with pytest.raises(ValueError, match=message):
+            parse_policy(bad)
+    with pytest.raises(ValueError, match="needs the model-wide scope"):
+        NAMMConfig(score_layers=2)
+    namm.save_pretrained(tmp_path / "n")
+    assert NAMM.from_pretrained(tmp_path / "n").config.score_layers == 6

@@ -22,6 +22,15 @@ from .fitness import fitness_kind
 Request = tuple[str, int]  # (task key, prompt index in the task's pool)
 
 
+def ray_node_id() -> Optional[str]:
+    """The Ray node this process runs on, or None outside Ray (the in-process pool)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class EvolutionWorker:
     def __init__(self, model: dict, memory: dict, namm: dict, torch_threads: int = 1,
                  fitness: Optional[dict] = None):
@@ -38,6 +47,10 @@ class EvolutionWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def location(self) -> dict:
+        """Where this worker runs: its process and, under Ray, its node (the pool tracks node losses)."""
+        return {"pid": os.getpid(), "node": ray_node_id()}
 
     def num_params(self) -> int:
         return NAMM(self.namm_config).num_params
@@ -96,6 +109,7 @@ class EvolutionWorker:
             "retention_per_layer": np.mean([r.retention_per_layer for r in results], axis=0).tolist(),
             "seconds": time.perf_counter() - t,
             "pid": os.getpid(),
+            "node": ray_node_id(),
         }
 
     def warm_start(self, imitate: str, norm: Optional[dict], requests: list[Request], steps: int, lr: float,
