@@ -1,20 +1,24 @@
-"""Speed and KV memory of every policy on the embedded model, as ratios to the full cache.
+"""Speed and KV memory of the NAMM against the full cache and StreamingLLM at the NAMM's budgets,
+from 1k to 16k tokens on the embedded model, as ratios measured in one run.
 
-    .venv/bin/python bench/memory_bench.py                 # 2k, 4k, 8k tokens (~20 min on 2 CPU cores)
-    .venv/bin/python bench/memory_bench.py --lengths 2048  # quicker
+    .venv/bin/python bench/memory_bench.py                          # 1k-16k tokens (~40 min on 2 CPU cores)
+    .venv/bin/python bench/memory_bench.py --lengths 2048 4096      # quicker
+    .venv/bin/python bench/memory_bench.py --policies h2o tova      # more baselines beside StreamingLLM
 
-Each run is a prefill of N tokens plus 32 greedy decoded tokens. Writes a markdown table to
-bench/results/memory.md. The `namm (zero)` row keeps everything: the worst case for the NAMM's
-own overhead (features + scoring), reported as a share of the forward time. The `namm
-(shipped)` row is the evolved NAMM in namms/smollm2 (when present), at its own retention.
-`--policies` with no names runs only the full cache and the NAMM rows.
+Each run is a prefill of N tokens plus 64 greedy decoded tokens, every policy with the shipped
+NAMM's memory settings (an update and a chunk every 256 tokens). Rows: the full cache; at each
+budget B, StreamingLLM and the other `--policies` at B, the shipped NAMM at B (`namm@B`) and each
+`--namm-variants` of it (e.g. `layers=6`: it scores from six layers, the others attend with the
+fused kernel). Columns: seconds (prefill, decode tokens per second), time over the full cache's and
+over StreamingLLM's at the same budget, peak KV over the full cache's and over the retention (1.00:
+the peak is what the policy keeps), and the policy's own share of the run. Writes
+bench/results/memory.md.
 """
 from __future__ import annotations
 
 import argparse
 import random
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.tables import markdown_table, write_result  # noqa: E402
-from namm_core import NAMM, MemoryManagedLM, budgeted_baselines, load_model, parse_policy  # noqa: E402
+from namm_core import MemoryManagedLM, load_model, parse_policy  # noqa: E402
+from namm_core.models import cpu_has_bf16  # noqa: E402
 
 
 def make_ids(tokenizer, n_tokens: int, seed: int = 0) -> torch.Tensor:
@@ -40,52 +45,63 @@ def make_ids(tokenizer, n_tokens: int, seed: int = 0) -> torch.Tensor:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--budgets", nargs="+", default=["0.25", "0.5"])
-    p.add_argument("--policies", nargs="*", default=budgeted_baselines())
-    p.add_argument("--fastgen", nargs="*", default=["0.85"], help="FastGen recovery thresholds (no budget)")
-    p.add_argument("--namm", type=Path, default=ROOT / "namms" / "smollm2", help="an evolved NAMM for its own row")
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--policies", nargs="*", default=[], help="baselines besides StreamingLLM, at each budget")
+    p.add_argument("--namm", default="namm", help="the NAMM (a policy spec without budget: namm, namm:DIR)")
+    p.add_argument("--namm-variants", nargs="*", default=["layers=6"],
+                   help="options of the NAMM for extra rows, e.g. layers=6 (namm@B/layers=6)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights (default: bfloat16 where the CPU has bf16 instructions or on CUDA, else float32, "
+                        "as the board)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--update-every", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.md")
     args = p.parse_args(argv)
 
-    model, tok = load_model(args.model)
-    runs = [("full", parse_policy("full"))]
-    runs += [(f"{name}:{b}", parse_policy(f"{name}:{b}")) for name in args.policies for b in args.budgets]
-    runs += [(f"fastgen:{t}", parse_policy(f"fastgen:{t}")) for t in args.fastgen]
-    runs.append(("namm (zero)", NAMM()))
-    if (args.namm / "namm_config.json").is_file():
-        runs.append(("namm (shipped)", NAMM.from_pretrained(args.namm)))
+    if args.dtype is None:
+        args.dtype = "bfloat16" if cpu_has_bf16() or torch.cuda.is_available() else "float32"
+    model, tok = load_model(args.model, dtype=args.dtype)
+    runs = [("full", None)]
+    for b in args.budgets:
+        runs += [(f"{name}:{b}", b) for name in ["streamingllm", *args.policies]]
+        runs += [(f"{args.namm}@{b}", b)] + [(f"{args.namm}@{b}/{v}", b) for v in args.namm_variants]
+    policies = {label: parse_policy(label) for label, _ in runs}
+    settings = dict(update_every=args.update_every, chunk_size=args.chunk_size, tokenizer=tok)
+    MemoryManagedLM(model, policies[runs[-1][0]], **settings).generate(make_ids(tok, 600), max_new_tokens=2)  # warm-up
     rows = []
-    MemoryManagedLM(model, NAMM()).generate(make_ids(tok, 600), max_new_tokens=2)  # warm-up
     bar = tqdm(total=len(args.lengths) * len(runs), desc="bench")
     for n in args.lengths:
         ids = make_ids(tok, n)
         results = {}
-        for label, policy in runs:
-            lm = MemoryManagedLM(model, policy, tokenizer=tok)
-            t = time.perf_counter()
-            out = lm.generate(ids, max_new_tokens=args.new_tokens)
-            wall = time.perf_counter() - t
-            results[label] = (wall, out.stats)
+        for label, _ in runs:
+            bar.set_postfix_str(f"{n} tokens, {label}")
+            out = MemoryManagedLM(model, policies[label], **settings).generate(ids, max_new_tokens=args.new_tokens)
+            results[label] = out.stats
             bar.update(1)
-        full_wall, full_stats = results["full"]
-        for label, (wall, s) in results.items():
-            forward = max(wall - s.policy_seconds, 1e-9)   # everything but the policy's own code
-            rows.append((n, label, f"{s.mean_retention:.3f}", f"{wall:.1f}", f"{wall / full_wall:.2f}",
-                         f"{s.peak_kv_bytes / 2**20:.1f}", f"{s.peak_kv_bytes / full_stats.peak_kv_bytes:.2f}",
-                         f"{s.final_kv_bytes / full_stats.final_kv_bytes:.2f}",
-                         f"{100 * s.observe_seconds / forward:.1f}%", f"{100 * s.select_seconds / forward:.1f}%",
+        full = results["full"]
+        for label, budget in runs:
+            s = results[label]
+            streaming = results.get(f"streamingllm:{budget}")
+            forward = max(s.seconds - s.policy_seconds, 1e-9)   # everything but the policy's own code
+            rows.append((n, label, f"{s.mean_retention:.3f}", f"{s.seconds:.1f}", f"{s.prefill_seconds:.1f}",
+                         f"{args.new_tokens / max(s.decode_seconds, 1e-9):.1f}", f"{s.seconds / full.seconds:.2f}",
+                         f"{s.seconds / streaming.seconds:.2f}" if streaming else "",
+                         f"{s.peak_kv_bytes / 2**20:.1f}", f"{s.peak_kv_bytes / full.peak_kv_bytes:.2f}",
+                         f"{s.peak_kv_bytes / full.peak_kv_bytes / s.mean_retention:.2f}",
                          f"{100 * s.policy_seconds / forward:.1f}%"))
     bar.close()
-    header = ("tokens", "policy", "retention", "seconds", "time / full", "peak KV MiB", "peak KV / full",
-              "final KV / full", "observe", "select", "policy overhead")
+    header = ("tokens", "policy", "retention", "seconds", "prefill s", "decode tok/s", "time / full",
+              "time / streamingllm", "peak KV MiB", "peak KV / full", "peak KV / retention", "policy share")
     device = next(model.parameters()).device
-    table = (f"Model `{args.model}`, {device}, {torch.get_num_threads()} threads; prefill + {args.new_tokens} "
-             f"decoded tokens; memory update every 512 tokens.\n"
-             "`observe` = time folding attention into the policy's statistics (NAMM: spectrogram features), "
-             "`select` = scoring and eviction (NAMM: BAM scorer), `policy overhead` = both; each as a share of "
-             "the rest of the same run (the forward passes).\n\n"
+    dtype = next(model.parameters()).dtype
+    table = (f"Model `{args.model}` ({dtype}), {device}, {torch.get_num_threads()} threads; prefill + {args.new_tokens} "
+             f"decoded tokens; every policy with an update and a chunk every {args.update_every} / "
+             f"{args.chunk_size} tokens. `time / streamingllm`: over StreamingLLM at the same budget. "
+             "`peak KV / retention`: the peak over the full cache's, divided by the final retention "
+             "(1.00: the cache never held more than what is kept). `policy share`: the policy's own code "
+             "(observe + select) over the rest of the same run.\n\n"
              + markdown_table(header, rows) + "\n")
     write_result(args.out, table)
     return 0

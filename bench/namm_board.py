@@ -41,6 +41,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -99,6 +100,8 @@ def fingerprint(policy) -> str:
         for tensor in (policy.get_params(), policy.norm_mean, policy.norm_var):
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
         config = {k: v for k, v in policy.config.to_dict().items() if k != "weights_sha256"}
+        if config.get("score_layers") is None:   # added later: at its default, older rows still match
+            config.pop("score_layers", None)
     else:
         config = policy.hyperparameters()
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
@@ -290,10 +293,16 @@ def run_cell(cell: Cell, runner: CellRunner, namm: NAMM, others: list[NAMM], bas
     return parts, results[0], results[1] if len(fixed) > 1 else [], n
 
 
+def variant(namm: NAMM, option: str) -> NAMM:
+    """The NAMM with one option of its policy spec (`layers=6`), under its own source name."""
+    parsed = parse_policy(f"namm@0.5/{option}")
+    return namm.scoring_from(parsed.config.score_layers)
+
+
 def family(label: str) -> str:
     """A policy's name and options without its budget (FastGen keeps its threshold): one row of the summary."""
     if label.startswith("namm:") or label == "namm":
-        return label.rpartition("@")[0] if "@" in label.split("/")[-1] else label
+        return re.sub(r"@[0-9.]+(?=/|$)", "", label)
     if label.startswith("fastgen") or ":" not in label:
         return label
     return report.without_budget(label)
@@ -377,6 +386,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--also", type=Path, action="append", default=[],
                    help="another NAMM directory run at the same budgets (e.g. the warm start the NAMM was evolved "
                         "from); repeatable")
+    p.add_argument("--namm-variants", default="",
+                   help="the NAMM run again with these options, comma-separated NAME=VALUE (e.g. layers=6: it scores "
+                        "from six layers evenly spaced), each at every budget and compared with the NAMM")
     p.add_argument("--cell", action="append", help="MODEL:LENGTH:BUDGETS:PROMPTS[:PROTOCOL], repeatable; PROTOCOL is "
                    f"one of {', '.join(PROTOCOLS)} (default chunked). Default cells: {DEFAULT_CELLS}")
     p.add_argument("--tasks", default="passkey,niah_single,niah_multikey,qa")
@@ -408,6 +420,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.threads = max(1, (os.cpu_count() or 1) // args.workers)
     if args.dtype is None:
         args.dtype = "bfloat16" if cpu_has_bf16() or cuda else "float32"
+    args.namm_variants = [v.strip() for v in args.namm_variants.split(",") if v.strip()]
+    for v in args.namm_variants:
+        try:
+            parse_policy(f"namm@0.5/{v}")
+        except ValueError as e:
+            raise SystemExit(f"--namm-variants: {e}") from None
     args.baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     args.controls = [c.strip() for c in args.controls.split(",") if c.strip()]
     for spec in args.baselines + args.controls:   # bad specs fail before any model loads
@@ -431,6 +449,7 @@ def main(argv=None) -> int:
         return loaded
 
     namm, others = load(args.namm), [load(d) for d in args.also]
+    others += [variant(namm, v) for v in args.namm_variants]
     trained = trained_tasks(args.namm)
     label = namm.source
     from namm_core.generation import resolve_memory_settings

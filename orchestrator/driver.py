@@ -48,6 +48,8 @@ class Interrupted(RuntimeError):
 # how jobs reach the workers, not what they compute (tested equal): a run may resume under another
 # setting, and runs made before these settings existed keep their hash
 RESULT_NEUTRAL_WORKER_FIELDS = ("pool", "prompts_per_job")
+# NAMM settings added after runs were made: at their default they leave a run's hash as it was
+NAMM_FIELDS_ADDED_LATER = ("score_layers",)
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -55,6 +57,9 @@ def config_hash(cfg: RunConfig) -> str:
     data["stages"] = [{k: v for k, v in s.items()} for s in data["stages"]]
     for name in RESULT_NEUTRAL_WORKER_FIELDS:
         data["workers"].pop(name)
+    for name in NAMM_FIELDS_ADDED_LATER:
+        if data["namm"].get(name) is None:
+            data["namm"].pop(name, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

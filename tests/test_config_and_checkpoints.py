@@ -292,3 +292,18 @@ def test_resources_and_context_lengths_are_checked_before_ray(monkeypatch):
     with pytest.raises(ConfigError, match=r"stages\[0\]\.tasks\[0\]\.context_length: 1000000 tokens is beyond "
                                           "the model's window of 8192"):
         check_context_lengths(config_from_dict(data))
+
+
+def test_a_namm_setting_added_later_leaves_older_runs_hash_as_it_was():
+    """jobs/smoke.yaml hashed 2d2aa5333072e7d0 (root /tmp/oldwt/runs) before namm.score_layers
+    existed: at its default the run still resumes; set, it is another run."""
+    from dataclasses import replace
+
+    from orchestrator.config import load_config
+    from orchestrator.driver import config_hash
+
+    cfg = load_config(ROOT / "jobs" / "smoke.yaml", check_files=False)
+    cfg.checkpoint.root = Path("/tmp/oldwt/runs")
+    assert config_hash(cfg) == "2d2aa5333072e7d0"
+    cfg.namm = replace(cfg.namm, scope="global", selection="top_k", budget="0.5", score_layers=1)
+    assert config_hash(cfg) != "2d2aa5333072e7d0"
