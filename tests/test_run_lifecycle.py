@@ -181,3 +181,42 @@ def test_a_checkpoint_root_that_is_a_file_or_read_only_is_refused_before_ray(tmp
                 EvolutionRun(cfg).prepare()
     finally:
         os.chmod(readonly / "rootro", 0o700)
+
+
+def test_the_pool_starts_the_costliest_jobs_first_and_returns_results_in_job_order(ray_cluster):
+    """candidate_jobs prices a job by its prompts' tokens; one actor shows the order jobs start in."""
+    import numpy as np
+    import ray
+
+    from orchestrator.dispatch import ActorPool
+    from orchestrator.driver import candidate_jobs
+
+    @ray.remote(num_cpus=0)
+    class Echo:
+        def location(self):
+            return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+
+        def evaluate(self, vector, norm, requests, tasks):
+            return {"first": float(vector[0]), "requests": list(requests)}
+
+    tasks = [{"key": "short", "context_length": 256}, {"key": "long", "context_length": 2048}]
+    requests = [("short", 0), ("short", 1), ("long", 0), ("long", 1)]
+    candidates = [np.full(3, float(i)) for i in range(2)]
+    jobs, sizes = candidate_jobs(candidates, None, requests, tasks, prompts_per_job=2)
+    assert sizes == [2, 2] and [j.cost for j in jobs] == [512, 4096, 512, 4096]
+    pool = ActorPool(lambda i: Echo.remote(), 1)
+    assert pool.wait_ready() and pool.nodes[0] and pool.node_report()["nodes_in_use"] == 1
+    order = []
+    submit = pool.actors[0].evaluate.remote
+
+    class Spy:
+        def remote(self, *args):
+            order.append((args[0][0], args[2][0][0]))
+            return submit(*args)
+
+    pool.actors[0].evaluate = Spy()
+    results = pool.run(jobs)
+    pool.shutdown()
+    assert order == [(0.0, "long"), (1.0, "long"), (0.0, "short"), (1.0, "short")]
+    assert [(r["first"], r["requests"][0][0]) for r in results] == [(0.0, "short"), (0.0, "long"),
+                                                                    (1.0, "short"), (1.0, "long")]
