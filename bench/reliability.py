@@ -196,15 +196,15 @@ def faults(tmp: Path) -> list[tuple]:
 def _node_lost(tmp: Path) -> tuple:
     """A worker node of a three-node cluster (orchestrator/local_cluster.py) crashed while its actor
     evaluates a candidate, a new node joining right after; judged against an undisturbed run of the
-    same job on the same cluster (6 generations, so the new node joins while the run goes on)."""
+    same job on the same cluster (10 generations, so the new node joins while the run goes on)."""
     from mlflow.tracking import MlflowClient
 
     from orchestrator.local_cluster import LocalCluster
 
-    generations = 6
+    generations = 10    # the new node joins (~15 s) while the run goes on
     data = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
     data["stages"] = data["stages"][:1]
-    data["stages"][0].update(generations=generations, validation_every=generations)
+    data["stages"][0].update(generations=generations, validation_every=generations, prompts_per_task=4)
     with LocalCluster(tmp / "cluster") as cluster:
         cluster.add_node(1)
         victim = cluster.add_node(1)

@@ -41,6 +41,7 @@ class ActorPool:
         self.nodes_seen: set = set()          # every node an actor of this pool has run on
         self._probes: dict = {}
         self._reprobe: list[tuple[float, int]] = []   # (when, actor): health checks to ask again
+        self._next_node_check = 0.0
 
     def wait_ready(self, timeout: float = 900.0) -> list[int]:
         """Block until every actor has started (and loaded its model); returns their PIDs."""
@@ -72,6 +73,7 @@ class ActorPool:
         idle = [i for i in range(len(self.actors)) if i not in probes.values()]
         in_flight: dict[ray.ObjectRef, _InFlight] = {}
         while queue or in_flight:
+            self._check_nodes(jobs, in_flight, idle, probes, attempts, last_actor, queue)
             while queue and idle:
                 j = queue.pop(0)
                 # retry on another actor than the one that failed it, when there is a choice
@@ -108,6 +110,28 @@ class ActorPool:
             if queue and not idle and not in_flight and not probes and not self._reprobe:  # pragma: no cover
                 raise RuntimeError("no actor left to run the remaining jobs")
         return results
+
+    def _check_nodes(self, jobs, in_flight, idle, probes, attempts, last_actor, queue) -> None:
+        """Actors on a node that died, noticed once a second: their jobs go elsewhere (a job sent to
+        an actor Ray cannot restart yet would wait for a node to join), and they are health-probed
+        until Ray has restarted them on a live node."""
+        now = time.monotonic()
+        if now < self._next_node_check or not any(self.nodes):
+            return
+        self._next_node_check = now + 1.0
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        for i, node in enumerate(self.nodes):
+            if node is None or node in alive or i in probes.values():
+                continue
+            log.warning("actor %d: its node %s is gone", i, _short_id(node))
+            for ref, flight in list(in_flight.items()):
+                if flight.actor_index == i:   # a late result of this job, if any, is never read
+                    in_flight.pop(ref)
+                    self._failed(jobs, flight, attempts, last_actor, queue, "its node was lost")
+            if i in idle:
+                idle.remove(i)
+            self._reprobe = [r for r in self._reprobe if r[1] != i]
+            self._probe(i, probes)
 
     def _probe(self, actor_index: int, probes: dict) -> None:
         probes[self.actors[actor_index].location.remote()] = actor_index

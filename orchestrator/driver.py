@@ -424,6 +424,7 @@ class EvolutionRun:
         stage_done = st.stage_generation >= stage.generations
         if st.stage_generation % stage.validation_every == 0 or stage_done:
             metrics["validation_fitness"] = self._validate(pool, stage)
+            metrics["failures"] = len(pool.failures) - failures_before   # the validation's too
         self._checkpoint()            # the run is safe from here on
         self._log(g, metrics)
         if len(pool.failures) > failures_before:   # what failed and where (actor, node), for the dashboard

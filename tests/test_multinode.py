@@ -18,7 +18,7 @@ from orchestrator.local_cluster import LocalCluster
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.ray
 
-GENERATIONS = 6     # long enough for a node to join after the crash and still get work
+GENERATIONS = 10    # long enough for a node to join after the crash (~15 s) and still get work
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def _job(tmp: Path, name: str) -> Path:
     data = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
     data["name"] = name
     data["stages"] = data["stages"][:1]
-    data["stages"][0].update(generations=GENERATIONS, validation_every=GENERATIONS)
+    data["stages"][0].update(generations=GENERATIONS, validation_every=GENERATIONS, prompts_per_task=4)
     data["workers"].update(timeout_seconds=120)
     data["checkpoint"] = {"root": str(tmp / "runs"), "keep": GENERATIONS}
     path = tmp / f"{name}.yaml"     # an absolute path: the job's driver runs on this machine
