@@ -124,6 +124,7 @@ class ActorPool:
             if node is None or node in alive or i in probes.values():
                 continue
             log.warning("actor %d: its node %s is gone", i, _short_id(node))
+            self.failures.append(f"actor {i} (node {_short_id(node)}): the node was lost")
             for ref, flight in list(in_flight.items()):
                 if flight.actor_index == i:   # a late result of this job, if any, is never read
                     in_flight.pop(ref)
