@@ -248,4 +248,4 @@ def _layers_option(value) -> object:
         items = [int(v) for v in str(value).split(",")]
     except ValueError:
         raise ValueError(f"option layers={value!r}: expected a count or layer indices like 0,10,20") from None
-    return items[0] if len(items) == 1 and "," not in str(value) else items
+    return items if "," in str(value) else items[0]

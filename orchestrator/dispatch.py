@@ -52,7 +52,7 @@ class ActorPool:
 
     def node_report(self) -> dict:
         """Nodes alive in the cluster, nodes this pool's actors run on, nodes they ran on that died."""
-        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        alive = _alive_nodes()
         return {"nodes_alive": len(alive), "nodes_in_use": len({n for n in self.nodes if n in alive}),
                 "nodes_lost": sorted(self.nodes_seen - alive)}
 
@@ -119,7 +119,7 @@ class ActorPool:
         if now < self._next_node_check or not any(self.nodes):
             return
         self._next_node_check = now + 1.0
-        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        alive = _alive_nodes()
         for i, node in enumerate(self.nodes):
             if node is None or node in alive or i in probes.values():
                 continue
@@ -176,6 +176,10 @@ class ActorPool:
 def _actor_is_down(e: Exception) -> bool:
     """The actor itself failed (died, restarting, unreachable), as opposed to the task raising."""
     return isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
+
+
+def _alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
 
 def _short_id(node) -> str:

@@ -1,6 +1,6 @@
 """A Ray cluster in miniature on one machine: a head and worker nodes, each its own `ray start`
 process with its own CPUs, temp directory and loopback ports, stopped by process id (never with
-`ray stop`, which ends every Ray cluster on the machine).
+Ray's own stop command, which ends every Ray cluster on the machine).
 
     python -m orchestrator.local_cluster --nodes 2 --cpus-per-node 1
 
@@ -43,17 +43,14 @@ def free_ports(count: int) -> list[int]:
 class RayNode:
     """One `ray start --block` process and the Ray processes under it (raylet, workers, agents)."""
 
-    def __init__(self, name: str, proc: subprocess.Popen, log: Path, num_cpus: int):
-        self.name, self.proc, self.log, self.num_cpus = name, proc, log, num_cpus
+    def __init__(self, name: str, proc: subprocess.Popen, log: Path):
+        self.name, self.proc, self.log = name, proc, log
 
     def processes(self) -> list[psutil.Process]:
         try:
             return psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
-
-    def raylet(self) -> Optional[psutil.Process]:
-        return next((p for p in self.processes() if _name(p) == "raylet"), None)
 
     def busy_with(self, method: str) -> bool:
         """Whether an actor on this node is running `method` (Ray titles a busy worker ray::Class.method)."""
@@ -163,7 +160,7 @@ class LocalCluster:
         cmd = [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
                *ports, *args]
         proc = subprocess.Popen(cmd, env=self.env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-        node = RayNode(name, proc, log, num_cpus)
+        node = RayNode(name, proc, log)
         self.nodes.append(node)
         return node
 
@@ -190,13 +187,6 @@ class LocalCluster:
         for node in reversed(self.nodes):   # worker nodes first, the head last
             node.stop()
         shutil.rmtree(self.ray_temp, ignore_errors=True)
-
-
-def _name(p: psutil.Process) -> str:
-    try:
-        return p.name()
-    except psutil.Error:
-        return ""
 
 
 def _kill(p: psutil.Process) -> None:

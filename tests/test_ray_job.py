@@ -1,62 +1,22 @@
 """`ray job submit` against a real Ray head started with `ray start --head` on free loopback
-ports, stopped afterwards by its process id."""
+ports (orchestrator/local_cluster.py), stopped afterwards by its process id."""
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
+from orchestrator.local_cluster import LocalCluster
+
 ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.ray
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("head")
-    port, dash, agent = free_port(), free_port(), free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{VENV_BIN}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
-           "--num-cpus=4", f"--temp-dir={tmp / 'ray'}", "--include-dashboard=true"]
-    head = subprocess.Popen(cmd, env=env, stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if head.poll() is not None:
-            pytest.fail("ray start --head exited:\n" + (tmp / "head.log").read_text()[-3000:])
-        probe = subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address], env=env,
-                               capture_output=True, text=True)
-        if probe.returncode == 0:
-            break
-        time.sleep(2)
-    else:
-        pytest.fail("the Ray head did not come up:\n" + (tmp / "head.log").read_text()[-3000:])
-    yield address, env
-    children = psutil.Process(head.pid).children(recursive=True)
-    head.send_signal(signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        head.kill()
-    for child in children:  # anything the head left behind, by process id
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
+    with LocalCluster(tmp_path_factory.mktemp("head"), head_cpus=4) as cluster:
+        yield cluster.dashboard, cluster.env
 
 
 def test_ray_job_submit_runs_the_smoke_job(ray_head, tmp_path):
