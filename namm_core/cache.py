@@ -169,12 +169,14 @@ class MemoryCache(Cache):
         self.observer = None
         # query_observer(layer_idx, layer, query [B, H_q, Q, D] post-RoPE, scaling): the chunk's queries
         self.query_observer = None
-        self.observed_layers: Optional[set[int]] = None   # layers the observer wants (None: all)
+        # layers the observer wants (None: all); only they hold the policy's per-token statistics
+        self.observed_layers: Optional[set[int]] = None
         self._rows_storage: Optional[torch.Tensor] = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        return self.layers[layer_idx].append(
-            key_states, value_states, self.chunk_positions, self.chunk_valid, self.chunk_columns, self.aux_shapes)
+        observed = self.observed_layers is None or layer_idx in self.observed_layers
+        return self.layers[layer_idx].append(key_states, value_states, self.chunk_positions, self.chunk_valid,
+                                             self.chunk_columns, self.aux_shapes if observed else {})
 
     def set_chunk(self, positions, valid, columns) -> None:
         self.chunk_positions, self.chunk_valid, self.chunk_columns = positions, valid, columns

@@ -29,6 +29,7 @@ from .selection import Structure, sink_mask
 class ExpectedAttention(BudgetPolicy):
     name = "expected_attention"
     needs_queries = True
+    observations_feed_updates_only = True
     default_structure = Structure(sinks=4)
 
     def __init__(self, budget, structure=None, future: int = 512, epsilon: float = 0.0, covariance: int = 1,

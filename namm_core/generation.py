@@ -180,7 +180,10 @@ class MemoryManagedLM:
         if streamer is not None:
             streamer.put(input_ids.cpu())
         logits_all: Optional[list] = [] if return_logits else None
-        cache, state, stats, last_logits = self._prefill(input_ids, attention_mask, prefix, compress_at, logits_all)
+        # the last forward reads the next-to-last new token (the last one is never fed back)
+        last_column = input_ids.shape[1] + max(config.max_new_tokens - 1, 0)
+        cache, state, stats, last_logits = self._prefill(input_ids, attention_mask, prefix, compress_at, logits_all,
+                                                         last_column)
         t1 = time.perf_counter()
         generated = self._decode(cache, state, stats, input_ids, last_logits, chooser, config, streamer, logits_all)
         stats.decode_seconds = time.perf_counter() - t1
@@ -200,7 +203,7 @@ class MemoryManagedLM:
         return input_ids, attention_mask
 
     def _prefill(self, input_ids, attention_mask, prefix: Optional["SharedPrefix"], compress_at: Optional[int],
-                 logits_all: Optional[list]):
+                 logits_all: Optional[list], last_column: int = 2**62):
         """Read the prompt chunk by chunk (from a shared prefix's state when given), updating the
         memory on the way; returns the cache, the loop state, the stats and the last logits."""
         t0 = time.perf_counter()
@@ -208,10 +211,11 @@ class MemoryManagedLM:
         if prefix is not None:
             prefix.check(self, input_ids)
             cache, state, stats, start, last_logits = prefix.restore()
+            state.last_column = last_column
             self.policy.new_sequence()
             self._maybe_update(cache, state, stats, start)
         else:
-            cache, state, stats = self._start(attention_mask, compress_at, T)
+            cache, state, stats = self._start(attention_mask, compress_at, T, last_column)
             start, last_logits = 0, None
         while start < T:
             end = min(start + self.chunk_size, state.next_update, T)
@@ -309,10 +313,11 @@ class MemoryManagedLM:
             prefix.check(self, ids)
             cache, state, stats, start, _ = prefix.restore()
             state.positions, state.mask = torch.arange(ids.shape[1], device=self.device).view(1, -1), mask
+            state.last_column = ids.shape[1] - 1
             self.policy.new_sequence()
             self._maybe_update(cache, state, stats, start)
         else:
-            cache, state, stats = self._start(mask, compress_at, T)
+            cache, state, stats = self._start(mask, compress_at, T, last_column=ids.shape[1] - 1)
             start = 0
         if start > T - 1:
             raise ValueError("the shared prefix reaches into the continuation")
@@ -331,16 +336,21 @@ class MemoryManagedLM:
         _record_what_was_kept(stats, state, cache)
         return logp.gather(-1, target[:, None])[:, 0].cpu(), stats
 
-    def _start(self, attention_mask: torch.Tensor, compress_at: Optional[int] = None, prompt_columns: int = 0):
-        """A fresh cache, loop state and statistics for one batch of prompts."""
+    def _start(self, attention_mask: torch.Tensor, compress_at: Optional[int] = None, prompt_columns: int = 0,
+               last_column: int = 2**62):
+        """A fresh cache, loop state and statistics for one batch of prompts; `last_column`: the
+        columns processed after the run's last forward, when known."""
         if compress_at is not None and (isinstance(compress_at, bool) or int(compress_at) != compress_at
                                         or not 0 < compress_at <= prompt_columns):
             raise ValueError(f"compress_at must be a column of the prompt (1..{prompt_columns}), got {compress_at!r}")
         cache = MemoryCache(self.model.config, aux_shapes=getattr(self.policy, "aux_shapes", {}))
+        if self.policy.needs_attention:
+            # layers the policy does not observe carry none of its per-token statistics
+            cache.observed_layers = self.policy.observed_layers(len(cache.layers))
         self.policy.new_sequence()
         state = _LoopState(positions=attention_mask.long().cumsum(-1) - 1, mask=attention_mask,
                            next_update=self.update_every if compress_at is None else int(compress_at),
-                           one_shot=compress_at is not None)
+                           one_shot=compress_at is not None, last_column=last_column)
         if self.policy.reconstructs:
             state.history = ([], [])
         return cache, state, MemoryStats()
@@ -364,7 +374,10 @@ class MemoryManagedLM:
         if state.history is not None:       # a policy that re-reads tokens at its updates keeps them
             state.history[0].append(ids)
             state.history[1].append(real)
-        if policy.needs_queries:
+        # attention seen after the run's last update feeds no decision: not captured (the forward
+        # runs on the fused kernel) when the policy's observations only feed its updates
+        wasted = policy.observations_feed_updates_only and state.next_update > state.last_column
+        if policy.needs_queries and not wasted:
             def query_observer(layer_idx, layer, query, scaling):
                 tp = time.perf_counter()
                 policy.observe_queries(layer_idx, layer, query, scaling, step)
@@ -372,7 +385,7 @@ class MemoryManagedLM:
                 stats.policy_seconds += spent
                 stats.observe_seconds += spent
             cache.query_observer = query_observer
-        if policy.needs_attention:
+        if policy.needs_attention and not wasted:
             def observer(layer_idx, layer, attn):
                 tp = time.perf_counter()
                 policy.observe(layer_idx, layer, attn, step)
@@ -380,7 +393,6 @@ class MemoryManagedLM:
                 stats.policy_seconds += spent
                 stats.observe_seconds += spent
             cache.observer = observer
-            cache.observed_layers = policy.observed_layers(len(cache.layers))
         with cache.active():
             out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
                              logits_to_keep=0 if keep_all else logits_to_keep)
@@ -510,6 +522,9 @@ class _LoopState:
     newest: torch.Tensor = None  # [B] position of each row's newest token
     last_update: int = 0       # column of the previous update
     history: Optional[tuple] = None  # (ids, real) chunks so far, for a policy that re-reads them
+    # the column count after the run's last forward (NEVER: not known, e.g. a shared prefix):
+    # a forward after which no update can run feeds no decision
+    last_column: int = 2**62
 
     def __post_init__(self):
         self.seen = torch.zeros(self.mask.shape[0], dtype=torch.long, device=self.mask.device)

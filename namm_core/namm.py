@@ -167,6 +167,7 @@ def scored_layer_indices(score_layers, num_layers: int) -> list[int]:
 class NAMM(MemoryPolicy):
     name = "namm"
     needs_attention = True
+    observations_feed_updates_only = True
 
     def __init__(self, config: Optional[NAMMConfig] = None):
         self.config = config or NAMMConfig()

@@ -82,6 +82,9 @@ class MemoryPolicy:
     needs_queries = False
     reconstructs = False
     aux_shapes: dict[str, tuple[int, ...]] = {}
+    # True when observe / observe_queries only prepare later selections: forwards after which no
+    # update will run are then not observed (a recorder of attention for analysis sets False)
+    observations_feed_updates_only = False
 
     def new_sequence(self) -> None:
         """Called before each new batch of prompts."""
@@ -234,6 +237,7 @@ class H2O(BudgetPolicy):
     """Zhang et al. 2023: recent window + heavy hitters by accumulated attention."""
     name = "h2o"
     needs_attention = True
+    observations_feed_updates_only = True
     aux_shapes = {"h2o_acc": ()}
 
     def __init__(self, budget, structure=None, recent_fraction: float = 0.5):
@@ -257,6 +261,7 @@ class TOVA(BudgetPolicy):
     """Oren et al. 2024: keep the tokens the newest query attends to most."""
     name = "tova"
     needs_attention = True
+    observations_feed_updates_only = True
     aux_shapes = {"tova_last": ()}
 
     def observe(self, layer_idx, layer, attn, step):
@@ -272,6 +277,7 @@ class SnapKV(BudgetPolicy):
     update, max-pooled over `kernel` neighbouring tokens; the observation window itself is kept."""
     name = "snapkv"
     needs_attention = True
+    observations_feed_updates_only = True
     aux_shapes = {"snap_obs": ()}
 
     def __init__(self, budget, structure=None, window: int = 32, kernel: int = 7):
@@ -312,6 +318,7 @@ class FastGen(MemoryPolicy):
     """
     name = "fastgen"
     needs_attention = True
+    observations_feed_updates_only = True
     aux_shapes = {"fg_acc": (), "fg_recent": (), "fg_special": (), "fg_punct": ()}
     RULES = ("special", "special+punct", "special+punct+heavy", "special+punct+heavy+recent", "full")
 

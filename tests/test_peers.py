@@ -96,6 +96,8 @@ def test_queries_taken_back_before_rope_are_the_model_projections(kind):
     seen = {}
 
     class Spy(ExpectedAttention):
+        observations_feed_updates_only = False   # a recorder: no update runs in this prompt
+
         def observe_queries(self, layer_idx, layer, query, scaling, step):
             seen.setdefault(layer_idx, []).append(rotary.unrotate(query, step.query_positions, layer_idx))
 
