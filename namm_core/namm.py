@@ -198,6 +198,10 @@ class NAMM(MemoryPolicy):
     def num_params(self) -> int:
         return self.scorer.num_params
 
+    def param_slices(self) -> dict[str, slice]:
+        """Where each of the scorer's parameter tensors lies in `get_params()`'s vector."""
+        return self.scorer.param_slices()
+
     def get_params(self) -> torch.Tensor:
         return self.scorer.get_flat()
 

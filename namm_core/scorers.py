@@ -30,6 +30,14 @@ class FlatParams(nn.Module):
     def get_flat(self) -> torch.Tensor:
         return torch.nn.utils.parameters_to_vector(self.parameters()).detach().float().cpu()
 
+    def param_slices(self) -> dict[str, slice]:
+        """Where each parameter tensor lies in the flat vector ("readout.weight" -> slice)."""
+        out, at = {}, 0
+        for name, p in self.named_parameters():
+            out[name] = slice(at, at + p.numel())
+            at += p.numel()
+        return out
+
     def set_flat(self, vector) -> None:
         vec = torch.as_tensor(vector, dtype=torch.float32).flatten()
         if vec.numel() != self.num_params:

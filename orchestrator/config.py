@@ -125,6 +125,32 @@ class WarmStartConfig:
 
 
 @dataclass
+class SubspaceConfig:
+    """Search only part of the parameter vector around the start (orchestrator.subspace): the
+    coordinates of named parameter groups of the scorer, or k random orthonormal directions."""
+    params: Optional[list[str]] = None    # e.g. [readout, modulation]; "readout.bias" names one tensor
+    random_dim: Optional[int] = None
+
+    def check(self, slices: dict) -> None:
+        from .subspace import param_indices
+
+        if (self.params is None) == (self.random_dim is None):
+            raise ConfigError("es.subspace: give exactly one of params (parameter groups) or random_dim")
+        if self.random_dim is not None:
+            _whole_number(self.random_dim, "es.subspace.random_dim", minimum=2)
+            if self.random_dim > sum(s.stop - s.start for s in slices.values()):
+                raise ConfigError(f"es.subspace.random_dim: {self.random_dim} is more than the NAMM's parameters")
+            return
+        if not self.params or not all(isinstance(p, str) for p in self.params):
+            raise ConfigError(f"es.subspace.params: expected a list of parameter group names, got {self.params!r}")
+        try:
+            if len(param_indices(slices, self.params)) < 2:
+                raise ConfigError("es.subspace.params: pycma needs at least 2 coordinates to search")
+        except ValueError as e:
+            raise ConfigError(f"es.subspace.params: {e}") from None
+
+
+@dataclass
 class ESConfig:
     population: int = 32
     sigma0: float = 0.065
@@ -132,6 +158,7 @@ class ESConfig:
     seed: int = 0
     diagonal: bool = False                # CMA_diagonal: cheaper updates and small checkpoints
     warm_start: Optional[WarmStartConfig] = None   # default: the paper's mean 0 (keep everything)
+    subspace: Optional[SubspaceConfig] = None      # default: search every parameter
 
     def check(self, namm_scope: str) -> None:
         _positive(self.population, "es.population")
@@ -312,8 +339,12 @@ class RunConfig:
         self.model.check()
         self.memory.check()
         _positive(self.namm.stats_prompts, "namm.stats_prompts")
-        self.namm_config()
+        namm_config = self.namm_config()
         self.es.check(self.namm.scope)
+        if self.es.subspace is not None:
+            from namm_core import NAMM
+
+            self.es.subspace.check(NAMM(namm_config).param_slices())
         self.fitness.check()
         self.workers.check()
         self.checkpoint.check()

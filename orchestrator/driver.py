@@ -34,6 +34,7 @@ from .es import EvolutionStrategy
 from .pool import Job, in_process_pool
 from .runlock import RunLock
 from .state import EvolutionState
+from .subspace import build_subspace
 from .tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,10 @@ class EvolutionRun:
             if st.norm is None:
                 st.norm = self._collect_statistics(pool)
             if st.es is None:
-                st.es = EvolutionStrategy(st.num_params, cfg.es, x0=self._warm_start(pool))
+                st.es = EvolutionStrategy(st.num_params, cfg.es, x0=self._warm_start(pool), subspace=self._subspace())
+                if st.es.subspace is not None:
+                    log.info("CMA-ES searches %d of %d dimensions: %s", st.es.search_dim, st.num_params,
+                             st.es.subspace.describe())
                 self._checkpoint()   # generation 0's starting point: statistics and the ES's mean
             bar = tqdm(total=cfg.total_generations, initial=st.global_generation, desc=f"evolve {cfg.name}",
                        unit="gen", dynamic_ncols=True)
@@ -277,6 +281,13 @@ class EvolutionRun:
             config_hash=digest, num_params=NAMM(NAMMConfig.from_spec(self.cfg.namm_spec())).num_params,
             namm_spec=self.cfg.namm_spec(), model=self.cfg.model.name,
             sampler=np.random.RandomState(self.cfg.es.seed + 17))
+
+    def _subspace(self):
+        """The part of the parameter vector `es.subspace` asks CMA-ES to search (None: all of it)."""
+        from namm_core import NAMM, NAMMConfig
+
+        slices = NAMM(NAMMConfig.from_spec(self.cfg.namm_spec())).param_slices()
+        return build_subspace(self.cfg.es.subspace, slices, self.state.num_params, seed=self.cfg.es.seed)
 
     def _checkpoint(self) -> Path:
         return ckpt.write_checkpoint(self.ckpt_dir, self.state.global_generation, self.state.to_payload(),
