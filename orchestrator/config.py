@@ -182,6 +182,9 @@ class FitnessConfig:
     # "loglik": teacher-forced likelihood of the reply relative to the full cache (dense, no decoding)
     kind: str = "task_score"
     loglik_target: str = "reference"      # "reference" answer, or the "full_cache" model's own reply
+    # what CMA-ES is told: the fitness above ("none"), or each prompt's values ranked / z-scored
+    # among the generation's candidates, then averaged (workers.fitness.per_prompt_fitness)
+    per_prompt: str = "none"
 
     def check(self) -> None:
         from workers.fitness import FITNESS
@@ -196,6 +199,13 @@ class FitnessConfig:
             raise ConfigError(f"fitness.retention_target: must be in (0, 1], got {self.retention_target}")
         if self.retention_weight < 0:
             raise ConfigError(f"fitness.retention_weight: must be 0 or more, got {self.retention_weight}")
+        from workers.fitness import PER_PROMPT
+
+        if self.per_prompt not in PER_PROMPT:
+            raise ConfigError(f"fitness.per_prompt: expected one of {', '.join(PER_PROMPT)}, got {self.per_prompt!r}")
+        if self.per_prompt != "none" and self.retention_target is not None:
+            raise ConfigError("fitness.per_prompt: a per-prompt ranking has no scale to charge memory on; "
+                              "use it without fitness.retention_target (or give the NAMM a budget)")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from workers.fitness import candidate_fitness
+from workers.fitness import candidate_fitness, per_prompt_fitness
 
 from . import checkpoint as ckpt
 from .artifacts import export_artifacts
@@ -49,8 +49,9 @@ class Interrupted(RuntimeError):
 # how jobs reach the workers, not what they compute (tested equal): a run may resume under another
 # setting, and runs made before these settings existed keep their hash
 RESULT_NEUTRAL_WORKER_FIELDS = ("pool", "prompts_per_job")
-# NAMM settings added after runs were made: at their default they leave a run's hash as it was
-NAMM_FIELDS_ADDED_LATER = ("score_layers",)
+# settings added after runs were made (section -> field -> default): at their default they leave
+# a run's hash as it was
+FIELDS_ADDED_LATER = {"namm": {"score_layers": None}, "es": {"subspace": None}, "fitness": {"per_prompt": "none"}}
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -58,9 +59,10 @@ def config_hash(cfg: RunConfig) -> str:
     data["stages"] = [{k: v for k, v in s.items()} for s in data["stages"]]
     for name in RESULT_NEUTRAL_WORKER_FIELDS:
         data["workers"].pop(name)
-    for name in NAMM_FIELDS_ADDED_LATER:
-        if data["namm"].get(name) is None:
-            data["namm"].pop(name, None)
+    for section, fields in FIELDS_ADDED_LATER.items():
+        for name, default in fields.items():
+            if data[section].get(name) == default:
+                data[section].pop(name, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -379,6 +381,14 @@ class EvolutionRun:
         fitness = candidate_fitness(fc.kind, per_task, result["retention"], fc.retention_target, fc.retention_weight)
         return fitness, {k: float(np.mean(s)) for k, (s, _) in per_task.items()}
 
+    def _told(self, fitness: list[float], results: list[Optional[dict]], num_prompts: int) -> list[float]:
+        """What CMA-ES ranks: the fitness, or (fitness.per_prompt) the candidates compared prompt by prompt."""
+        how = self.cfg.fitness.per_prompt
+        if how == "none":
+            return fitness
+        table = [r["scores"] if r is not None else [math.nan] * num_prompts for r in results]
+        return [float(v) for v in per_prompt_fitness(table, how)]
+
     def _generation(self, pool, stage) -> dict:
         st = self.state
         t0 = time.perf_counter()
@@ -393,9 +403,9 @@ class EvolutionRun:
         results = self._evaluate_candidates(pool, candidates, requests, tasks)
         eval_seconds = time.perf_counter() - t_eval
         scored = [self._fitness(r, requests) for r in results]
-        fitness = [f for f, _ in scored]
+        fitness = [f for f, _ in scored]   # logged, and what the best candidate is chosen by
         t_tell = time.perf_counter()
-        es.tell(fitness)
+        es.tell(self._told(fitness, results, len(requests)))
         tell_seconds = time.perf_counter() - t_tell
 
         g = st.global_generation

@@ -1,5 +1,6 @@
-"""CMA-ES in a subspace of the NAMM's parameters (es.subspace): what leaves the search is always
-the full vector, unchanged outside the subspace; resume is exact; bad configs are named."""
+"""Evolution's search levers. CMA-ES in a subspace of the NAMM's parameters (es.subspace): what
+leaves the search is always the full vector, unchanged outside the subspace; resume is exact.
+Candidates compared prompt by prompt (fitness.per_prompt). Bad configs are named."""
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from orchestrator.config import ConfigError, ESConfig, config_from_dict
 from orchestrator.driver import EvolutionRun
 from orchestrator.es import EvolutionStrategy
 from orchestrator.subspace import Subspace, build_subspace, param_indices
+from workers.fitness import per_prompt_fitness
 
 ROOT = Path(__file__).resolve().parent.parent
 SLICES = NAMM(NAMMConfig()).param_slices()
@@ -120,7 +122,8 @@ def _smoke(tmp_path: Path, name: str, subspace) -> dict:
     data.update(name=name, checkpoint={"root": str(tmp_path / "runs"), "keep": 3},
                 tracking={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test"})
     data["workers"]["pool"] = "in_process"
-    data["es"]["subspace"] = subspace
+    if subspace is not None:
+        data["es"]["subspace"] = subspace
     return data
 
 
@@ -162,3 +165,75 @@ def test_an_evolution_run_in_a_subspace_moves_only_its_coordinates_and_resumes_e
     assert np.any(np.asarray(full["mean"])[readout] != 0)
     exported = NAMM.from_pretrained(Path(tmp_path, "runs", "readout-only", "artifacts", "namm_latest"))
     assert np.array_equal(exported.get_params().numpy()[outside], np.zeros(len(outside), dtype=np.float32))
+
+
+# --- fitness.per_prompt -------------------------------------------------------------------------
+def test_per_prompt_ranks_share_ties_and_leave_failed_candidates_out():
+    values = [[1.0, 0.2], [3.0, 0.2], [2.0, 0.9], [np.nan, np.nan]]
+    got = per_prompt_fitness(values, "rank")
+    # prompt 0 ranks 0, 1, 0.5; prompt 1: the tie shares ranks 1 and 2 of 3 -> 0.25 each, 0.9 -> 1
+    assert np.allclose(got[:3], [0.125, 0.625, 0.75]) and np.isnan(got[3])
+    assert np.allclose(per_prompt_fitness(values[:3], "rank"), got[:3])
+
+
+def test_per_prompt_zscores_ignore_what_every_candidate_shares():
+    rng = np.random.RandomState(0)
+    values = rng.randn(6, 5)
+    shifted = values + rng.randn(5) * 10            # a per-prompt difficulty common to all candidates
+    assert np.allclose(per_prompt_fitness(values, "zscore"), per_prompt_fitness(shifted, "zscore"))
+    expected = ((values - values.mean(0)) / values.std(0)).mean(1)
+    assert np.allclose(per_prompt_fitness(values, "zscore"), expected)
+    flat = np.ones((4, 3))
+    assert np.array_equal(per_prompt_fitness(flat, "zscore"), np.zeros(4))
+
+
+def test_one_wide_prompt_decides_the_mean_but_not_the_per_prompt_ranking():
+    # candidate 0 is best on four prompts by a little; candidate 1 wins one prompt by a lot
+    values = np.array([[0.1, 0.1, 0.1, 0.1, -5.0],
+                       [0.0, 0.0, 0.0, 0.0, 5.0]])
+    assert values.mean(1)[1] > values.mean(1)[0]
+    ranked = per_prompt_fitness(values, "rank")
+    assert ranked[0] > ranked[1]
+
+
+def test_cma_es_is_told_the_per_prompt_ranking_and_the_log_keeps_the_fitness(tmp_path, monkeypatch):
+    told = []
+    original = EvolutionStrategy.tell
+    monkeypatch.setattr(EvolutionStrategy, "tell", lambda self, f: told.append(list(f)) or original(self, f))
+    data = _smoke(tmp_path, "ranked", None)
+    data["fitness"] = {"per_prompt": "rank"}
+    run = EvolutionRun(config_from_dict(data, base_dir=tmp_path))
+    run.run()
+    assert len(told) == 3 and all(len(t) == 6 for t in told)
+    for g, values in enumerate(told):
+        assert all(0 <= v <= 1 for v in values)
+        assert np.isclose(np.mean(values), 0.5)                   # ranks of 6 candidates average 1/2
+        logged = [row["fitness"] for row in run.state.history if row["generation"] == g]
+        assert len(logged) == 6 and not np.allclose(logged, values)   # the history keeps the fitness itself
+
+
+@pytest.mark.parametrize("fitness,error", [
+    ({"per_prompt": "ranks"}, "fitness.per_prompt: expected one of none, rank, zscore"),
+    ({"per_prompt": "rank", "retention_target": 0.5}, "fitness.per_prompt: a per-prompt ranking has no scale"),
+])
+def test_a_bad_per_prompt_setting_names_the_field(tmp_path, fitness, error):
+    data = _smoke(tmp_path, "bad", None)
+    data["fitness"] = fitness
+    with pytest.raises(ConfigError, match=error):
+        config_from_dict(data, base_dir=tmp_path)
+
+
+def test_a_subspace_or_per_prompt_ranking_makes_another_run(tmp_path):
+    """At their defaults the new settings leave the hash as it was (older runs resume); set, they
+    change it (a checkpoint of one cannot be resumed as the other)."""
+    from orchestrator.driver import config_hash
+
+    plain = config_from_dict(_smoke(tmp_path, "h", None), base_dir=tmp_path)
+    explicit = _smoke(tmp_path, "h", None)
+    explicit["fitness"] = {"per_prompt": "none"}
+    assert config_hash(config_from_dict(explicit, base_dir=tmp_path)) == config_hash(plain)
+    subspace = config_from_dict(_smoke(tmp_path, "h", {"random_dim": 8}), base_dir=tmp_path)
+    ranked = _smoke(tmp_path, "h", None)
+    ranked["fitness"] = {"per_prompt": "rank"}
+    hashes = {config_hash(plain), config_hash(subspace), config_hash(config_from_dict(ranked, base_dir=tmp_path))}
+    assert len(hashes) == 3

@@ -12,6 +12,12 @@ the config's validation, the worker and the driver; adding a kind is one `regist
   neither answers correctly) and cheap (no decoding).
 Either can be charged for memory: with a retention target t, a candidate whose mean
 retention r exceeds t loses weight * (r - t).
+
+`fitness.per_prompt` ("rank" or "zscore") instead compares the generation's candidates prompt by
+prompt: each prompt's values are ranked or z-scored among the candidates, then averaged. Every
+candidate of a generation runs the same prompts, so a hard prompt shifts every candidate alike;
+normalising per prompt also stops one prompt with a wide spread of values from deciding the
+ranking alone. CMA-ES only uses the order of its candidates, so only the ranking is told.
 """
 from __future__ import annotations
 
@@ -79,3 +85,31 @@ def candidate_fitness(kind: str, per_task: dict[str, tuple[list[float], list[flo
     if retention_target is not None:
         fitness -= retention_weight * max(0.0, float(np.mean(retentions)) - retention_target)
     return fitness
+
+
+PER_PROMPT = ("none", "rank", "zscore")
+
+
+def per_prompt_fitness(values, how: str) -> np.ndarray:
+    """values [candidates, prompts] (a failed candidate's row NaN) -> one fitness per candidate:
+    each prompt's values ranked among the candidates that ran (ties share their mean rank, scaled
+    to 0..1) or z-scored among them (0 where they all agree), then averaged over prompts."""
+    from scipy.stats import rankdata
+
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 2:
+        raise ValueError(f"expected [candidates, prompts] values, got shape {values.shape}")
+    ran = np.isfinite(values).all(axis=1)
+    out = np.full(values.shape[0], np.nan)
+    if ran.sum() == 0:
+        return out
+    ok = values[ran]
+    if how == "rank":
+        scaled = (rankdata(ok, axis=0) - 1) / max(1, len(ok) - 1)
+    elif how == "zscore":
+        spread = ok.std(axis=0)
+        scaled = np.where(spread > 0, (ok - ok.mean(axis=0)) / np.where(spread > 0, spread, 1), 0.0)
+    else:
+        raise ValueError(f"fitness.per_prompt: expected one of {', '.join(PER_PROMPT[1:])}, got {how!r}")
+    out[ran] = scaled.mean(axis=1)
+    return out
