@@ -159,6 +159,9 @@ class ESConfig:
     diagonal: bool = False                # CMA_diagonal: cheaper updates and small checkpoints
     warm_start: Optional[WarmStartConfig] = None   # default: the paper's mean 0 (keep everything)
     subspace: Optional[SubspaceConfig] = None      # default: search every parameter
+    # a saved NAMM directory to evolve from: its weights are the starting mean and its
+    # normalisation statistics are used as they are (no warm start, no statistics collected)
+    start: Optional[str] = None
 
     def check(self, namm_scope: str) -> None:
         _positive(self.population, "es.population")
@@ -170,6 +173,23 @@ class ESConfig:
             raise ConfigError(f"es.elite_ratio: must be in (0, 1], got {self.elite_ratio}")
         if self.warm_start is not None:
             self.warm_start.check(namm_scope)
+        if self.start is not None and self.warm_start is not None:
+            raise ConfigError("es.start: a run starts from a saved NAMM or from a warm start, not both")
+
+    def check_start(self, namm_config) -> None:
+        """es.start must be the very memory this run evolves (same scorer, selection, structure)."""
+        from namm_core import NAMM
+
+        try:
+            saved = NAMM.from_pretrained(self.start)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"es.start: {e}") from None
+        ours, theirs = dataclasses.asdict(namm_config), dataclasses.asdict(saved.config)
+        differ = [k for k in ours if ours[k] != theirs.get(k)]
+        if differ:
+            k = differ[0]
+            raise ConfigError(f"es.start: {self.start} has {k} {theirs.get(k)!r}, this run's NAMM has {ours[k]!r} "
+                              f"(differing: {', '.join(differ)}); set the namm section to match it")
 
 
 @dataclass
@@ -351,6 +371,8 @@ class RunConfig:
         _positive(self.namm.stats_prompts, "namm.stats_prompts")
         namm_config = self.namm_config()
         self.es.check(self.namm.scope)
+        if self.es.start is not None and check_files:
+            self.es.check_start(namm_config)
         if self.es.subspace is not None:
             from namm_core import NAMM
 
@@ -468,6 +490,8 @@ def _resolve_paths(cfg: RunConfig, base_dir: Path) -> None:
         for task in stage.tasks:
             if task.file and not Path(task.file).is_absolute():
                 task.file = str((base_dir / task.file).resolve())
+    if cfg.es.start and not Path(cfg.es.start).is_absolute():
+        cfg.es.start = str((base_dir / cfg.es.start).resolve())
     root = Path(os.environ.get("NAMM_RUN_ROOT") or cfg.checkpoint.root)
     cfg.checkpoint.root = str(root if root.is_absolute() else (base_dir / root).resolve())
 

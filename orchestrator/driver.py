@@ -51,7 +51,8 @@ class Interrupted(RuntimeError):
 RESULT_NEUTRAL_WORKER_FIELDS = ("pool", "prompts_per_job")
 # settings added after runs were made (section -> field -> default): at their default they leave
 # a run's hash as it was
-FIELDS_ADDED_LATER = {"namm": {"score_layers": None}, "es": {"subspace": None}, "fitness": {"per_prompt": "none"}}
+FIELDS_ADDED_LATER = {"namm": {"score_layers": None}, "es": {"subspace": None, "start": None},
+                      "fitness": {"per_prompt": "none"}}
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -147,10 +148,12 @@ class EvolutionRun:
         pool = self.pool_factory(cfg)
         bar = None
         try:
+            start = self._saved_start()
             if st.norm is None:
-                st.norm = self._collect_statistics(pool)
+                st.norm = start[1] if start else self._collect_statistics(pool)
             if st.es is None:
-                st.es = EvolutionStrategy(st.num_params, cfg.es, x0=self._warm_start(pool), subspace=self._subspace())
+                x0 = start[0] if start else self._warm_start(pool)
+                st.es = EvolutionStrategy(st.num_params, cfg.es, x0=x0, subspace=self._subspace())
                 if st.es.subspace is not None:
                     log.info("CMA-ES searches %d of %d dimensions: %s", st.es.search_dim, st.num_params,
                              st.es.subspace.describe())
@@ -283,6 +286,18 @@ class EvolutionRun:
             config_hash=digest, num_params=NAMM(NAMMConfig.from_spec(self.cfg.namm_spec())).num_params,
             namm_spec=self.cfg.namm_spec(), model=self.cfg.model.name,
             sampler=np.random.RandomState(self.cfg.es.seed + 17))
+
+    def _saved_start(self) -> Optional[tuple[np.ndarray, dict]]:
+        """es.start: the saved NAMM's weights and normalisation statistics (None: not set)."""
+        if self.cfg.es.start is None:
+            return None
+        from namm_core import NAMM
+
+        namm = NAMM.from_pretrained(self.cfg.es.start)
+        log.info("starting from %s (its weights and normalisation statistics)", self.cfg.es.start)
+        norm = {"mean": namm.norm_mean.float().numpy(), "var": namm.norm_var.float().numpy(),
+                "count": float(namm.norm_count)}
+        return namm.get_params().double().numpy(), norm
 
     def _subspace(self):
         """The part of the parameter vector `es.subspace` asks CMA-ES to search (None: all of it)."""

@@ -237,3 +237,59 @@ def test_a_subspace_or_per_prompt_ranking_makes_another_run(tmp_path):
     ranked["fitness"] = {"per_prompt": "rank"}
     hashes = {config_hash(plain), config_hash(subspace), config_hash(config_from_dict(ranked, base_dir=tmp_path))}
     assert len(hashes) == 3
+
+
+# --- es.start -----------------------------------------------------------------------------------
+def _saved_namm(tmp_path: Path, cfg, seed: int = 7, **changes) -> Path:
+    """A NAMM of this run's kind with random weights and normalisation statistics, saved."""
+    from dataclasses import replace
+
+    namm_cfg = replace(NAMMConfig.from_spec(cfg.namm_spec()), **changes)
+    rng = np.random.RandomState(seed)
+    blank = NAMM(namm_cfg)
+    n, width = blank.num_params, blank.norm_mean.numel()
+    norm = {"mean": rng.randn(width).astype(np.float32), "var": rng.rand(width).astype(np.float32) + 0.5,
+            "count": 1234.0}
+    out = tmp_path / f"start-{seed}"
+    NAMM.from_vector(rng.randn(n) * 0.01, norm, namm_cfg).save_pretrained(out)
+    return out
+
+
+def test_a_run_from_a_saved_namm_starts_at_its_weights_and_statistics(tmp_path):
+    from orchestrator.pool import in_process_pool
+
+    data = _smoke(tmp_path, "from-saved", {"params": ["readout", "modulation"]})
+    saved_dir = _saved_namm(tmp_path, config_from_dict(data, base_dir=tmp_path))
+    data["es"]["start"] = str(saved_dir)
+    methods = []
+
+    def recording_pool(cfg):
+        pool = in_process_pool(cfg)
+        run = pool.run
+        pool.run = lambda batch: methods.extend(j.method for j in batch) or run(batch)
+        return pool
+
+    run = EvolutionRun(config_from_dict(data, base_dir=tmp_path), pool_factory=recording_pool)
+    summary = run.run()
+    saved = NAMM.from_pretrained(saved_dir)
+    assert "collect_statistics" not in methods and "warm_start" not in methods
+    assert np.array_equal(run.state.norm["mean"], saved.norm_mean.numpy())
+    assert np.array_equal(run.state.norm["var"], saved.norm_var.numpy()) and run.state.norm["count"] == 1234.0
+    assert np.array_equal(run.state.es.start, saved.get_params().double().numpy())
+    outside = np.setdiff1d(np.arange(NUM_PARAMS), param_indices(SLICES, ["readout", "modulation"]))
+    assert np.array_equal(np.asarray(summary["mean"])[outside], saved.get_params().double().numpy()[outside])
+
+
+def test_a_saved_start_of_another_kind_or_beside_a_warm_start_is_refused(tmp_path):
+    data = _smoke(tmp_path, "bad-start", None)
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    data["es"]["start"] = str(_saved_namm(tmp_path, cfg, scope="global", selection="top_k", budget="0.5"))
+    with pytest.raises(ConfigError, match="es.start: .* has selection 'top_k', this run's NAMM has 'threshold'"):
+        config_from_dict(data, base_dir=tmp_path)
+    data["es"]["start"] = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match="es.start: not a NAMM directory"):
+        config_from_dict(data, base_dir=tmp_path)
+    data["es"]["start"] = str(_saved_namm(tmp_path, cfg, seed=8))
+    data["es"]["warm_start"] = {"imitate": "streamingllm:0.5"}
+    with pytest.raises(ConfigError, match="es.start: a run starts from a saved NAMM or from a warm start, not both"):
+        config_from_dict(data, base_dir=tmp_path)

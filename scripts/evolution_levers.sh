@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Evolution levers (bench/results/evolution_levers.md): each config under jobs/levers/ evolves from
+# the shipped NAMM's distilled warm start (namms/smollm2-warm-start) on the same prompts per
+# generation; its best validated CMA mean is exported to namms/levers/<run name>. Then the warm
+# start, the shipped NAMM and every lever run on one board of prompts from seed 31415 (fixed here
+# before any lever ran; used for the lever comparison only, never by evolution, distillation or the
+# held-out board), at 1k tokens and half and a quarter of the cache, and the levers table is
+# written. ~30 min per lever and ~1 h for the board on 2 CPU cores; run it again to resume (a
+# finished run is not rerun, the board keeps its rows).
+#   bash scripts/evolution_levers.sh                                   # every lever
+#   bash scripts/evolution_levers.sh jobs/levers/per_prompt_rank.yaml  # some of them
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/venv.sh
+export HF_HUB_OFFLINE=1
+configs=("$@")
+[ ${#configs[@]} -gt 0 ] || configs=(jobs/levers/*.yaml)
+also=(--also namms/smollm2-warm-start)
+levers=()
+for config in "${configs[@]}"; do
+    name="$(.venv/bin/python -c "import sys; from orchestrator.config import load_config; print(load_config(sys.argv[1]).name)" "$config")"
+    .venv/bin/namm evolve "$config"
+    .venv/bin/namm export "runs/$name/checkpoints" "namms/levers/$name" --which best-validated
+    also+=(--also "namms/levers/$name")
+    levers+=(--lever "$config=namms/levers/$name")
+done
+.venv/bin/python bench/namm_board.py --name levers_board --seed 31415 \
+    --tasks passkey,niah_single,niah_multikey,qa,niah_multiquery,vt,cwe \
+    "${also[@]}" --baselines streamingllm --controls '' --cell smollm2:1024:0.5,0.25:12
+.venv/bin/python bench/evolution_levers.py --board bench/results/levers_board.parquet \
+    --warm-start namms/smollm2-warm-start --reference namms/smollm2 "${levers[@]}"
