@@ -101,6 +101,9 @@ def _with_memory_attention(method):
 
 DEFAULT_UPDATE_EVERY = 512
 DEFAULT_CHUNK_SIZE = 512
+# a column no run reaches: `next_update` once a one-shot compression is done, and `last_column`
+# when the run's length is not known (a shared prefix)
+NEVER = 2**62
 
 
 def resolve_memory_settings(policy: MemoryPolicy, update_every: Optional[int] = None,
@@ -203,7 +206,7 @@ class MemoryManagedLM:
         return input_ids, attention_mask
 
     def _prefill(self, input_ids, attention_mask, prefix: Optional["SharedPrefix"], compress_at: Optional[int],
-                 logits_all: Optional[list], last_column: int = 2**62):
+                 logits_all: Optional[list], last_column: int = NEVER):
         """Read the prompt chunk by chunk (from a shared prefix's state when given), updating the
         memory on the way; returns the cache, the loop state, the stats and the last logits."""
         t0 = time.perf_counter()
@@ -337,9 +340,9 @@ class MemoryManagedLM:
         return logp.gather(-1, target[:, None])[:, 0].cpu(), stats
 
     def _start(self, attention_mask: torch.Tensor, compress_at: Optional[int] = None, prompt_columns: int = 0,
-               last_column: int = 2**62):
-        """A fresh cache, loop state and statistics for one batch of prompts; `last_column`: the
-        columns processed after the run's last forward, when known."""
+               last_column: int = NEVER):
+        """A fresh cache, loop state and statistics for one batch of prompts; `last_column`: how
+        many columns the run will have read after its last forward, when known."""
         if compress_at is not None and (isinstance(compress_at, bool) or int(compress_at) != compress_at
                                         or not 0 < compress_at <= prompt_columns):
             raise ValueError(f"compress_at must be a column of the prompt (1..{prompt_columns}), got {compress_at!r}")
@@ -508,9 +511,6 @@ def _clone_layer(layer):
     return new
 
 
-NEVER = 2**62   # `next_update` once a one-shot compression is done
-
-
 @dataclass
 class _LoopState:
     positions: torch.Tensor
@@ -522,9 +522,9 @@ class _LoopState:
     newest: torch.Tensor = None  # [B] position of each row's newest token
     last_update: int = 0       # column of the previous update
     history: Optional[tuple] = None  # (ids, real) chunks so far, for a policy that re-reads them
-    # the column count after the run's last forward (NEVER: not known, e.g. a shared prefix):
-    # a forward after which no update can run feeds no decision
-    last_column: int = 2**62
+    # how many columns the run will have read after its last forward (NEVER: not known): an
+    # update due later never runs, so what the forwards before it observe feeds no decision
+    last_column: int = NEVER
 
     def __post_init__(self):
         self.seen = torch.zeros(self.mask.shape[0], dtype=torch.long, device=self.mask.device)
