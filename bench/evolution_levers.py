@@ -9,7 +9,7 @@ validation fitness, and its paired difference with the warm start on the board, 
 
     .venv/bin/python bench/evolution_levers.py --board bench/results/levers_board.parquet \\
         --warm-start namms/smollm2-warm-start \\
-        --lever jobs/levers/per_prompt_rank.yaml=runs/levers/per-prompt-rank ...
+        --lever jobs/levers/per_prompt_rank.yaml=namms/levers/lever-per-prompt-rank ...
 
 `--lever CONFIG=NAMM_DIR` (the run directory comes from the config); `--reference NAMM_DIR`
 adds a NAMM without a run here (its row names its model card). Writes
@@ -40,14 +40,11 @@ def run_facts(config_path: str) -> dict:
         raise SystemExit(f"{config_path}: no checkpoint under {cfg.run_dir / 'checkpoints'}: run the lever first")
     state = EvolutionState.from_payload(found[1], where=str(found[0]))
     seconds = sum(m["metrics"]["generation_seconds"] for m in state.metrics_log)
-    best = state.best_validation or {}
     space = state.es.subspace.describe() if state.es.subspace is not None else "every parameter"
     fitness = cfg.fitness.kind + ("" if cfg.fitness.per_prompt == "none" else f", per prompt: {cfg.fitness.per_prompt}")
     return {"config": config_path, "search": f"{space} ({state.es.search_dim} dims), sigma0 {cfg.es.sigma0}",
-            "fitness": fitness, "candidates": len(state.history), "generations": state.global_generation,
-            "minutes": seconds / 60,
-            "validation": ", ".join(f"{v['fitness']:.3f} (gen {v['generation']})" for v in state.validation),
-            "best_validation": best.get("fitness"), "best_generation": best.get("generation")}
+            "fitness": fitness, "candidates": len(state.history), "minutes": seconds / 60,
+            "validation": ", ".join(f"{v['fitness']:.3f} (gen {v['generation']})" for v in state.validation)}
 
 
 def held_out(rows: list[dict], lever: str, warm_start: str) -> dict[str, dict]:

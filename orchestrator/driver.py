@@ -148,7 +148,7 @@ class EvolutionRun:
         pool = self.pool_factory(cfg)
         bar = None
         try:
-            start = self._saved_start()
+            start = self._saved_start() if st.norm is None or st.es is None else None   # not on resume
             if st.norm is None:
                 st.norm = start[1] if start else self._collect_statistics(pool)
             if st.es is None:
