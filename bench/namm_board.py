@@ -267,10 +267,11 @@ def cell_policies(cell: Cell, namm: NAMM, others: list[NAMM], baselines: list[st
     return [namm.with_budget(budget)] + [o.with_budget(budget) for o in others] + [parse_policy(s) for s in specs]
 
 
-def run_cell(cell: Cell, runner: CellRunner, namm: NAMM, others: list[NAMM], baselines: list[str], controls: list[str]):
+def run_cell(cell: Cell, runner: CellRunner, namm: NAMM, others: list[NAMM], baselines: list[str], controls: list[str],
+             fastgen: bool = True):
     """Returns ({budget: (the NAMM as run, the section's rows)}, full rows, FastGen rows, prompts)."""
     n = len(runner.sample_ids)
-    fixed = [parse_policy("full")] + ([parse_policy(FASTGEN)] if cell.protocol == "chunked" else [])
+    fixed = [parse_policy("full")] + ([parse_policy(FASTGEN)] if fastgen and cell.protocol == "chunked" else [])
     # a score >= 0 NAMM keeps what it keeps: one section, the baselines at its measured retention
     as_saved = namm.config.budget is None and namm.config.selection == "threshold"
     per_budget = {b: cell_policies(cell, namm, others, baselines, controls, b)
@@ -291,6 +292,25 @@ def run_cell(cell: Cell, runner: CellRunner, namm: NAMM, others: list[NAMM], bas
         parts[budget] = (policies[0], sum(results[at:at + len(policies)], []))
         at += len(policies)
     return parts, results[0], results[1] if len(fixed) > 1 else [], n
+
+
+def namm_at_b(namm: NAMM) -> str:
+    """`source@B` and the NAMM's options (`/layers=6`), as the plan names it."""
+    return namm.with_budget("0.5").describe().removeprefix("namm:").replace("@0.5", "@B", 1)
+
+
+def split_variants(text: str) -> list[str]:
+    """`layers=6,layers=5,12,28` -> ['layers=6', 'layers=5,12,28']: a part without `=` continues
+    the option before it (a list of layer indices)."""
+    variants: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "=" not in part and variants:
+            variants[-1] += "," + part
+        else:
+            variants.append(part)
+    return variants
 
 
 def variant(namm: NAMM, option: str) -> NAMM:
@@ -353,11 +373,12 @@ def plan(args, cells: list[Cell], namm: NAMM, others: list[NAMM], trained: set[s
     controls = ", ".join(f"`{at_budget(c, 'B')}{structure_options(namm)}`" for c in args.controls) or "none"
     return (f"Plan: seed {args.seed}; tasks {', '.join(label(t) for t in tasks)}; cells "
             + ", ".join(f"`{c.model}:{c.length}:{','.join(c.budgets)}:{c.prompts}:{c.protocol}`" for c in cells)
-            + f". Policies at each budget B: `{namm.source}@B`"
-            + "".join(f", `{o.source}@B`" for o in others)
+            + f". Policies at each budget B: `{namm_at_b(namm)}`"
+            + "".join(f", `{namm_at_b(o)}`" for o in others)
             + "".join(f", `{at_budget(b, 'B')}`" for b in args.baselines)
-            + f"; in the chunked protocol also hand-designed scorers in the NAMM's own structure: {controls}, and "
-            f"`{FASTGEN}`. Evaluation version {EVAL_VERSION}.\n\n")
+            + f"; in the chunked protocol also hand-designed scorers in the NAMM's own structure: {controls}"
+            + (f", and `{FASTGEN}`" if getattr(args, "fastgen", True) else "")
+            + f". Evaluation version {EVAL_VERSION}.\n\n")
 
 
 def cell_section(cell: Cell, budget: str, budgeted, table_rows: list[dict], n: int, args, update_every: int) -> str:
@@ -388,7 +409,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "from); repeatable")
     p.add_argument("--namm-variants", default="",
                    help="the NAMM run again with these options, comma-separated NAME=VALUE (e.g. layers=6: it scores "
-                        "from six layers evenly spaced), each at every budget and compared with the NAMM")
+                        "from six layers evenly spaced; layers=6,layers=5,12,28: also from layers 5, 12 and 28), "
+                        "each at every budget and compared with the NAMM")
     p.add_argument("--cell", action="append", help="MODEL:LENGTH:BUDGETS:PROMPTS[:PROTOCOL], repeatable; PROTOCOL is "
                    f"one of {', '.join(PROTOCOLS)} (default chunked). Default cells: {DEFAULT_CELLS}")
     p.add_argument("--tasks", default="passkey,niah_single,niah_multikey,qa")
@@ -397,6 +419,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--controls", default=",".join(DEFAULT_CONTROLS),
                    help="scorers also run inside the NAMM's own structure (its scope, pooling and sinks), in chunked "
                         "cells; empty for none")
+    p.add_argument("--no-fastgen", dest="fastgen", action="store_false",
+                   help=f"leave out {FASTGEN} (it keeps what its rule needs, not the budget): for a board that "
+                        "compares NAMM variants")
     p.add_argument("--seed", type=int, default=7, help="prompt seed (evolution uses seed 0 and its validation seed)")
     p.add_argument("--update-every", type=int, default=None, help="default: the NAMM's recorded interval")
     p.add_argument("--chunk-size", type=int, default=None, help="default: the NAMM's recorded chunk size")
@@ -420,7 +445,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.threads = max(1, (os.cpu_count() or 1) // args.workers)
     if args.dtype is None:
         args.dtype = "bfloat16" if cpu_has_bf16() or cuda else "float32"
-    args.namm_variants = [v.strip() for v in args.namm_variants.split(",") if v.strip()]
+    args.namm_variants = split_variants(args.namm_variants)
     for v in args.namm_variants:
         try:
             parse_policy(f"namm@0.5/{v}")
@@ -471,7 +496,8 @@ def main(argv=None) -> int:
     for cell in cells:
         runner = CellRunner(cell, args, update_every, chunk_size, rows, parquet)
         try:
-            parts, full, fastgen, n = run_cell(cell, runner, namm, others, args.baselines, args.controls)
+            parts, full, fastgen, n = run_cell(cell, runner, namm, others, args.baselines, args.controls,
+                                               fastgen=args.fastgen)
         finally:
             runner.close()
         for budget, (budgeted, part) in parts.items():

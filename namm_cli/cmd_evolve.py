@@ -88,8 +88,15 @@ def run(args) -> int:
     best = summary["best_validation"]
     print(f"{'stopped' if summary['stopped'] else 'finished'} after {summary['generations']} generations; "
           f"run dir {summary['run_dir']}")
-    if best:
-        print(f"best validated CMA mean: fitness {best['fitness']:.4f} at generation {best['generation']}, "
+    start = summary.get("start_validation")
+    if start:
+        print(f"starting mean (generation -1): validation fitness {start['fitness']:.4f}")
+    if best and start and best["generation"] == -1:
+        print(f"no evolved CMA mean beat the start on validation: namm_best is the start "
+              f"-> {summary['run_dir']}/artifacts/namm_best")
+    elif best:
+        gain = f" ({best['fitness'] - start['fitness']:+.4f} over the start)" if start else ""
+        print(f"best validated CMA mean: fitness {best['fitness']:.4f} at generation {best['generation']}{gain}, "
               f"retention {best['retention']:.3f} -> {summary['run_dir']}/artifacts/namm_best")
     print(f"MLflow: {summary['tracking_uri']} (run {summary['mlflow_parent']}); "
           f"`mlflow ui --backend-store-uri {summary['tracking_uri']}`, then open the experiment "

@@ -129,7 +129,68 @@ def pool_over_slots(scores: torch.Tensor, valid: torch.Tensor, kernel: int) -> t
     return torch.where(flat_valid, out, flat_scores).reshape(shape)
 
 
-def shared_selection(layers: list["MemoryLayer"], scores: list[torch.Tensor], protected: list[torch.Tensor],
+@dataclass
+class Votes:
+    """What the layers of a model-wide selection say about each position [B, span]: the sum of
+    each layer's scores over its heads (`totals`, one tensor per layer, None for a layer that
+    holds tokens without voting) and how many heads voted (`counts`), which positions are held
+    anywhere, protected by some holder, or a sink."""
+    totals: list[Optional[torch.Tensor]]
+    counts: list[Optional[torch.Tensor]]
+    held: torch.Tensor
+    guard: torch.Tensor
+    sink: torch.Tensor
+
+
+def collect_votes(layers: list["MemoryLayer"], scores: list[Optional[torch.Tensor]], protected: list[torch.Tensor],
+                  first: Optional[list[torch.Tensor]] = None) -> Votes:
+    """Every layer's votes by position (see `shared_selection`)."""
+    B = layers[0].valid.shape[0]
+    device = layers[0].positions.device
+    span = 1 + max(int(layer.positions.masked_fill(~layer.valid, -1).max()) for layer in layers)
+    holders = torch.zeros(B, span, device=device)
+    guard = torch.zeros(B, span, device=device)       # how many holders protect the token
+    sink = torch.zeros(B, span, device=device)
+    totals: list[Optional[torch.Tensor]] = []
+    counts: list[Optional[torch.Tensor]] = []
+    first = first if first is not None else [torch.zeros_like(p) for p in protected]
+    for layer, s, p, f in zip(layers, scores, protected, first):
+        index = layer.positions.clamp(min=0).reshape(B, -1)
+        valid = layer.valid.reshape(B, -1).float()
+        holders.scatter_add_(1, index, valid)
+        if s is None:
+            totals.append(None)
+            counts.append(None)
+        else:
+            totals.append(torch.zeros(B, span, device=device).scatter_add_(
+                1, index, (s.float().nan_to_num() * layer.valid).reshape(B, -1)))
+            counts.append(torch.zeros(B, span, device=device).scatter_add_(1, index, valid))
+        guard.scatter_add_(1, index, (p & layer.valid).reshape(B, -1).float())
+        sink.scatter_add_(1, index, (f & layer.valid).reshape(B, -1).float())
+    return Votes(totals, counts, holders > 0, guard, sink)
+
+
+def decide_from_votes(votes: Votes, k: torch.Tensor, kernel: int = 1,
+                      voters: Optional[list[int]] = None) -> torch.Tensor:
+    """[B, span] the positions kept when only the `voters` layers vote (every voting layer when
+    None): the decision `shared_selection` makes from their mean vote."""
+    chosen = [i for i, t in enumerate(votes.totals) if t is not None and (voters is None or i in voters)]
+    total = torch.zeros_like(votes.guard)
+    count = torch.zeros_like(votes.guard)
+    for i in chosen:
+        total += votes.totals[i]
+        count += votes.counts[i]
+    return _decide(total / count.clamp(min=1), votes.held, votes.guard, votes.sink, k, kernel)
+
+
+def _decide(mean: torch.Tensor, held: torch.Tensor, guard: torch.Tensor, sink: torch.Tensor, k: torch.Tensor,
+            kernel: int) -> torch.Tensor:
+    """[B, span] the k[b] best held positions by pooled mean score; sinks first, then protected."""
+    mean = pool_over_slots(mean, held, kernel).masked_fill(guard > 0, PROTECTED).masked_fill(sink > 0, float("inf"))
+    return keep_top(mean.unsqueeze(1), held.unsqueeze(1), k)[:, 0]
+
+
+def shared_selection(layers: list["MemoryLayer"], scores: list[Optional[torch.Tensor]], protected: list[torch.Tensor],
                      k: torch.Tensor, kernel: int = 1, first: Optional[list[torch.Tensor]] = None) -> list[torch.Tensor]:
     """One set of kept tokens for every layer and KV head: each token's score is the mean of
     its scores over the layers and heads that hold it; the `k[b]` best tokens are kept wherever
@@ -154,10 +215,13 @@ def shared_selection(layers: list["MemoryLayer"], scores: list[torch.Tensor], pr
             count.scatter_add_(1, index, valid)
         guard.scatter_add_(1, index, (p & layer.valid).reshape(B, -1).float())
         sink.scatter_add_(1, index, (f & layer.valid).reshape(B, -1).float())
-    held = holders > 0
-    mean = total / count.clamp(min=1)
-    mean = pool_over_slots(mean, held, kernel).masked_fill(guard > 0, PROTECTED).masked_fill(sink > 0, float("inf"))
-    kept = keep_top(mean.unsqueeze(1), held.unsqueeze(1), k)[:, 0]          # [B, span]
+    kept = _decide(total / count.clamp(min=1), holders > 0, guard, sink, k, kernel)
+    return kept_in_layers(kept, layers)
+
+
+def kept_in_layers(kept: torch.Tensor, layers: list["MemoryLayer"]) -> list[torch.Tensor]:
+    """Per layer [B, H, S] keep masks from kept positions [B, span]."""
+    B = kept.shape[0]
     return [kept.gather(1, layer.positions.clamp(min=0).reshape(B, -1)).view_as(layer.valid) & layer.valid
             for layer in layers]
 

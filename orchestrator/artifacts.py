@@ -22,7 +22,9 @@ def export_artifacts(st: EvolutionState, cfg, out: Path, tracker, final: bool) -
     if st.best_validation:
         bv = st.best_validation
         NAMM.from_vector(bv["vector"], st.norm, namm_cfg).save_pretrained(
-            out / "namm_best", metadata={**meta, "kind": "best validated cma-mean", "generation": bv["generation"],
+            out / "namm_best", metadata={**meta, "generation": bv["generation"],
+                                         "kind": "the starting mean (no evolved mean validated better)"
+                                         if bv["generation"] == -1 else "best validated cma-mean",
                                          "validation_fitness": bv["fitness"], "retention": bv["retention"]})
     write_parquet_atomic(st.history, out / "history.parquet")
     if st.validation:

@@ -162,6 +162,9 @@ class ESConfig:
     # a saved NAMM directory to evolve from: its weights are the starting mean and its
     # normalisation statistics are used as they are (no warm start, no statistics collected)
     start: Optional[str] = None
+    # validate the starting mean before the first generation (recorded as generation -1): the
+    # bar an evolved mean must clear to become namm_best, and what a run's gain is measured from
+    validate_start: bool = True
 
     def check(self, namm_scope: str) -> None:
         _positive(self.population, "es.population")
@@ -175,6 +178,8 @@ class ESConfig:
             self.warm_start.check(namm_scope)
         if self.start is not None and self.warm_start is not None:
             raise ConfigError("es.start: a run starts from a saved NAMM or from a warm start, not both")
+        if not isinstance(self.validate_start, bool):
+            raise ConfigError(f"es.validate_start: expected true or false, got {self.validate_start!r}")
 
     def check_start(self, namm_config) -> None:
         """es.start must be the very memory this run evolves (same scorer, selection, structure)."""

@@ -51,7 +51,8 @@ class Interrupted(RuntimeError):
 RESULT_NEUTRAL_WORKER_FIELDS = ("pool", "prompts_per_job")
 # settings added after runs were made (section -> field -> default): at their default they leave
 # a run's hash as it was
-FIELDS_ADDED_LATER = {"namm": {"score_layers": None}, "es": {"subspace": None, "start": None},
+FIELDS_ADDED_LATER = {"namm": {"score_layers": None},
+                      "es": {"subspace": None, "start": None, "validate_start": True},
                       "fitness": {"per_prompt": "none"}}
 
 
@@ -158,6 +159,8 @@ class EvolutionRun:
                     log.info("CMA-ES searches %d of %d dimensions: %s", st.es.search_dim, st.num_params,
                              st.es.subspace.describe())
                 self._checkpoint()   # generation 0's starting point: statistics and the ES's mean
+            if cfg.es.validate_start and st.global_generation == 0 and not st.validation:
+                self._validate_start(pool)
             bar = tqdm(total=cfg.total_generations, initial=st.global_generation, desc=f"evolve {cfg.name}",
                        unit="gen", dynamic_ncols=True)
             while st.stage < len(cfg.stages):
@@ -476,6 +479,13 @@ class EvolutionRun:
         results = pool.run(jobs)
         return [_merge_parts(results[i * len(sizes):(i + 1) * len(sizes)], sizes) for i in range(len(candidates))]
 
+    def _validate_start(self, pool) -> None:
+        """The starting mean on the first stage's validation set, as generation -1."""
+        fitness = self._validate(pool, self.cfg.stages[0])
+        self._checkpoint()
+        if math.isfinite(fitness):
+            self.tracker.log_metrics([self.state.mlflow.parent], {"validation_fitness_start": fitness}, 0)
+
     def _validate(self, pool, stage) -> float:
         """Fitness of the CMA mean on a fixed validation set; export it when it is the best."""
         st = self.state
@@ -527,6 +537,7 @@ class EvolutionRun:
         return {"generations": st.global_generation, "stopped": stopped, "already_complete": already_complete,
                 "mean": None if st.es is None else st.es.mean,
                 "best": st.best, "best_validation": st.best_validation, "run_dir": str(self.run_dir),
+                "start_validation": next((v for v in st.validation if v["generation"] == -1), None),
                 "mlflow_parent": st.mlflow.parent, "tracking_uri": self.tracking_uri}
 
 

@@ -121,3 +121,12 @@ def test_every_namm_directory_is_its_own_curve_in_the_plot(tmp_path):
              "peak_kv_bytes": 1, "seconds": 1.0}
             for p, r in [("full", 1.0), ("namm:a/n@0.5", 0.5), ("namm:a/n-warm@0.5", 0.5)] for i in range(4)]
     assert plot_score_vs_retention(rows, tmp_path / "p.png").stat().st_size > 0
+
+
+def test_namm_variants_take_lists_of_layers_and_the_plan_names_them():
+    assert namm_board.split_variants("layers=6,layers=5,12,28, layers=2") == ["layers=6", "layers=5,12,28", "layers=2"]
+    assert namm_board.split_variants("") == []
+    namm = NAMM(NAMMConfig(selection="top_k", budget="0.5", scope="global"))
+    namm.source = "namms/x"
+    assert namm_board.namm_at_b(namm.scoring_from([5, 12, 28])) == "namms/x@B/layers=5,12,28"
+    assert namm_board.namm_at_b(namm) == "namms/x@B"

@@ -47,3 +47,42 @@ def test_an_in_process_run_resumes_to_the_uninterrupted_run(tmp_path):
     # resumed with its candidates dispatched in parts: the same run (the setting is not in the config hash)
     resumed = EvolutionRun(smoke(tmp_path, "stopped", prompts_per_job=1)).run()
     assert resumed["generations"] == 3 and np.array_equal(resumed["mean"], full["mean"])
+
+
+def test_the_start_is_validated_as_generation_minus_one_and_is_the_bar_for_namm_best(tmp_path):
+    from namm_core import NAMM
+
+    cfg = smoke(tmp_path, "start")
+    run = EvolutionRun(cfg)
+    summary = run.run()
+    validation = run.state.validation
+    start = summary["start_validation"]
+    assert validation[0]["generation"] == -1 and start == validation[0]
+    assert np.isfinite(start["fitness"])
+    best = summary["best_validation"]
+    assert best["fitness"] == max(v["fitness"] for v in validation)
+    exported = NAMM.from_pretrained(Path(summary["run_dir"]) / "artifacts" / "namm_best")
+    assert exported.metadata["generation"] == best["generation"]
+    assert np.array_equal(exported.get_params().numpy(), np.asarray(best["vector"], dtype=np.float32))
+    if best["generation"] == -1:     # nothing beat the start: namm_best is the starting mean itself
+        assert exported.metadata["kind"].startswith("the starting mean")
+        assert not np.asarray(best["vector"]).any()      # smoke.yaml starts from the zero NAMM
+    # the same run without it: no generation -1, and the same search (validation does not steer CMA-ES)
+    cfg_off = smoke(tmp_path, "no-start")
+    cfg_off.es.validate_start = False
+    off = EvolutionRun(cfg_off)
+    off_summary = off.run()
+    assert off_summary["start_validation"] is None
+    assert all(v["generation"] >= 0 for v in off.state.validation)
+    assert np.array_equal(off_summary["mean"], summary["mean"])
+
+
+def test_validate_start_must_be_a_boolean(tmp_path):
+    import pytest
+
+    from orchestrator.config import ConfigError
+
+    data = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    data["es"]["validate_start"] = "yes"
+    with pytest.raises(ConfigError, match="es.validate_start"):
+        config_from_dict(data, base_dir=tmp_path)

@@ -8,6 +8,7 @@ from conftest import tiny_model
 
 from namm_core import NAMM, MemoryManagedLM, NAMMConfig
 from namm_core.policies import pool_over_slots, shared_selection
+from namm_core.selection import collect_votes, decide_from_votes, kept_in_layers
 
 
 def test_pooling_runs_over_the_valid_slots_in_order():
@@ -44,6 +45,47 @@ def test_shared_selection_keeps_the_best_tokens_by_mean_score_everywhere():
     scores[0][0, 0, 2] = 6.0                        # pos2's mean is now 3: second best
     keeps = shared_selection(layers, scores, protected, torch.tensor([2]))
     assert set(layers[0].positions[keeps[0]].tolist()) == {0, 2}
+
+
+def _random_layers(seed, num_layers=4, heads=2, slots=24):
+    """Layers holding a random subset of positions 0..39 per head, scores and protection at random."""
+    g = torch.Generator().manual_seed(seed)
+    layers, scores, protected = [], [], []
+    for _ in range(num_layers):
+        positions = torch.stack([torch.randperm(40, generator=g)[:slots].sort().values for _ in range(heads)])[None]
+        valid = torch.rand(1, heads, slots, generator=g) > 0.2
+        layers.append(FakeLayer(positions.tolist(), valid.tolist()))
+        scores.append(torch.randn(1, heads, slots, generator=g))
+        protected.append(torch.rand(1, heads, slots, generator=g) > 0.95)
+    return layers, scores, protected
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("pool", [1, 3])
+def test_votes_decide_as_the_shared_selection_and_a_subset_of_voters_as_a_layer_subset(seed, pool):
+    layers, scores, protected = _random_layers(seed)
+    k = torch.tensor([9])
+    votes = collect_votes(layers, scores, protected)
+    every = kept_in_layers(decide_from_votes(votes, k, pool), layers)
+    for a, b in zip(every, shared_selection(layers, scores, protected, k, kernel=pool)):
+        assert torch.equal(a, b)
+    # only layers 1 and 3 vote: the same as a NAMM whose other layers hold without scoring
+    subset = kept_in_layers(decide_from_votes(votes, k, pool, voters=[1, 3]), layers)
+    masked = [s if i in (1, 3) else None for i, s in enumerate(scores)]
+    expected = shared_selection(layers, masked, protected, k, kernel=pool)
+    for a, b in zip(subset, expected):
+        assert torch.equal(a, b)
+
+
+def test_a_subset_of_voters_changes_decisions():
+    """The check above has power: on these inputs two voting layers do not decide as four."""
+    changed = 0
+    for seed in range(5):
+        layers, scores, protected = _random_layers(seed)
+        votes = collect_votes(layers, scores, protected)
+        k = torch.tensor([9])
+        changed += not torch.equal(decide_from_votes(votes, k), decide_from_votes(votes, k, voters=[1, 3]))
+    assert changed >= 3
 
 
 class Snapshot(NAMM):
