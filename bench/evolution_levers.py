@@ -11,7 +11,8 @@ validation fitness, and its paired difference with the warm start on the board, 
         --warm-start namms/smollm2-warm-start \\
         --lever jobs/levers/per_prompt_rank.yaml=namms/levers/lever-per-prompt-rank ...
 
-`--lever CONFIG=NAMM_DIR` (the run directory comes from the config); `--reference NAMM_DIR`
+`--lever CONFIG=NAMM_DIR` (the run directory comes from the config; a NAMM exported with
+`--which start` is the run's starting mean, a row without search); `--reference NAMM_DIR`
 adds a NAMM without a run here (its row names its model card). Writes
 bench/results/evolution_levers.md.
 """
@@ -42,9 +43,24 @@ def run_facts(config_path: str) -> dict:
     seconds = sum(m["metrics"]["generation_seconds"] for m in state.metrics_log)
     space = state.es.subspace.describe() if state.es.subspace is not None else "every parameter"
     fitness = cfg.fitness.kind + ("" if cfg.fitness.per_prompt == "none" else f", per prompt: {cfg.fitness.per_prompt}")
-    return {"config": config_path, "search": f"{space} ({state.es.search_dim} dims), sigma0 {cfg.es.sigma0}",
+    warm = state.warm_start or {}
+    start = (f"es.start {cfg.es.start}" if cfg.es.start else
+             f"distilled from {warm['imitate']} ({warm.get('total_seconds', warm.get('seconds', 0)) / 60:.0f} min)"
+             if warm else "zero")
+    return {"config": config_path, "start": start,
+            "search": f"{space} ({state.es.search_dim} dims), sigma0 {cfg.es.sigma0}",
             "fitness": fitness, "candidates": len(state.history), "minutes": seconds / 60,
-            "validation": ", ".join(f"{v['fitness']:.3f} (gen {v['generation']})" for v in state.validation)}
+            "validation": ", ".join(f"{v['fitness']:.3f} (gen {v['generation']})" for v in state.validation),
+            "start_validation": next((f"{v['fitness']:.3f} (gen -1)" for v in state.validation
+                                      if v["generation"] == -1), "")}
+
+
+def is_start_export(namm_dir: str) -> bool:
+    """A NAMM exported with `namm export --which start`: the run's starting mean, before evolution."""
+    import json
+
+    config = Path(namm_dir) / "namm_config.json"
+    return config.exists() and json.loads(config.read_text()).get("metadata", {}).get("which") == "start"
 
 
 def held_out(rows: list[dict], lever: str, warm_start: str) -> dict[str, dict]:
@@ -81,13 +97,17 @@ def main(argv=None) -> int:
     entries = [(None, ref) for ref in args.reference] + [tuple(x.split("=", 1)) for x in args.lever]
     for config, namm_dir in entries:
         facts = run_facts(config) if config else {"config": f"{namm_dir}/README.md (its model card)"}
+        if config and is_start_export(namm_dir):   # the run's start: no search, its own validation only
+            facts = {"config": facts["config"], "start": facts["start"], "search": "none (the starting mean)",
+                     "fitness": "", "candidates": 0, "validation": facts["start_validation"]}
         diffs = held_out(rows, namm_dir, args.warm_start)
         cells = cells or list(diffs)
-        table.append([namm_dir, facts["config"], facts.get("search", ""), facts.get("fitness", ""),
+        table.append([namm_dir, facts["config"], facts.get("start", ""), facts.get("search", ""),
+                      facts.get("fitness", ""),
                       str(facts.get("candidates", "")),
                       f"{facts['minutes']:.0f}" if "minutes" in facts else "",
                       facts.get("validation", "")] + [fmt(diffs[c]) if c in diffs else "" for c in cells])
-    header = ["NAMM", "config", "search", "fitness", "candidates", "minutes", "validation fitness of the CMA mean"]
+    header = ["NAMM", "config", "start", "search", "fitness", "candidates", "minutes", "validation fitness of the CMA mean"]
     header += [f"vs warm start, {c}" for c in cells or []]
     text = (f"Each lever's evolved NAMM (its best validated CMA mean) against the warm start it started from, "
             f"paired on the same held-out prompts (board `{args.board}`, seed {', '.join(map(str, seeds))}; tie: "

@@ -89,7 +89,7 @@ def greedy_layers(updates_by_budget: dict[str, list], num_layers: int, count: in
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--namm", default=str(ROOT / "namms" / "smollm2"), help="a model-wide NAMM directory")
+    p.add_argument("--namm", default="namms/smollm2", help="a model-wide NAMM directory")
     p.add_argument("--model", default="smollm2")
     p.add_argument("--tasks", default="passkey,niah_single,niah_multikey,qa",
                    help="tasks of the prompts (default: the NAMM's training tasks)")
@@ -103,7 +103,8 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "score_layers.md"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    namm = NAMM.from_pretrained(args.namm)
+    namm = NAMM.from_pretrained(args.namm if Path(args.namm).is_absolute() or Path(args.namm).exists()
+                                else ROOT / args.namm)
     if namm.config.scope != "global":
         p.error(f"{args.namm} is a per-head NAMM: only a model-wide NAMM (scope 'global') scores from a subset of layers")
     model, tok = load_model(args.model, dtype=args.dtype)
@@ -131,7 +132,9 @@ def main(argv=None):
     header = ["layers", "greedy choice", *(f"agreement @{b}" for b in budgets),
               "evenly spaced (layers=K)", *(f"agreement @{b}" for b in budgets)]
     n_updates = ", ".join(f"{len(updates[b])} @{b}" for b in budgets)
-    text = (f"NAMM `{args.namm}` on {args.model}, {args.length} tokens, {args.prompts} prompts per task "
+    shown = Path(args.namm).resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    text = (f"NAMM `{shown}` on {args.model}, {args.length} tokens, {args.prompts} prompts per task "
             f"({args.tasks}), seed {args.seed}; {n_updates} updates. Agreement: the share of the tokens the "
             "all-layer NAMM keeps by choice (sinks and protected tokens left out) that a NAMM scoring from "
             "the listed layers keeps too, on the all-layer run's cache; 1.000 is the same decision.\n\n"

@@ -16,7 +16,8 @@ cache shows what was needed: the tokens the question and the reply attend to. He
    pooled over spans as the NAMM selects, ranks tokens as the importance does: a listwise
    cross-entropy between softmax(score) and the importance shares.
 
-The fitted parameters are the mean CMA-ES starts from.
+The fitted parameters are the mean CMA-ES starts from. `kvzip_importance` is the other teacher:
+KVzip's reconstruction importance (namm_core.kvzip), which needs no answer.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from typing import Optional
 
 import torch
 
+from .kvzip import KVzip
 from .namm import NAMM
 from .policies import Budget, MemoryPolicy, pool_over_slots, shared_selection
 from .scorers import fit_by_gradient
@@ -80,6 +82,48 @@ def hindsight_importance(lm, input_ids: torch.Tensor, reply_ids: torch.Tensor, s
     MemoryManagedLM(lm.model, probe, update_every=10**9, chunk_size=lm.chunk_size).continuation_logprobs(
         input_ids, reply_ids)
     return probe.importance()
+
+
+class KVzipProbe(KVzip):
+    """KVzip keeping every token, noting each position's importance: the mean over every layer
+    and KV head of its KVzip score (each token is scored once, by the update that saw it
+    arrive; see `kvzip_importance`)."""
+
+    def __init__(self, length: int):
+        super().__init__("1.0")
+        self.importance = torch.zeros(length)
+
+    def select_all(self, layers, step):
+        total = torch.zeros(self.importance.numel())
+        count = torch.zeros(self.importance.numel())
+        for layer in layers:
+            positions = layer.positions[0][layer.valid[0]].cpu()
+            total.index_add_(0, positions, layer.aux["kvzip"][0][layer.valid[0]].float().cpu())
+            count.index_add_(0, positions, torch.ones(positions.numel()))
+        held = count > 0
+        self.importance[held] = total[held] / count[held]
+        return super().select_all(layers, step)
+
+
+@torch.inference_mode()
+def kvzip_importance(lm, input_ids: torch.Tensor, reply_ids: torch.Tensor) -> torch.Tensor:
+    """[T + n] KVzip's importance of every position, model-wide: how much the model needs the
+    token to reconstruct its context, averaged over layers and KV heads, from a run that keeps
+    every token and reconstructs at `lm`'s updates. Unlike `hindsight_importance` it needs no
+    answer and no question (`lm`: a MemoryManagedLM with its tokenizer; its policy is not used)."""
+    from .generation import MemoryManagedLM
+
+    if lm.tokenizer is None:
+        raise ValueError("kvzip_importance needs the tokenizer: MemoryManagedLM(..., tokenizer=tok)")
+    if input_ids.shape[0] != 1:
+        raise ValueError("kvzip_importance takes one prompt at a time")
+    probe = KVzipProbe(input_ids.shape[1] + reply_ids.shape[1])
+    MemoryManagedLM(lm.model, probe, update_every=lm.update_every, chunk_size=lm.chunk_size,
+                    tokenizer=lm.tokenizer).continuation_logprobs(input_ids, reply_ids)
+    return probe.importance
+
+
+TEACHERS = ("hindsight", "kvzip")    # es.warm_start.imitate values that distil a model-wide NAMM
 
 
 def _lookup(importance: torch.Tensor, layer) -> torch.Tensor:

@@ -90,26 +90,28 @@ NAMMSpec = _namm_spec_class()
 
 @dataclass
 class WarmStartConfig:
-    """Start CMA-ES from a scorer fitted to imitate a baseline's keep decisions, or ("hindsight")
-    distilled from what the full cache's question and reply attended to (namm_core.distill)."""
-    imitate: str = "streamingllm:0.5"     # a baseline policy spec (parse_policy), or "hindsight"
+    """Start CMA-ES from a scorer fitted to imitate a baseline's keep decisions, or distilled from a
+    teacher's importance (namm_core.distill): "hindsight", what the full cache's question and reply
+    attended to; "kvzip", how much the model needs a token to reconstruct its context."""
+    imitate: str = "streamingllm:0.5"     # a baseline policy spec (parse_policy), "hindsight" or "kvzip"
     prompts: int = 4                      # first-stage prompts whose features and decisions are collected
     steps: int = 300                      # gradient steps of the fit (per round for "hindsight")
     lr: float = 0.01
-    rounds: int = 1                       # "hindsight": rounds recorded under the fitted NAMM (DAgger)
+    rounds: int = 1                       # "hindsight"/"kvzip": rounds recorded under the fitted NAMM (DAgger)
     # torch threads of the one actor that runs the warm start (the others idle meanwhile);
     # default: workers.torch_threads
     threads: Optional[int] = None
 
     def check(self, namm_scope: str) -> None:
         from namm_core import budgeted_baselines, parse_policy
+        from namm_core.distill import TEACHERS
 
         if self.threads is not None:
             _whole_number(self.threads, "es.warm_start.threads", minimum=1)
-        if self.imitate == "hindsight":
+        if self.imitate in TEACHERS:
             if namm_scope != "global":
-                raise ConfigError("es.warm_start.imitate: 'hindsight' fits a model-wide NAMM: set namm.scope: global "
-                                  "(with namm.selection: top_k and a budget)")
+                raise ConfigError(f"es.warm_start.imitate: {self.imitate!r} fits a model-wide NAMM: set namm.scope: "
+                                  "global (with namm.selection: top_k and a budget)")
             _whole_number(self.rounds, "es.warm_start.rounds", minimum=0)
         else:
             try:
@@ -118,7 +120,7 @@ class WarmStartConfig:
                 raise ConfigError(f"es.warm_start.imitate: {e}") from None
             if imitated.name not in budgeted_baselines():
                 raise ConfigError(f"es.warm_start.imitate: expected a baseline with a budget, e.g. streamingllm:0.5, "
-                                  f"or 'hindsight', got {self.imitate!r}")
+                                  f"or 'hindsight' or 'kvzip', got {self.imitate!r}")
         _positive(self.prompts, "es.warm_start.prompts")
         _positive(self.steps, "es.warm_start.steps")
         _positive(self.lr, "es.warm_start.lr")

@@ -355,8 +355,8 @@ class EvolutionRun:
         self.state.warm_start = {"imitate": ws.imitate, **report}
         self.tracker.log_metrics([self.state.mlflow.parent],
                                  {f"warm_start/{k}": v for k, v in report.items() if isinstance(v, (int, float))}, 0)
-        if ws.imitate == "hindsight":
-            log.info("warm start by hindsight distillation: the fit keeps %.3f of the held-out importance "
+        if ws.imitate in ("hindsight", "kvzip"):
+            log.info(f"warm start by {ws.imitate} distillation: the fit keeps %.3f of the held-out importance "
                      "(%.3f after round 0; %d updates recorded, %.1f s)", report["kept_share_heldout"],
                      report["kept_share_round0"], report["rows"], report["total_seconds"])
         else:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Evolution levers (bench/results/evolution_levers.md): each config under jobs/levers/ evolves from
-# the shipped NAMM's distilled warm start (namms/smollm2-warm-start) on the same prompts per
-# generation; its best validated CMA mean is exported to namms/levers/<run name>. Then the warm
+# the shipped NAMM's distilled warm start (namms/smollm2-warm-start), or from a warm start of its
+# own (a config with es.warm_start, exported to namms/levers/<run name>-start), on the same prompts
+# per generation; its best validated CMA mean is exported to namms/levers/<run name>. Then the warm
 # start, the shipped NAMM and every lever run on one board of prompts from seed 31415 (fixed here
 # before any lever ran; used for the lever comparison only, never by evolution, distillation or the
 # held-out board), at 1k tokens and half and a quarter of the cache, and the levers table is
@@ -24,6 +25,11 @@ for config in "${configs[@]}"; do
     .venv/bin/namm export "runs/$name/checkpoints" "namms/levers/$name" --which best-validated
     also+=(--also "namms/levers/$name")
     levers+=(--lever "$config=namms/levers/$name")
+    if grep -q "warm_start:" "$config"; then      # a start of its own (a new teacher): on the board too
+        .venv/bin/namm export "runs/$name/checkpoints" "namms/levers/$name-start" --which start
+        also+=(--also "namms/levers/$name-start")
+        levers+=(--lever "$config=namms/levers/$name-start")
+    fi
 done
 .venv/bin/python bench/namm_board.py --name levers_board --seed 31415 \
     --tasks passkey,niah_single,niah_multikey,qa,niah_multiquery,vt,cwe \

@@ -4,7 +4,7 @@ what the acting memory held, and the fit learns a ranking it can reproduce."""
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import TinyTokenizer, tiny_model
 
 from namm_core import NAMM, MemoryManagedLM, NAMMConfig
 from namm_core.distill import (
@@ -14,6 +14,7 @@ from namm_core.distill import (
     fit_global_scorer,
     hindsight_importance,
     kept_share,
+    kvzip_importance,
 )
 
 
@@ -43,6 +44,44 @@ def test_importance_is_the_peak_attention_of_the_later_queries_summed():
     peak = torch.stack(per_kv).amax(dim=(0, 1))                                          # [T, T]
     expected = peak[start:ids.shape[1] + reply.shape[1] - 1].sum(0)  # the last reply token is never fed
     assert torch.allclose(got[:expected.numel()], expected, atol=1e-5)
+
+
+def test_kvzip_importance_decides_as_kvzip_in_the_model_wide_structure():
+    """With one update, the oracle keeping the top of kvzip_importance keeps what KVzip itself
+    keeps when run in the NAMM's structure (one kept set by the mean score over layers and heads);
+    every position up to the update is scored, none after it."""
+    from namm_core import parse_policy
+
+    model, tok = tiny_model("llama", num_hidden_layers=2), TinyTokenizer()
+    ids, reply = _ids(64, 5), _ids(3, 6)
+    lm = MemoryManagedLM(model, None, update_every=64, chunk_size=16, tokenizer=tok)
+    importance = kvzip_importance(lm, ids, reply)
+    assert importance.shape == (67,)
+    assert (importance[:64] > 0).all() and not importance[64:].any()   # one update, after 64 tokens
+
+    kept = {}
+
+    def spy(policy):
+        inner = policy.select_all
+
+        def select_all(layers, step):
+            keeps = inner(layers, step)
+            kept.setdefault(policy.describe(), []).append(set(layers[0].positions[keeps[0]].tolist()))
+            return keeps
+        policy.select_all = select_all
+        return policy
+    kvzip = spy(parse_policy("kvzip:0.5/global/sinks=2"))
+    oracle = spy(HindsightOracle(importance, "0.5", sinks=2))
+    for policy in (kvzip, oracle):
+        MemoryManagedLM(model, policy, update_every=64, chunk_size=16, tokenizer=tok).continuation_logprobs(ids, reply)
+    (by_kvzip,), (by_oracle,) = kept[kvzip.describe()], kept[oracle.describe()]
+    assert by_kvzip == by_oracle and len(by_oracle) == 32
+
+
+def test_kvzip_importance_needs_the_tokenizer():
+    lm = MemoryManagedLM(tiny_model("llama", num_hidden_layers=2), None, update_every=32, chunk_size=16)
+    with pytest.raises(ValueError, match="tokenizer"):
+        kvzip_importance(lm, _ids(40, 1), _ids(2, 2))
 
 
 class Spy(HindsightOracle):
@@ -105,8 +144,9 @@ def test_the_recorder_refuses_a_per_head_namm():
         DistillRecorder(NAMM(NAMMConfig(selection="top_k", budget="0.5")), None, torch.zeros(1), DistillData())
 
 
-def test_a_worker_distils_a_warm_start_on_real_prompts(tmp_path):
-    """The evolution worker's "hindsight" warm start, end to end on a tiny random model with the
+@pytest.mark.parametrize("teacher", ["hindsight", "kvzip"])
+def test_a_worker_distils_a_warm_start_on_real_prompts(tmp_path, teacher):
+    """The evolution worker's distilled warm start, end to end on a tiny random model with the
     real tokenizer: oracle round, DAgger round, a finite vector that differs from zero."""
     import numpy as np
 
@@ -116,7 +156,7 @@ def test_a_worker_distils_a_warm_start_on_real_prompts(tmp_path):
     cfg = config_from_dict({
         "name": "distil-test", "model": {"name": "tiny-random"}, "memory": {"update_every": 64, "chunk_size": 64},
         "namm": {"selection": "top_k", "budget": 0.5, "sinks": 2, "scope": "global", "pool": 3},
-        "es": {"warm_start": {"imitate": "hindsight", "prompts": 4, "steps": 20, "rounds": 1}},
+        "es": {"warm_start": {"imitate": teacher, "prompts": 4, "steps": 20, "rounds": 1}},
         "stages": [{"name": "s", "generations": 1, "prompts_per_task": 2,
                     "tasks": [{"task": "passkey", "context_length": 256, "pool_size": 4}]}],
     }, base_dir=tmp_path)
@@ -125,7 +165,7 @@ def test_a_worker_distils_a_warm_start_on_real_prompts(tmp_path):
                      "seed": 0}])
     norm = worker.collect_statistics([("passkey@256", 0)])
     threads = torch.get_num_threads()
-    out = worker.warm_start("hindsight", norm, [("passkey@256", i) for i in range(4)], steps=20, lr=0.01, seed=0,
+    out = worker.warm_start(teacher, norm, [("passkey@256", i) for i in range(4)], steps=20, lr=0.01, seed=0,
                             rounds=1, threads=threads + 1)
     assert torch.get_num_threads() == threads     # the job's threads are given back
     vector, report = out["vector"], out["report"]
@@ -136,6 +176,7 @@ def test_a_worker_distils_a_warm_start_on_real_prompts(tmp_path):
 
 @pytest.mark.parametrize("namm, warm, message", [
     ({"selection": "top_k", "budget": 0.5}, {"imitate": "hindsight"}, "set namm.scope: global"),
+    ({"selection": "top_k", "budget": 0.5}, {"imitate": "kvzip"}, "'kvzip' fits a model-wide NAMM"),
     ({"selection": "top_k", "budget": 0.5, "scope": "global"}, {"imitate": "hindsight", "rounds": -1},
      "es.warm_start.rounds"),
     ({"selection": "top_k", "budget": 0.5, "scope": "global"}, {"imitate": "hindsight", "threads": 0},

@@ -86,3 +86,31 @@ def test_validate_start_must_be_a_boolean(tmp_path):
     data["es"]["validate_start"] = "yes"
     with pytest.raises(ConfigError, match="es.validate_start"):
         config_from_dict(data, base_dir=tmp_path)
+
+
+def test_the_levers_table_reads_a_run_and_its_exported_start(tmp_path):
+    """bench/evolution_levers.py: a run's facts (its start, search, candidates, validations) and a
+    NAMM exported with --which start as the row of the starting mean."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from bench import evolution_levers
+    from namm_cli.cli import main as namm_main
+
+    data = yaml.safe_load((ROOT / "jobs" / "smoke.yaml").read_text())
+    data.update(name="lever", checkpoint={"root": str(tmp_path / "runs"), "keep": 3},
+                tracking={"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test"})
+    data["workers"]["pool"] = "in_process"
+    config = tmp_path / "lever.yaml"
+    config.write_text(yaml.safe_dump(data))
+    from orchestrator.config import load_config
+
+    EvolutionRun(load_config(config)).run()
+    checkpoints = str(tmp_path / "runs" / "lever" / "checkpoints")
+    assert namm_main(["export", checkpoints, str(tmp_path / "start"), "--which", "start"]) == 0
+    assert namm_main(["export", checkpoints, str(tmp_path / "best"), "--which", "best-validated"]) == 0
+    facts = evolution_levers.run_facts(str(config))
+    assert facts["start"] == "zero" and facts["candidates"] == 3 * 6
+    assert facts["start_validation"].endswith("(gen -1)") and "(gen -1)" in facts["validation"]
+    assert evolution_levers.is_start_export(str(tmp_path / "start"))
+    assert not evolution_levers.is_start_export(str(tmp_path / "best"))

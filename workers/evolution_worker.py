@@ -116,7 +116,7 @@ class EvolutionWorker:
                    seed: int, rounds: int = 1, tasks: Optional[list[dict]] = None,
                    threads: Optional[int] = None) -> dict:
         """A parameter vector fitted to imitate `imitate` on these prompts: a baseline (see
-        namm_core.imitation) or "hindsight" (see namm_core.distill). `threads`: torch threads for
+        namm_core.imitation), or "hindsight" or "kvzip" (see namm_core.distill). `threads`: torch threads for
         this job only (the warm start runs on one actor while the others idle)."""
         if tasks:
             self.prepare(tasks)
@@ -131,11 +131,12 @@ class EvolutionWorker:
     def _warm_start(self, imitate: str, norm: Optional[dict], requests: list[Request], steps: int, lr: float,
                     seed: int, rounds: int) -> dict:
         from namm_core import parse_policy
+        from namm_core.distill import TEACHERS
         from namm_core.imitation import ImitationRecorder, fit_scorer
 
         namm = self.make_namm(np.zeros(self.num_params(), dtype=np.float32), norm)
-        if imitate == "hindsight":
-            return self._distil(namm, requests, steps, lr, seed, rounds)
+        if imitate in TEACHERS:
+            return self._distil(namm, requests, steps, lr, seed, rounds, teacher=imitate)
         recorder = ImitationRecorder(namm, parse_policy(imitate))
         t = time.perf_counter()
         for sample in self._samples(requests):
@@ -145,9 +146,12 @@ class EvolutionWorker:
         report.update(collect_seconds=collect_seconds, rows=len(recorder.data))
         return {"vector": namm.get_params().numpy(), "report": report}
 
-    def _distil(self, namm: NAMM, requests: list[Request], steps: int, lr: float, seed: int, rounds: int) -> dict:
-        """Hindsight distillation: round 0 records under the oracle, each later round under the NAMM
-        fitted so far (DAgger), on its own share of the prompts; the scorer is refitted on all."""
+    def _distil(self, namm: NAMM, requests: list[Request], steps: int, lr: float, seed: int, rounds: int,
+                teacher: str = "hindsight") -> dict:
+        """Distillation of a teacher's importance: round 0 records under the oracle that keeps the most
+        important tokens, each later round under the NAMM fitted so far (DAgger), on its own share
+        of the prompts; the scorer is refitted on all. Teachers: "hindsight" (what the full cache's
+        question and reply attended to) or "kvzip" (KVzip's reconstruction importance)."""
         from namm_core import MemoryManagedLM
         from namm_core.distill import (
             DistillData,
@@ -155,6 +159,7 @@ class EvolutionWorker:
             HindsightOracle,
             fit_global_scorer,
             hindsight_importance,
+            kvzip_importance,
             question_start,
         )
 
@@ -167,8 +172,13 @@ class EvolutionWorker:
             for sample in samples[r::rounds + 1]:
                 ids, _ = ev.encode(sample)
                 reply = ev.reply_ids(sample, "reference")
-                lm = MemoryManagedLM(self.model, namm, update_every=ev.update_every, chunk_size=ev.chunk_size)
-                importance = hindsight_importance(lm, ids, reply, question_start(self.tokenizer, ids, sample.input))
+                lm = MemoryManagedLM(self.model, namm, update_every=ev.update_every, chunk_size=ev.chunk_size,
+                                     tokenizer=self.tokenizer)
+                if teacher == "kvzip":
+                    importance = kvzip_importance(lm, ids, reply)
+                else:
+                    importance = hindsight_importance(lm, ids, reply,
+                                                      question_start(self.tokenizer, ids, sample.input))
                 acting = (HindsightOracle(importance, namm.config.budget, namm.config.sinks, namm.config.pool)
                           if r == 0 else namm)
                 recorder = DistillRecorder(namm, acting, importance, data)
