@@ -144,7 +144,9 @@ class Votes:
 
 def collect_votes(layers: list["MemoryLayer"], scores: list[Optional[torch.Tensor]], protected: list[torch.Tensor],
                   first: Optional[list[torch.Tensor]] = None) -> Votes:
-    """Every layer's votes by position (see `shared_selection`)."""
+    """Every layer's votes by position (see `shared_selection`), kept apart so a subset of the
+    layers can decide (bench/score_layers.py). `shared_selection` sums the votes in one pass
+    instead: the float order its decisions were made and boarded with."""
     B = layers[0].valid.shape[0]
     device = layers[0].positions.device
     span = 1 + max(int(layer.positions.masked_fill(~layer.valid, -1).max()) for layer in layers)
