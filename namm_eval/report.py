@@ -150,8 +150,10 @@ def result_header(argv: Optional[list[str]] = None) -> str:
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                                 text=True, timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10).stdout.splitlines()
+        # results being written (a board's parquet between commits) are data, not the code that ran
+        dirty = [line for line in status if not line[3:].startswith("bench/results/")]
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "unknown", ""
     script = Path(argv[0])

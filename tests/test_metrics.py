@@ -263,3 +263,31 @@ def test_recall_contained_scores_the_whole_answer_list():
     assert score_prediction("values are 12 and 34", ["12", "34", "56"], "recall_contained") == pytest.approx(2 / 3)
     assert score_prediction("nothing here", ["12"], "recall_contained") == 0.0
     assert score_prediction("12 34 56", ["12", "34", "56"], "recall_contained") == 1.0
+
+
+def test_result_header_ignores_result_files_but_not_code(tmp_path):
+    """A result file's header says "with uncommitted changes" when code differs from the commit,
+    not when only bench/results/ does (a board writes its parquet between commits)."""
+    import shutil
+    import subprocess
+
+    from namm_eval import report
+
+    repo = tmp_path / "repo"
+    (repo / "namm_eval").mkdir(parents=True)
+    (repo / "bench" / "results").mkdir(parents=True)
+    shutil.copy(report.__file__, repo / "namm_eval" / "report.py")
+    (repo / "bench" / "results" / "board.parquet").write_text("rows")
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True)  # noqa: E731
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "x", "--allow-empty")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "y")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("report_copy", repo / "namm_eval" / "report.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    (repo / "bench" / "results" / "board.parquet").write_text("more rows")
+    assert "uncommitted" not in copy.result_header(["bench/x.py"])
+    (repo / "namm_eval" / "report.py").write_text((repo / "namm_eval" / "report.py").read_text() + "\n# changed\n")
+    assert "(with uncommitted changes)" in copy.result_header(["bench/x.py"])
