@@ -488,8 +488,9 @@ def main(argv=None) -> int:
     also = "".join(f" Also: `{family(o.describe())}`." for o in others)
     header = report.result_header(None if argv is None else [str(Path(__file__).resolve().relative_to(ROOT)), *argv])
     head = (header + f"\nNAMM: `{label}`.{also} Weights in {args.dtype}; {args.workers} worker "
-            f"process(es) x {args.threads} thread(s). FastGen (T = 0.85) keeps what its rule needs; its retention is "
-            "its own, not the budget.\n\n" + plan(args, cells, namm, others, trained))
+            f"process(es) x {args.threads} thread(s)."
+            + (" FastGen (T = 0.85) keeps what its rule needs; its retention is its own, not the budget."
+               if args.fastgen else "") + "\n\n" + plan(args, cells, namm, others, trained))
     markdown = args.out_dir / f"{args.name}.md"
     write_text_atomic(markdown, head + "(no cell finished yet)\n")
     groups = task_groups(args.tasks.split(","), trained)

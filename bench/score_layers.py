@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ class VoteRecorder(NAMM):
     """The NAMM deciding from every layer, as shipped, and keeping every update's votes."""
 
     def __init__(self, namm: NAMM):
-        super().__init__(namm.config)
+        super().__init__(replace(namm.config, score_layers=None))   # every layer votes
         self.scorer, self.source = namm.scorer, namm.source
         self.norm_mean, self.norm_var, self.norm_count = namm.norm_mean, namm.norm_var, namm.norm_count
         self.updates: list[tuple[Votes, torch.Tensor]] = []
@@ -120,7 +121,7 @@ def main(argv=None):
         updates[b] = recorder.updates
     num_layers = model.config.num_hidden_layers
     pool = namm.config.pool
-    path = greedy_layers(updates, num_layers, args.max_layers, pool)
+    path = greedy_layers(updates, num_layers, min(args.max_layers, num_layers), pool)
     rows, curves = [], {"greedy": [], "evenly spaced": []}
     for count, (layers, per_budget) in enumerate(path, start=1):
         even = scored_layer_indices(count, num_layers)

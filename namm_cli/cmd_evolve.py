@@ -92,10 +92,13 @@ def run(args) -> int:
     if start:
         print(f"starting mean (generation -1): validation fitness {start['fitness']:.4f}")
     if best and start and best["generation"] == -1:
-        print(f"no evolved CMA mean beat the start on validation: namm_best is the start "
-              f"-> {summary['run_dir']}/artifacts/namm_best")
+        evolved = "no evolved CMA mean was validated yet" if not summary.get("evolved_validations") else \
+            "no evolved CMA mean beat the start on validation"
+        print(f"{evolved}: namm_best is the start -> {summary['run_dir']}/artifacts/namm_best")
     elif best:
-        gain = f" ({best['fitness'] - start['fitness']:+.4f} over the start)" if start else ""
+        # validation sets differ between stages: a gain is only read within one
+        same_set = start and best.get("stage", 0) == start.get("stage", 0)
+        gain = f" ({best['fitness'] - start['fitness']:+.4f} over the start on the same prompts)" if same_set else ""
         print(f"best validated CMA mean: fitness {best['fitness']:.4f} at generation {best['generation']}{gain}, "
               f"retention {best['retention']:.3f} -> {summary['run_dir']}/artifacts/namm_best")
     print(f"MLflow: {summary['tracking_uri']} (run {summary['mlflow_parent']}); "

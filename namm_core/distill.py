@@ -92,16 +92,20 @@ class KVzipProbe(KVzip):
     def __init__(self, length: int):
         super().__init__("1.0")
         self.importance = torch.zeros(length)
+        self.scored = torch.zeros(length, dtype=torch.bool)
 
     def select_all(self, layers, step):
+        # only the positions scored at this update are written: a token keeps the importance of
+        # the update that saw it arrive, when every layer (sliding-window ones too) still held it
         total = torch.zeros(self.importance.numel())
         count = torch.zeros(self.importance.numel())
         for layer in layers:
             positions = layer.positions[0][layer.valid[0]].cpu()
             total.index_add_(0, positions, layer.aux["kvzip"][0][layer.valid[0]].float().cpu())
             count.index_add_(0, positions, torch.ones(positions.numel()))
-        held = count > 0
-        self.importance[held] = total[held] / count[held]
+        new = (count > 0) & ~self.scored
+        self.importance[new] = total[new] / count[new]
+        self.scored |= new
         return super().select_all(layers, step)
 
 

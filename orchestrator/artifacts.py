@@ -11,6 +11,14 @@ from .state import EvolutionState
 TABLES = ("history.parquet", "validation.parquet", "fitness.png", "retention_per_layer.png")
 
 
+def _best_kind(st: EvolutionState) -> str:
+    if st.best_validation["generation"] != -1:
+        return "best validated cma-mean"
+    if any(v["generation"] >= 0 for v in st.validation):
+        return "the starting mean (no evolved mean validated better)"
+    return "the starting mean (no evolved mean validated yet)"
+
+
 def export_artifacts(st: EvolutionState, cfg, out: Path, tracker, final: bool) -> None:
     from namm_core import NAMM, NAMMConfig
     from namm_eval.report import write_parquet_atomic
@@ -23,8 +31,7 @@ def export_artifacts(st: EvolutionState, cfg, out: Path, tracker, final: bool) -
         bv = st.best_validation
         NAMM.from_vector(bv["vector"], st.norm, namm_cfg).save_pretrained(
             out / "namm_best", metadata={**meta, "generation": bv["generation"],
-                                         "kind": "the starting mean (no evolved mean validated better)"
-                                         if bv["generation"] == -1 else "best validated cma-mean",
+                                         "kind": _best_kind(st),
                                          "validation_fitness": bv["fitness"], "retention": bv["retention"]})
     write_parquet_atomic(st.history, out / "history.parquet")
     if st.validation:

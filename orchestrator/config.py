@@ -95,7 +95,7 @@ class WarmStartConfig:
     attended to; "kvzip", how much the model needs a token to reconstruct its context."""
     imitate: str = "streamingllm:0.5"     # a baseline policy spec (parse_policy), "hindsight" or "kvzip"
     prompts: int = 4                      # first-stage prompts whose features and decisions are collected
-    steps: int = 300                      # gradient steps of the fit (per round for "hindsight")
+    steps: int = 300                      # gradient steps of the fit (per round for "hindsight"/"kvzip")
     lr: float = 0.01
     rounds: int = 1                       # "hindsight"/"kvzip": rounds recorded under the fitted NAMM (DAgger)
     # torch threads of the one actor that runs the warm start (the others idle meanwhile);

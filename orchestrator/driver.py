@@ -161,6 +161,7 @@ class EvolutionRun:
                 self._checkpoint()   # generation 0's starting point: statistics and the ES's mean
             if cfg.es.validate_start and st.global_generation == 0 and not st.validation:
                 self._validate_start(pool)
+            self._relog_start_validation()
             bar = tqdm(total=cfg.total_generations, initial=st.global_generation, desc=f"evolve {cfg.name}",
                        unit="gen", dynamic_ncols=True)
             while st.stage < len(cfg.stages):
@@ -481,10 +482,16 @@ class EvolutionRun:
 
     def _validate_start(self, pool) -> None:
         """The starting mean on the first stage's validation set, as generation -1."""
-        fitness = self._validate(pool, self.cfg.stages[0])
+        self._validate(pool, self.cfg.stages[0])
         self._checkpoint()
-        if math.isfinite(fitness):
-            self.tracker.log_metrics([self.state.mlflow.parent], {"validation_fitness_start": fitness}, 0)
+
+    def _relog_start_validation(self) -> None:
+        """MLflow's `validation_fitness_start`, once (also after a crash between its checkpoint and its logging)."""
+        start = next((v for v in self.state.validation if v["generation"] == -1), None)
+        parent = self.state.mlflow.parent
+        if start is not None and math.isfinite(start["fitness"]) and \
+                self.tracker.last_step(parent, "validation_fitness_start") < 0:
+            self.tracker.log_metrics([parent], {"validation_fitness_start": start["fitness"]}, 0)
 
     def _validate(self, pool, stage) -> float:
         """Fitness of the CMA mean on a fixed validation set; export it when it is the best."""
@@ -502,10 +509,11 @@ class EvolutionRun:
                   "retention": [x for r in results for x in r["retention"]]}
         fitness, _ = self._fitness(merged, [r for c in chunks for r in c])
         g = st.global_generation - 1
-        st.validation.append({"generation": g, "fitness": fitness,
+        stage_index = st.stage     # the start is validated before stage 0's first generation
+        st.validation.append({"generation": g, "fitness": fitness, "stage": stage_index,
                                  "retention": float(np.mean(merged["retention"]))})
         if st.best_validation is None or fitness > st.best_validation["fitness"]:
-            st.best_validation = {"fitness": fitness, "vector": mean.copy(), "generation": g,
+            st.best_validation = {"fitness": fitness, "vector": mean.copy(), "generation": g, "stage": stage_index,
                                      "retention": float(np.mean(merged["retention"]))}
         log.info("generation %d: validation fitness of the mean %.4f (retention %.3f)", g, fitness,
                  float(np.mean(merged["retention"])))
@@ -538,6 +546,7 @@ class EvolutionRun:
                 "mean": None if st.es is None else st.es.mean,
                 "best": st.best, "best_validation": st.best_validation, "run_dir": str(self.run_dir),
                 "start_validation": next((v for v in st.validation if v["generation"] == -1), None),
+                "evolved_validations": sum(1 for v in st.validation if v["generation"] >= 0),
                 "mlflow_parent": st.mlflow.parent, "tracking_uri": self.tracking_uri}
 
 

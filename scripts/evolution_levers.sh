@@ -25,7 +25,8 @@ for config in "${configs[@]}"; do
     .venv/bin/namm export "runs/$name/checkpoints" "namms/levers/$name" --which best-validated
     also+=(--also "namms/levers/$name")
     levers+=(--lever "$config=namms/levers/$name")
-    if grep -q "warm_start:" "$config"; then      # a start of its own (a new teacher): on the board too
+    own_start="$(.venv/bin/python -c "import sys; from orchestrator.config import load_config; print(load_config(sys.argv[1]).es.warm_start is not None)" "$config")"
+    if [ "$own_start" = True ]; then      # a start of its own (a new teacher): on the board too
         .venv/bin/namm export "runs/$name/checkpoints" "namms/levers/$name-start" --which start
         also+=(--also "namms/levers/$name-start")
         levers+=(--lever "$config=namms/levers/$name-start")

@@ -64,9 +64,6 @@ def test_the_start_is_validated_as_generation_minus_one_and_is_the_bar_for_namm_
     exported = NAMM.from_pretrained(Path(summary["run_dir"]) / "artifacts" / "namm_best")
     assert exported.metadata["generation"] == best["generation"]
     assert np.array_equal(exported.get_params().numpy(), np.asarray(best["vector"], dtype=np.float32))
-    if best["generation"] == -1:     # nothing beat the start: namm_best is the starting mean itself
-        assert exported.metadata["kind"].startswith("the starting mean")
-        assert not np.asarray(best["vector"]).any()      # smoke.yaml starts from the zero NAMM
     # the same run without it: no generation -1, and the same search (validation does not steer CMA-ES)
     cfg_off = smoke(tmp_path, "no-start")
     cfg_off.es.validate_start = False
@@ -114,3 +111,47 @@ def test_the_levers_table_reads_a_run_and_its_exported_start(tmp_path):
     assert facts["start_validation"].endswith("(gen -1)") and "(gen -1)" in facts["validation"]
     assert evolution_levers.is_start_export(str(tmp_path / "start"))
     assert not evolution_levers.is_start_export(str(tmp_path / "best"))
+
+
+class StartValidatesBest(EvolutionRun):
+    """The start's validation scores far above anything evolution can reach."""
+
+    def _validate_start(self, pool):
+        self._boost = True
+        try:
+            super()._validate_start(pool)
+        finally:
+            self._boost = False
+
+    def _fitness(self, result, requests):
+        fitness, per_task = super()._fitness(result, requests)
+        return fitness + (100.0 if getattr(self, "_boost", False) else 0.0), per_task
+
+
+def test_a_run_whose_evolved_means_never_validate_better_exports_its_start(tmp_path, capsys):
+    from namm_core import NAMM
+
+    run = StartValidatesBest(smoke(tmp_path, "start-wins"))
+    summary = run.run()
+    best = summary["best_validation"]
+    assert best["generation"] == -1 and summary["evolved_validations"] >= 1
+    exported = NAMM.from_pretrained(Path(summary["run_dir"]) / "artifacts" / "namm_best")
+    assert exported.metadata["kind"] == "the starting mean (no evolved mean validated better)"
+    assert not exported.get_params().any()             # smoke.yaml starts from the zero NAMM
+    assert not np.array_equal(summary["mean"], np.zeros_like(summary["mean"]))   # evolution did move
+
+
+def test_the_start_metric_reaches_mlflow_after_a_crash_before_its_logging(tmp_path):
+    import pytest
+    from mlflow.tracking import MlflowClient
+
+    class CrashBeforeLogging(EvolutionRun):
+        def _relog_start_validation(self):
+            raise RuntimeError("crash between the start's checkpoint and its MLflow metric")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        CrashBeforeLogging(smoke(tmp_path, "relog")).run()
+    summary = EvolutionRun(smoke(tmp_path, "relog")).run()       # resumes; the start is not validated again
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(summary["mlflow_parent"],
+                                                                              "validation_fitness_start")
+    assert [m.value for m in history] == [summary["start_validation"]["fitness"]]
