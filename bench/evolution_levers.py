@@ -44,7 +44,7 @@ def run_facts(config_path: str) -> dict:
     space = state.es.subspace.describe() if state.es.subspace is not None else "every parameter"
     fitness = cfg.fitness.kind + ("" if cfg.fitness.per_prompt == "none" else f", per prompt: {cfg.fitness.per_prompt}")
     warm = state.warm_start or {}
-    start = (f"es.start {cfg.es.start}" if cfg.es.start else
+    start = (f"es.start {shown(cfg.es.start)}" if cfg.es.start else
              f"distilled from {warm['imitate']} ({warm.get('total_seconds', warm.get('seconds', 0)) / 60:.0f} min)"
              if warm else "zero")
     return {"config": config_path, "start": start,
@@ -53,6 +53,12 @@ def run_facts(config_path: str) -> dict:
             "validation": ", ".join(f"{v['fitness']:.3f} (gen {v['generation']})" for v in state.validation),
             "start_validation": next((f"{v['fitness']:.3f} (gen -1)" for v in state.validation
                                       if v["generation"] == -1), "")}
+
+
+def shown(path: str) -> str:
+    """A path as the project names it (relative to the checkout when inside it)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
 def is_start_export(namm_dir: str) -> bool:
