@@ -45,21 +45,21 @@ class VoteRecorder(NAMM):
         super().__init__(replace(namm.config, score_layers=None))   # every layer votes
         self.scorer, self.source = namm.scorer, namm.source
         self.norm_mean, self.norm_var, self.norm_count = namm.norm_mean, namm.norm_var, namm.norm_count
-        self.updates: list[tuple[Votes, torch.Tensor]] = []
+        self.updates: list[tuple[Votes, torch.Tensor, torch.Tensor]] = []   # votes, k, the decision
 
     def select_all(self, layers, step):
         votes = collect_votes(layers, [self.score(layer) for layer in layers],
                               [self.protected(layer) for layer in layers])
         k = self._budget.tokens(step.seen)
-        self.updates.append((votes, k))
-        return kept_in_layers(decide_from_votes(votes, k, self.config.pool), layers)
+        kept = decide_from_votes(votes, k, self.config.pool)
+        self.updates.append((votes, k, kept))
+        return kept_in_layers(kept, layers)
 
 
-def agreement(updates: list[tuple[Votes, torch.Tensor]], voters: list[int], pool: int) -> float:
+def agreement(updates: list[tuple[Votes, torch.Tensor, torch.Tensor]], voters: list[int], pool: int) -> float:
     """Mean over updates of the share of the all-layer decision's free choices the `voters` repeat."""
     shares = []
-    for votes, k in updates:
-        reference = decide_from_votes(votes, k, pool)
+    for votes, k, reference in updates:   # the all-layer decision, as recorded
         fixed = (votes.guard > 0) | (votes.sink > 0)
         chosen = reference & ~fixed
         if not chosen.any():
