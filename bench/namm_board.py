@@ -92,6 +92,10 @@ class Cell:
         return f"{self.model} {self.length}{protocol}"
 
 
+# NAMM config fields added after board rows were stored, with their defaults
+NAMM_FIELDS_ADDED_LATER = {"score_layers": None, "bam_window": None, "bam_window_keys": "recent"}
+
+
 def fingerprint(policy) -> str:
     """What must match for a stored row to stand for this policy: a NAMM's weights and config, or
     every hyperparameter of any other policy."""
@@ -100,8 +104,9 @@ def fingerprint(policy) -> str:
         for tensor in (policy.get_params(), policy.norm_mean, policy.norm_var):
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
         config = {k: v for k, v in policy.config.to_dict().items() if k != "weights_sha256"}
-        if config.get("score_layers") is None:   # added later: at its default, older rows still match
-            config.pop("score_layers", None)
+        for name, default in NAMM_FIELDS_ADDED_LATER.items():   # at their default, older rows still match
+            if config.get(name, default) == default:
+                config.pop(name, None)
     else:
         config = policy.hyperparameters()
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
@@ -315,8 +320,8 @@ def split_variants(text: str) -> list[str]:
 
 def variant(namm: NAMM, option: str) -> NAMM:
     """The NAMM with one option of its policy spec (`layers=6`), under its own source name."""
-    parsed = parse_policy(f"namm@0.5/{option}")
-    return namm.scoring_from(parsed.config.score_layers)
+    parsed = parse_policy(f"namm@0.5/{option}").config
+    return namm.scoring_from(parsed.score_layers).with_bam_window(parsed.bam_window, parsed.bam_window_keys)
 
 
 def family(label: str) -> str:
@@ -409,8 +414,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "from); repeatable")
     p.add_argument("--namm-variants", default="",
                    help="the NAMM run again with these options, comma-separated NAME=VALUE (e.g. layers=6: it scores "
-                        "from six layers evenly spaced; layers=6,layers=5,12,28: also from layers 5, 12 and 28), "
-                        "each at every budget and compared with the NAMM")
+                        "from six layers evenly spaced; layers=6,layers=5,12,28: also from layers 5, 12 and 28; "
+                        "window=256: its BAM attends to the 256 newest tokens; window=256/keys=band: to the 255 right "
+                        "after each token), each at every budget and compared with the NAMM")
     p.add_argument("--cell", action="append", help="MODEL:LENGTH:BUDGETS:PROMPTS[:PROTOCOL], repeatable; PROTOCOL is "
                    f"one of {', '.join(PROTOCOLS)} (default chunked). Default cells: {DEFAULT_CELLS}")
     p.add_argument("--tasks", default="passkey,niah_single,niah_multikey,qa")

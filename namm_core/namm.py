@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .features import RunningMoments, SpectrogramConfig, fold_rows, recency_embedding
 from .policies import Budget, MemoryPolicy, StepInfo, keep_top, pool_over_slots, shared_selection
-from .scorers import SCORER_KINDS, build_scorer
+from .scorers import SCORER_KINDS, WINDOW_KEYS, build_scorer
 
 CONFIG_NAME = "namm_config.json"
 WEIGHTS_NAME = "namm.safetensors"
@@ -74,6 +74,11 @@ class NAMMConfig:
     # spaced from the first to the last) or a list of layer indices; None: every layer. The other
     # layers are neither observed nor scored, so they attend with the fused kernel (cheaper)
     score_layers: Optional[Union[int, list[int]]] = None
+    # BAM only: each token's backward attention limited to about `bam_window` tokens (None: every
+    # newer token, the paper), either the newest of the cache ("recent") or those right after it
+    # ("band"); the S^2 cost of an update becomes S x window (scorers.backward_attention)
+    bam_window: Optional[int] = None
+    bam_window_keys: str = "recent"
     # the memory settings the NAMM was evolved with; MemoryManagedLM uses them unless told otherwise
     update_every: Optional[int] = None
     chunk_size: Optional[int] = None
@@ -107,6 +112,13 @@ class NAMMConfig:
             self.score_layers = _checked_score_layers(self.score_layers)
             if self.scope != "global":
                 raise ValueError("NAMM score_layers needs the model-wide scope (scope 'global')")
+        if self.bam_window is not None:
+            if isinstance(self.bam_window, bool) or not isinstance(self.bam_window, int) or self.bam_window < 1:
+                raise ValueError(f"NAMM bam_window must be a positive integer or None, got {self.bam_window!r}")
+            if self.scorer != "bam":
+                raise ValueError(f"NAMM bam_window applies to the BAM scorer only (scorer is {self.scorer!r})")
+        if self.bam_window_keys not in WINDOW_KEYS:
+            raise ValueError(f"NAMM bam_window_keys {self.bam_window_keys!r}: expected one of {', '.join(WINDOW_KEYS)}")
         for name in ("update_every", "chunk_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -275,8 +287,10 @@ class NAMM(MemoryPolicy):
         x = self.token_features(layer)
         B, H, S, D = x.shape
         device = next(self.scorer.parameters()).device
+        window = {} if self.config.bam_window is None else {"window": self.config.bam_window,
+                                                            "window_keys": self.config.bam_window_keys}
         scores = self.scorer(x.reshape(B * H, S, D).to(device), layer.positions.reshape(B * H, S).to(device),
-                             layer.valid.reshape(B * H, S).to(device))
+                             layer.valid.reshape(B * H, S).to(device), **window)
         return scores.view(B, H, S).to(x.device)
 
     def protected(self, layer) -> torch.Tensor:
@@ -331,6 +345,12 @@ class NAMM(MemoryPolicy):
         other.config = replace(self.config, score_layers=score_layers)
         return other
 
+    def with_bam_window(self, window: Optional[int], keys: str = "recent") -> "NAMM":
+        """This NAMM with its BAM's backward attention limited to `window` tokens (`NAMMConfig.bam_window`)."""
+        other = copy.copy(self)
+        other.config = replace(self.config, bam_window=window, bam_window_keys=keys)
+        return other
+
     def memory_settings(self) -> dict:
         """The update interval and chunk size the NAMM was evolved with (those recorded)."""
         return {k: v for k, v in (("update_every", self.config.update_every),
@@ -347,6 +367,10 @@ class NAMM(MemoryPolicy):
         layers = self.config.score_layers
         if layers is not None:
             budget += "/layers=" + (",".join(map(str, layers)) if isinstance(layers, list) else str(layers))
+        if self.config.bam_window is not None:
+            budget += f"/window={self.config.bam_window}"
+            if self.config.bam_window_keys != "recent":
+                budget += f"/keys={self.config.bam_window_keys}"
         return f"namm:{self.source}{budget}"
 
     # --- persistence -------------------------------------------------------------------

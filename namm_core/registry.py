@@ -100,7 +100,9 @@ STRUCTURE_HELP = ("options of every policy with a budget, after '/': head (each 
                   "neighbours), sinks=N (the first N tokens are always kept); and the policy's own "
                   "hyperparameters as name=value, e.g. snapkv:0.5/window=64/kernel=5, tova:0.25/global/pool=15/sinks=4. "
                   "A model-wide NAMM takes layers=K after its budget (namm@0.25/layers=6: it scores from six layers "
-                  "evenly spaced, or from the listed ones, layers=0,10,20; the others attend with the fused kernel)")
+                  "evenly spaced, or from the listed ones, layers=0,10,20; the others attend with the fused kernel). "
+                  "A BAM NAMM takes window=W (namm@0.25/window=256: each token's backward attention sees itself and "
+                  "the W newest tokens, S x W work instead of S^2/2) and keys=band (the W - 1 tokens right after it)")
 
 
 def policy_listing() -> str:
@@ -222,11 +224,13 @@ def _parse_namm(spec: str) -> NAMM:
     try:
         if budget is not None:
             namm = namm.with_budget(budget)
-        unknown = [k for k in options if k != "layers"]
+        unknown = [k for k in options if k not in NAMM_OPTIONS]
         if unknown:
-            raise ValueError(f"unknown option {unknown[0]!r} for namm; known: layers")
+            raise ValueError(f"unknown option {unknown[0]!r} for namm; known: {', '.join(NAMM_OPTIONS)}")
         if "layers" in options:
             namm = namm.scoring_from(_layers_option(options["layers"]))
+        if "window" in options or "keys" in options:
+            namm = namm.with_bam_window(*_window_options(options, namm))
     except ValueError as e:
         raise ValueError(f"policy {spec!r}: {e}") from None
     return namm
@@ -238,6 +242,23 @@ def _is_budget(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+NAMM_OPTIONS = ("layers", "window", "keys")
+
+
+def _window_options(options: dict, namm: NAMM) -> tuple:
+    """`window=256` (the BAM attends to the 256 newest tokens) and `keys=band` (to the 255 right
+    after each token instead); `NAMMConfig.bam_window`."""
+    window, keys = namm.config.bam_window, options.get("keys", namm.config.bam_window_keys)
+    if "window" in options:
+        try:
+            window = int(options["window"])
+        except (TypeError, ValueError):
+            raise ValueError(f"option window={options['window']!r}: expected a number of tokens like 256") from None
+    if window is None:
+        raise ValueError("option keys needs a window: /window=256/keys=band")
+    return window, keys
 
 
 def _layers_option(value) -> object:

@@ -8,12 +8,15 @@ nothing is evicted), and expose their weights as one flat vector for evolution.
   superseded; its output modulates the features (x <- x * (1 + mult) + res) before a
   linear read-out. 4,172 parameters with 25 features and head dim 32.
 - MLP: a per-token feed-forward network, the paper's ablation without token mixing.
+
+The BAM's backward attention costs S^2/2 pairs per layer and KV head at every update; with a
+window W each token attends to at most W newer tokens (S x W pairs), see `backward_attention`.
 """
 from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,23 +63,85 @@ class BAMScorer(FlatParams):
         for p in self.parameters():
             nn.init.zeros_(p)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                window: Optional[int] = None, window_keys: str = "recent") -> torch.Tensor:
         """x [N, S, in_dim], positions [N, S], valid [N, S] bool -> scores [N, S].
 
         Valid slots must be in ascending position order (the memory cache keeps them so).
         Slots are permuted to [invalid..., valid oldest..newest] and reversed; the backward
         mask is then an ordinary causal mask, which runs on sdpa's fused causal kernel
         (a dense S x S mask is 5x slower on CPU), and no valid token sees an invalid one.
+        `window`, `window_keys`: see `backward_attention` (None: every newer token, the paper).
         """
         order = torch.argsort(valid.to(torch.int8), dim=-1, stable=True).flip(-1)  # newest valid first
         xs = x.gather(1, order.unsqueeze(-1).expand_as(x))
         q, k, v = self.qkv(xs).split(self.head_dim, dim=-1)
-        attended = F.scaled_dot_product_attention(
-            q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), is_causal=True,
-            scale=1.0 / math.sqrt(self.head_dim)).squeeze(1)
+        attended = backward_attention(q, k, v, 1.0 / math.sqrt(self.head_dim), window, window_keys)
         res, mult = self.modulation(attended).split(self.in_dim, dim=-1)
         scores = self.readout(xs * (1.0 + mult) + res).squeeze(-1)
         return torch.empty_like(scores).scatter_(1, order, scores)
+
+
+WINDOW_KEYS = ("recent", "band")   # NAMMConfig.bam_window_keys
+# query rows per block of the windowed attention: bounds its memory at N x block x W scores
+_WINDOW_BLOCK = 1024
+
+
+def backward_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       window: Optional[int] = None, keys: str = "recent") -> torch.Tensor:
+    """q, k, v [N, S, d], rows ordered newest first: row r attends to rows <= r (itself and the
+    tokens newer than it). Without a window that is a causal mask (S^2/2 pairs). With a window W
+    each row attends to about W rows (S x W pairs):
+    - keys "recent": itself and the W newest tokens of the cache (what the model has just read);
+      a token among those W sees exactly what it sees without a window;
+    - keys "band": itself and the W - 1 tokens that came right after it (its neighbourhood)."""
+    S = q.shape[1]
+    if window is None or S <= window:
+        return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), is_causal=True,
+                                              scale=scale).squeeze(1)
+    if keys == "recent":
+        return _recent_window_attention(q, k, v, scale, window)
+    if keys == "band":
+        return _band_attention(q, k, v, scale, window)
+    raise ValueError(f"backward attention keys {keys!r}: expected one of {', '.join(WINDOW_KEYS)}")
+
+
+def _recent_window_attention(q, k, v, scale, window):
+    W = window
+    # the W newest attend among themselves exactly as without a window
+    newest = F.scaled_dot_product_attention(q[:, None, :W], k[:, None, :W], v[:, None, :W], is_causal=True,
+                                            scale=scale).squeeze(1)
+    parts = [newest]
+    k_recent, v_recent = k[:, :W], v[:, :W]
+    for start in range(W, q.shape[1], _WINDOW_BLOCK):   # older rows: the W newest, and themselves
+        stop = min(start + _WINDOW_BLOCK, q.shape[1])
+        q_old, k_self, v_self = q[:, start:stop], k[:, start:stop], v[:, start:stop]
+        logits = torch.cat([q_old @ k_recent.transpose(-1, -2), (q_old * k_self).sum(-1, keepdim=True)], -1) * scale
+        weights = torch.softmax(logits, dim=-1)
+        parts.append(weights[..., :W] @ v_recent + weights[..., W:] * v_self)
+    return torch.cat(parts, dim=1)
+
+
+def _band_attention(q, k, v, scale, window):
+    # blocks of W rows; block b attends to the keys of blocks b-1 and b, masked to the band
+    N, S, d = q.shape
+    W = window
+    blocks = -(-S // W)
+    pad = blocks * W - S
+
+    def padded(t, front):
+        return F.pad(t, (0, 0, front, pad))
+
+    qb = padded(q, 0).view(N, blocks, W, d)
+    kb = padded(k, W).unfold(1, 2 * W, W).transpose(-1, -2)   # [N, blocks, 2W, d]
+    vb = padded(v, W).unfold(1, 2 * W, W).transpose(-1, -2)
+    i = torch.arange(W, device=q.device).unsqueeze(-1)
+    j = torch.arange(2 * W, device=q.device)
+    # key j of block b is row (b - 1) W + j; query i is row b W + i: allowed when i < j <= W + i
+    band = ((j > i) & (j <= W + i)).expand(blocks, W, 2 * W).clone()
+    band[0, :, :W] = False   # block 0 has no previous block: those keys are padding
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=band, scale=scale)
+    return out.reshape(N, blocks * W, d)[:, :S]
 
 
 class MLPScorer(FlatParams):
@@ -93,8 +158,8 @@ class MLPScorer(FlatParams):
         for p in self.parameters():
             nn.init.zeros_(p)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, **_) -> torch.Tensor:
+        return self.net(x).squeeze(-1)   # no token mixing: a BAM window means nothing here
 
 
 SCORER_KINDS = ("bam", "mlp")   # NAMMConfig.scorer

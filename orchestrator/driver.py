@@ -51,7 +51,7 @@ class Interrupted(RuntimeError):
 RESULT_NEUTRAL_WORKER_FIELDS = ("pool", "prompts_per_job")
 # settings added after runs were made (section -> field -> default): at their default they leave
 # a run's hash as it was
-FIELDS_ADDED_LATER = {"namm": {"score_layers": None},
+FIELDS_ADDED_LATER = {"namm": {"score_layers": None, "bam_window": None, "bam_window_keys": "recent"},
                       "es": {"subspace": None, "start": None, "validate_start": True},
                       "fitness": {"per_prompt": "none"}}
 

@@ -28,11 +28,21 @@ def reference_ema_features(attn: torch.Tensor, arrival: torch.Tensor, cfg: Spect
     return out
 
 
-def bam_reference_forward(scorer, x, positions, valid):
-    """BAMScorer.forward with a plain dense backward mask (no reordering, no fused kernel)."""
+def bam_reference_forward(scorer, x, positions, valid, window=None, keys="recent"):
+    """BAMScorer.forward with a plain dense backward mask (no reordering, no fused kernel).
+
+    With a window, by the tokens' ranks among the valid ones (0: the newest): "recent" lets a
+    token see the newer tokens of rank < window; "band" those at most window - 1 ranks newer."""
     q, k, v = scorer.qkv(x).split(scorer.head_dim, dim=-1)
     logits = q @ k.transpose(-1, -2) / math.sqrt(scorer.head_dim)
     mask = (positions.unsqueeze(-1) <= positions.unsqueeze(-2)) & valid.unsqueeze(-2)
+    if window is not None:
+        newer = (positions.unsqueeze(-1) < positions.unsqueeze(-2)) & valid.unsqueeze(-2)
+        rank = newer.sum(-1)   # [N, S] how many valid tokens are newer than each
+        if keys == "recent":
+            mask = mask & (rank.unsqueeze(-2) < window)
+        else:
+            mask = mask & (rank.unsqueeze(-1) - rank.unsqueeze(-2) < window)
     mask = mask | torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
     attended = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1) @ v
     res, mult = scorer.modulation(attended).split(scorer.in_dim, dim=-1)

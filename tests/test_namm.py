@@ -12,6 +12,7 @@ from namm_core.features import SpectrogramConfig, recency_embedding
 from namm_core.generation import MemoryManagedLM
 from namm_core.namm import NAMM, NAMMConfig
 from namm_core.policies import StepInfo
+from namm_core.registry import parse_policy
 from namm_core.scorers import BAMScorer
 
 
@@ -135,6 +136,50 @@ def test_bam_backward_mask_matches_dense_reference():
     valid_all = torch.ones(3, 40, dtype=torch.bool)
     assert torch.allclose(scorer(x, positions, valid_all)[:, -1], scorer(x2, positions, valid_all)[:, -1], atol=1e-5)
     assert not torch.allclose(scorer(x, positions, valid_all)[:, 0], scorer(x2, positions, valid_all)[:, 0])
+
+
+@pytest.mark.parametrize("keys", ["recent", "band"])
+@pytest.mark.parametrize("window", [1, 5, 16, 39])
+def test_bam_window_matches_dense_reference(window, keys):
+    torch.manual_seed(2)
+    scorer = BAMScorer()
+    scorer.set_flat(torch.randn(scorer.num_params) * 0.3)
+    x = torch.randn(3, 41, 25)
+    positions = torch.arange(41).expand(3, 41)
+    valid = torch.rand(3, 41) > 0.3
+    valid[0] = True   # one row with every slot held
+    fast = scorer(x, positions, valid, window=window, window_keys=keys)
+    ref = bam_reference_forward(scorer, x, positions, valid, window=window, keys=keys)
+    assert torch.allclose(fast[valid], ref[valid], rtol=1e-4, atol=1e-4)
+    # the window changes what the oldest tokens see, so it is not the unwindowed BAM
+    full = scorer(x, positions, valid)
+    assert not torch.allclose(fast[valid], full[valid], atol=1e-4)
+
+
+def test_bam_window_at_least_the_cache_is_the_paper_bam():
+    torch.manual_seed(3)
+    scorer = BAMScorer()
+    scorer.set_flat(torch.randn(scorer.num_params) * 0.3)
+    x, positions, valid = torch.randn(2, 30, 25), torch.arange(30).expand(2, 30), torch.ones(2, 30, dtype=torch.bool)
+    for keys in ("recent", "band"):
+        assert torch.equal(scorer(x, positions, valid, window=30, window_keys=keys), scorer(x, positions, valid))
+    # with "recent", the window's own tokens see exactly what they see without a window
+    assert torch.allclose(scorer(x, positions, valid, window=8)[:, -8:], scorer(x, positions, valid)[:, -8:], atol=1e-5)
+
+
+def test_bam_window_options_in_config_and_policy_specs():
+    namm = parse_policy("namm@0.25/window=256/keys=band")
+    assert (namm.config.bam_window, namm.config.bam_window_keys) == (256, "band")
+    assert namm.describe().endswith("@0.25/window=256/keys=band")
+    assert parse_policy("namm@0.5/window=64").config.bam_window_keys == "recent"
+    with pytest.raises(ValueError, match="window"):
+        parse_policy("namm@0.5/keys=band")
+    with pytest.raises(ValueError, match="bam_window_keys"):
+        parse_policy("namm@0.5/window=64/keys=sideways")
+    with pytest.raises(ValueError, match="bam_window must be a positive integer"):
+        NAMMConfig(bam_window=0)
+    with pytest.raises(ValueError, match="BAM scorer only"):
+        NAMMConfig(scorer="mlp", bam_window=64)
 
 
 def test_flat_parameter_vector_round_trip_and_errors():
@@ -349,8 +394,13 @@ def test_format_1_namm_scores_with_the_legacy_formulas():
         expected = bam_reference_forward(namm.scorer, x[None], torch.arange(S)[None],
                                          torch.ones(1, S, dtype=torch.bool))[0]
         got = namm.score(layer)[0, 0]
+        # with a window the NAMM passes it to its scorer: the reference with the same window
+        windowed = bam_reference_forward(namm.scorer, x[None], torch.arange(S)[None],
+                                         torch.ones(1, S, dtype=torch.bool), window=8, keys="band")[0]
+        got_windowed = namm.with_bam_window(8, "band").score(layer)[0, 0]
     assert torch.allclose(got, expected, atol=1e-5)
     assert (got >= 0).any() and (got < 0).any()
+    assert torch.allclose(got_windowed, windowed, atol=1e-5) and not torch.allclose(got_windowed, got, atol=1e-5)
 
 
 def test_running_moments_merge_equals_one_pass():
