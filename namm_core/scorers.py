@@ -111,15 +111,34 @@ def _recent_window_attention(q, k, v, scale, window):
     # the W newest attend among themselves exactly as without a window
     newest = F.scaled_dot_product_attention(q[:, None, :W], k[:, None, :W], v[:, None, :W], is_causal=True,
                                             scale=scale).squeeze(1)
-    parts = [newest]
-    k_recent, v_recent = k[:, :W], v[:, :W]
-    for start in range(W, q.shape[1], _WINDOW_BLOCK):   # older rows: the W newest, and themselves
-        stop = min(start + _WINDOW_BLOCK, q.shape[1])
-        q_old, k_self, v_self = q[:, start:stop], k[:, start:stop], v[:, start:stop]
-        logits = torch.cat([q_old @ k_recent.transpose(-1, -2), (q_old * k_self).sum(-1, keepdim=True)], -1) * scale
-        weights = torch.softmax(logits, dim=-1)
-        parts.append(weights[..., :W] @ v_recent + weights[..., W:] * v_self)
-    return torch.cat(parts, dim=1)
+    # older rows attend to the W newest and to themselves: the W newest by a fused kernel that also
+    # gives the log-sum-exp, then the token's own key joins the softmax exactly
+    q_old, k_self, v_self = q[:, W:], k[:, W:], v[:, W:]
+    recent, lse = attention_with_lse(q_old, k[:, :W], v[:, :W], scale)
+    own = (q_old * k_self).sum(-1) * scale
+    total = torch.logaddexp(lse, own)
+    old = torch.exp(lse - total).unsqueeze(-1) * recent + torch.exp(own - total).unsqueeze(-1) * v_self
+    return torch.cat([newest, old.to(newest.dtype)], dim=1)
+
+
+# torch's fused CPU attention that also returns the log-sum-exp (a private op, present since
+# torch 2.2); where it is missing, and on other devices, the same is computed in blocks
+_FUSED_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attention_with_lse(q, k, v, scale, fused: bool = True):
+    """q [N, Q, d], k, v [N, K, d] -> (softmax(q k^T scale) v [N, Q, d], log-sum-exp [N, Q]), every
+    query seeing every key."""
+    if fused and _FUSED_WITH_LSE is not None and q.device.type == "cpu":
+        out, lse = _FUSED_WITH_LSE(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale)[:2]
+        return out.squeeze(1), lse.squeeze(1).float()
+    outs, lses = [], []
+    for start in range(0, q.shape[1], _WINDOW_BLOCK):   # bounds memory at N x block x K scores
+        logits = (q[:, start:start + _WINDOW_BLOCK] @ k.transpose(-1, -2)).float() * scale
+        lse = torch.logsumexp(logits, dim=-1)
+        outs.append((torch.exp(logits - lse.unsqueeze(-1)).to(v.dtype) @ v))
+        lses.append(lse)
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
 
 def _band_attention(q, k, v, scale, window):

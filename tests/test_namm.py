@@ -156,6 +156,18 @@ def test_bam_window_matches_dense_reference(window, keys):
     assert not torch.allclose(fast[valid], full[valid], atol=1e-4)
 
 
+def test_attention_with_log_sum_exp_fused_equals_plain():
+    from namm_core.scorers import attention_with_lse
+
+    torch.manual_seed(4)
+    q, k, v = torch.randn(3, 70, 8), torch.randn(3, 20, 8), torch.randn(3, 20, 8)
+    logits = q @ k.transpose(-1, -2) * 0.3
+    expected_out, expected_lse = torch.softmax(logits, -1) @ v, torch.logsumexp(logits, -1)
+    for fused in (True, False):
+        out, lse = attention_with_lse(q, k, v, 0.3, fused=fused)
+        assert torch.allclose(out, expected_out, atol=1e-5) and torch.allclose(lse, expected_lse, atol=1e-5)
+
+
 def test_bam_window_at_least_the_cache_is_the_paper_bam():
     torch.manual_seed(3)
     scorer = BAMScorer()
