@@ -126,40 +126,48 @@ def _recent_window_attention(q, k, v, scale, window):
 _FUSED_WITH_LSE = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def attention_with_lse(q, k, v, scale, fused: bool = True):
-    """q [N, Q, d], k, v [N, K, d] -> (softmax(q k^T scale) v [N, Q, d], log-sum-exp [N, Q]), every
-    query seeing every key."""
+def attention_with_lse(q, k, v, scale, causal: bool = False, fused: bool = True):
+    """q [*, Q, d], k, v [*, K, d] -> (softmax(q k^T scale) v [*, Q, d], log-sum-exp [*, Q]); with
+    `causal`, query i sees keys j <= i only. * is one or two batch dimensions."""
+    if q.dim() == 3:
+        out, lse = attention_with_lse(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale, causal, fused)
+        return out.squeeze(1), lse.squeeze(1)
     if fused and _FUSED_WITH_LSE is not None and q.device.type == "cpu":
-        out, lse = _FUSED_WITH_LSE(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=scale)[:2]
-        return out.squeeze(1), lse.squeeze(1).float()
+        out, lse = _FUSED_WITH_LSE(q, k, v, is_causal=causal, scale=scale)[:2]
+        return out, lse.float()
     outs, lses = [], []
-    for start in range(0, q.shape[1], _WINDOW_BLOCK):   # bounds memory at N x block x K scores
-        logits = (q[:, start:start + _WINDOW_BLOCK] @ k.transpose(-1, -2)).float() * scale
+    for start in range(0, q.shape[-2], _WINDOW_BLOCK):   # bounds memory at block x K scores per head
+        logits = (q[..., start:start + _WINDOW_BLOCK, :] @ k.transpose(-1, -2)).float() * scale
+        if causal:
+            rows = torch.arange(start, start + logits.shape[-2], device=q.device).unsqueeze(-1)
+            logits = logits.masked_fill(torch.arange(k.shape[-2], device=q.device) > rows, float("-inf"))
         lse = torch.logsumexp(logits, dim=-1)
-        outs.append((torch.exp(logits - lse.unsqueeze(-1)).to(v.dtype) @ v))
+        outs.append(torch.exp(logits - lse.unsqueeze(-1)).to(v.dtype) @ v)
         lses.append(lse)
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+    return torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
 
 
 def _band_attention(q, k, v, scale, window):
-    # blocks of W rows; block b attends to the keys of blocks b-1 and b, masked to the band
+    # blocks of W rows: row i of block b sees rows i' <= i of its own block (a causal mask) and
+    # rows i' > i of the block before (a causal mask once both are reversed); two fused passes
+    # with their log-sum-exps, joined exactly
     N, S, d = q.shape
     W = window
     blocks = -(-S // W)
     pad = blocks * W - S
-
-    def padded(t, front):
-        return F.pad(t, (0, 0, front, pad))
-
-    qb = padded(q, 0).view(N, blocks, W, d)
-    kb = padded(k, W).unfold(1, 2 * W, W).transpose(-1, -2)   # [N, blocks, 2W, d]
-    vb = padded(v, W).unfold(1, 2 * W, W).transpose(-1, -2)
-    i = torch.arange(W, device=q.device).unsqueeze(-1)
-    j = torch.arange(2 * W, device=q.device)
-    # key j of block b is row (b - 1) W + j; query i is row b W + i: allowed when i < j <= W + i
-    band = ((j > i) & (j <= W + i)).expand(blocks, W, 2 * W).clone()
-    band[0, :, :W] = False   # block 0 has no previous block: those keys are padding
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=band, scale=scale)
+    qb, kb, vb = (F.pad(t, (0, 0, 0, pad)).view(N, blocks, W, d) for t in (q, k, v))
+    out, lse = attention_with_lse(qb, kb, vb, scale, causal=True)
+    if W > 1 and blocks > 1:
+        # reversed, row r of a block is its row W-1-r; keep rows 1.. of the queries (row W-1 of a
+        # block sees nothing before it) and rows ..W-2 of the keys: then a causal mask is the band
+        before, before_lse = attention_with_lse(qb[:, 1:].flip(2)[:, :, 1:], kb[:, :-1].flip(2)[:, :, :W - 1],
+                                                vb[:, :-1].flip(2)[:, :, :W - 1], scale, causal=True)
+        prev = out.new_zeros(out.shape)
+        prev_lse = torch.full_like(lse, float("-inf"))
+        prev[:, 1:, :W - 1] = before.flip(2)
+        prev_lse[:, 1:, :W - 1] = before_lse.flip(2)
+        total = torch.logaddexp(lse, prev_lse)
+        out = torch.exp(lse - total).unsqueeze(-1) * out + torch.exp(prev_lse - total).unsqueeze(-1) * prev
     return out.reshape(N, blocks * W, d)[:, :S]
 
 

@@ -166,6 +166,13 @@ def test_attention_with_log_sum_exp_fused_equals_plain():
     for fused in (True, False):
         out, lse = attention_with_lse(q, k, v, 0.3, fused=fused)
         assert torch.allclose(out, expected_out, atol=1e-5) and torch.allclose(lse, expected_lse, atol=1e-5)
+    # causal, with two batch dimensions: query i sees keys j <= i
+    q4, k4, v4 = torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8), torch.randn(2, 3, 9, 8)
+    logits = (q4 @ k4.transpose(-1, -2) * 0.3).masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    for fused in (True, False):
+        out, lse = attention_with_lse(q4, k4, v4, 0.3, causal=True, fused=fused)
+        assert torch.allclose(out, torch.softmax(logits, -1) @ v4, atol=1e-5)
+        assert torch.allclose(lse, torch.logsumexp(logits, -1), atol=1e-5)
 
 
 def test_bam_window_at_least_the_cache_is_the_paper_bam():
