@@ -13,7 +13,7 @@ agreement over both budgets most) and compared with the same number of evenly sp
 
 Writes bench/results/score_layers.md and score_layers.png (agreement against the number of
 layers). The chosen list is what `namm@B/layers=i,j,...` takes; whether it holds on the board
-is a board's question (scripts/score_layers_board.sh).
+is a board's question (scripts/namm_variants_board.sh).
 
     .venv/bin/python bench/score_layers.py --prompts 8
 """
