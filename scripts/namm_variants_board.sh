@@ -12,5 +12,5 @@ set -euo pipefail
 exec bash "$(dirname "${BASH_SOURCE[0]}")/board.sh" --name namm_variants_board --seed 7 \
     --tasks passkey,niah_single,niah_multikey,qa,niah_multiquery,vt,cwe \
     --baselines streamingllm --controls '' --no-fastgen \
-    --namm-variants layers=6,layers=5,9,12,15,19,28,layers=5,9,15,window=256,window=256/keys=band \
+    --namm-variants layers=6,layers=5,9,12,15,19,28,layers=5,9,15,window=256 \
     --cell smollm2:1024:0.5,0.25:12 "$@"
