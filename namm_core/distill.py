@@ -238,12 +238,12 @@ def _batch(groups: list[Group], rows: Optional[int], gen: Optional[torch.Generat
     return x, valid, positions, importance, protected, k
 
 
-def model_wide_scores(scorer, x, valid, positions, pool: int) -> torch.Tensor:
-    """[n, S]: the mean over rows of the scorer's scores, pooled over spans (as the NAMM selects)."""
+def model_wide_scores(namm: NAMM, x, valid, positions) -> torch.Tensor:
+    """[n, S]: the mean over rows of the NAMM's scores, pooled over spans (as the NAMM selects)."""
     n, R, S, D = x.shape
-    scores = scorer(x.reshape(n * R, S, D), positions.repeat_interleave(R, 0),
-                    valid.repeat_interleave(R, 0)).view(n, R, S).mean(1)
-    return pool_over_slots(scores, valid, pool)
+    scores = namm.score_features(x.reshape(n * R, S, D), positions.repeat_interleave(R, 0),
+                                 valid.repeat_interleave(R, 0)).view(n, R, S).mean(1)
+    return pool_over_slots(scores, valid, namm.config.pool)
 
 
 def listwise_loss(scores, valid, importance, protected, pool: int) -> torch.Tensor:
@@ -262,7 +262,7 @@ def kept_share(namm: NAMM, groups: list[Group]) -> float:
     kept = total = 0.0
     for start in range(0, len(groups), 4):
         x, valid, positions, importance, protected, k = _batch(groups[start:start + 4], None, None)
-        scores = model_wide_scores(namm.scorer, x, valid, positions, namm.config.pool)
+        scores = model_wide_scores(namm, x, valid, positions)
         ranked = scores.masked_fill(protected, math.inf).masked_fill(~valid, -math.inf)
         order = ranked.argsort(-1, descending=True)
         top = torch.zeros_like(valid).scatter_(1, order, torch.arange(valid.shape[1]).expand_as(order) < k[:, None])
@@ -288,7 +288,7 @@ def fit_global_scorer(namm: NAMM, data: DistillData, steps: int = 1000, lr: floa
     def loss_of_a_step():
         idx = torch.randint(len(train), (groups_per_step,), generator=gen).tolist()
         x, valid, positions, importance, protected, _ = _batch([train[i] for i in idx], rows_per_group, gen)
-        scores = model_wide_scores(namm.scorer, x, valid, positions, namm.config.pool)
+        scores = model_wide_scores(namm, x, valid, positions)
         return listwise_loss(scores, valid, importance, protected, namm.config.pool)
 
     losses, seconds = fit_by_gradient(namm.scorer, loss_of_a_step, steps, lr, gen, max_seconds, cosine=True)

@@ -97,7 +97,7 @@ def fit_scorer(namm: NAMM, data: ImitationData, steps: int = 300, lr: float = 0.
     def loss_of_a_step():
         idx = torch.randint(len(data), (min(batch_rows, len(data)),), generator=gen).tolist()
         x, positions, valid, keep = _batch(data, idx)
-        scores = scorer(x, positions, valid)
+        scores = namm.score_features(x, positions, valid)
         return F.binary_cross_entropy_with_logits(scores[valid], keep[valid].float(), pos_weight=pos_weight)
 
     losses, seconds = fit_by_gradient(scorer, loss_of_a_step, steps, lr, gen, max_seconds)
@@ -114,7 +114,7 @@ def agreement(namm: NAMM, data: ImitationData, batch_rows: int = 64) -> dict:
     for start in range(0, len(data), batch_rows):
         idx = list(range(start, min(start + batch_rows, len(data))))
         x, positions, valid, keep = _batch(data, idx)
-        scores = namm.scorer(x, positions, valid)
+        scores = namm.score_features(x, positions, valid)
         sign_hits += int((((scores >= 0) == keep) & valid).sum())
         k = (keep & valid).sum(-1)
         ranked = scores.masked_fill(~valid, -math.inf).argsort(-1, descending=True)

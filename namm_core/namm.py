@@ -287,11 +287,16 @@ class NAMM(MemoryPolicy):
         x = self.token_features(layer)
         B, H, S, D = x.shape
         device = next(self.scorer.parameters()).device
+        scores = self.score_features(x.reshape(B * H, S, D).to(device), layer.positions.reshape(B * H, S).to(device),
+                                     layer.valid.reshape(B * H, S).to(device))
+        return scores.view(B, H, S).to(x.device)
+
+    def score_features(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The scorer on features [N, S, 25] as this NAMM runs it (its BAM window included): the
+        one call the memory, distillation and imitation share, so a fit trains what runs."""
         window = {} if self.config.bam_window is None else {"window": self.config.bam_window,
                                                             "window_keys": self.config.bam_window_keys}
-        scores = self.scorer(x.reshape(B * H, S, D).to(device), layer.positions.reshape(B * H, S).to(device),
-                             layer.valid.reshape(B * H, S).to(device), **window)
-        return scores.view(B, H, S).to(x.device)
+        return self.scorer(x, positions, valid, **window)
 
     def protected(self, layer) -> torch.Tensor:
         """[B, H, S] the newest token and the first `sinks` tokens: kept whatever their score."""

@@ -186,6 +186,23 @@ def test_bam_window_at_least_the_cache_is_the_paper_bam():
     assert torch.allclose(scorer(x, positions, valid, window=8)[:, -8:], scorer(x, positions, valid)[:, -8:], atol=1e-5)
 
 
+def test_distillation_scores_with_the_namms_window():
+    """A fit trains the scorer as the NAMM runs it: with its BAM window."""
+    from namm_core.distill import model_wide_scores
+
+    torch.manual_seed(5)
+    namm = NAMM(NAMMConfig(bam_window=4))
+    namm.set_params(torch.randn(namm.num_params) * 0.3)
+    n, R, S = 2, 3, 20
+    x, valid = torch.randn(n, R, S, 25), torch.ones(n, S, dtype=torch.bool)
+    positions = torch.arange(S).expand(n, S)
+    expected = torch.stack([namm.scorer(x[j], positions[j].expand(R, S), valid[j].expand(R, S), window=4).mean(0)
+                            for j in range(n)])
+    got = model_wide_scores(namm, x, valid, positions)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, model_wide_scores(namm.with_bam_window(None), x, valid, positions), atol=1e-4)
+
+
 def test_bam_window_options_in_config_and_policy_specs():
     namm = parse_policy("namm@0.25/window=256/keys=band")
     assert (namm.config.bam_window, namm.config.bam_window_keys) == (256, "band")
