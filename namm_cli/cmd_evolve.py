@@ -70,21 +70,24 @@ def run(args) -> int:
               f"{evolution.run_dir}); nothing to do. Export it with `namm export {evolution.ckpt_dir} OUT_DIR`.")
         return 0
 
-    def on_sigterm(signum, frame):   # `ray job stop` and `kill`: stop as Ctrl-C does
-        raise KeyboardInterrupt
+    from orchestrator.interrupts import request_stop
 
-    previous = signal.getsignal(signal.SIGTERM)
+    # `ray job stop`, `kill` and Ctrl-C stop the run as KeyboardInterrupt, held while an MLflow
+    # write is under way (orchestrator/interrupts.py)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         if cfg.workers.pool == "ray":
             init_ray(args.num_cpus)
-        signal.signal(signal.SIGTERM, on_sigterm)   # after ray.init, which installs a handler that aborts
+        for sig in previous:   # after ray.init, which installs a SIGTERM handler that aborts
+            signal.signal(sig, request_stop)
         summary = evolution.run()
     except (Interrupted, KeyboardInterrupt) as e:
         print(f"namm evolve: interrupted; {e or 'the run resumes from its newest checkpoint when started again'}",
               file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     best = summary["best_validation"]
     print(f"{'stopped' if summary['stopped'] else 'finished'} after {summary['generations']} generations; "
           f"run dir {summary['run_dir']}")

@@ -13,6 +13,8 @@ import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from .interrupts import ShieldedClient
+
 log = logging.getLogger(__name__)
 
 
@@ -59,7 +61,7 @@ class Tracker:
     def __init__(self, tracking_uri: str, experiment: str):
         self.uri = tracking_uri
         mlflow.set_tracking_uri(tracking_uri)
-        self.client = MlflowClient(tracking_uri)
+        self.client = ShieldedClient(MlflowClient(tracking_uri))   # a stop never cuts a store write in half
         found = self.client.get_experiment_by_name(experiment)
         if found:
             self.experiment_id = found.experiment_id
