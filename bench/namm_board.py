@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 from namm_core import NAMM, budgeted_baselines, load_model, parse_policy  # noqa: E402
 from namm_core.files import text_config, write_text_atomic  # noqa: E402
 from namm_core.models import cpu_has_bf16  # noqa: E402
+from namm_core.namm import FIELDS_ADDED_LATER as NAMM_FIELDS_ADDED_LATER  # noqa: E402
 from namm_core.policies import Budget  # noqa: E402
 from namm_eval import report  # noqa: E402
 from namm_eval.evaluator import EVAL_VERSION, PROTOCOLS, Evaluator  # noqa: E402
@@ -90,10 +91,6 @@ class Cell:
     def title(self) -> str:
         protocol = "" if self.protocol == "chunked" else f", {self.protocol}"
         return f"{self.model} {self.length}{protocol}"
-
-
-# NAMM config fields added after board rows were stored, with their defaults
-NAMM_FIELDS_ADDED_LATER = {"score_layers": None, "bam_window": None, "bam_window_keys": "recent"}
 
 
 def fingerprint(policy) -> str:

@@ -43,6 +43,9 @@ LEGACY_FORMAT_VERSION = 1
 NORM_STD_FLOOR = 1e-7
 SELECTIONS = ("threshold", "top_k")
 SCOPES = ("head", "global")
+# config fields added after NAMMs, runs and board rows were recorded, at their defaults: a config
+# holding them at these values is the one recorded before (run hashes, board fingerprints)
+FIELDS_ADDED_LATER = {"score_layers": None, "bam_window": None, "bam_window_keys": "recent"}
 
 
 @dataclass

@@ -83,7 +83,8 @@ class BAMScorer(FlatParams):
 
 
 WINDOW_KEYS = ("recent", "band")   # NAMMConfig.bam_window_keys
-# query rows per block of the windowed attention: bounds its memory at N x block x W scores
+# query rows per block where attention is computed without the fused kernel: bounds its memory
+# at N x block x keys scores
 _WINDOW_BLOCK = 1024
 
 

@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from namm_core.namm import FIELDS_ADDED_LATER as NAMM_FIELDS_ADDED_LATER
 from workers.fitness import candidate_fitness, per_prompt_fitness
 
 from . import checkpoint as ckpt
@@ -51,7 +52,7 @@ class Interrupted(RuntimeError):
 RESULT_NEUTRAL_WORKER_FIELDS = ("pool", "prompts_per_job")
 # settings added after runs were made (section -> field -> default): at their default they leave
 # a run's hash as it was
-FIELDS_ADDED_LATER = {"namm": {"score_layers": None, "bam_window": None, "bam_window_keys": "recent"},
+FIELDS_ADDED_LATER = {"namm": NAMM_FIELDS_ADDED_LATER,
                       "es": {"subspace": None, "start": None, "validate_start": True},
                       "fitness": {"per_prompt": "none"}}
 
