@@ -93,7 +93,7 @@ def run(args) -> int:
           f"run dir {summary['run_dir']}")
     start = summary.get("start_validation")
     if start:
-        print(f"starting mean (generation -1): validation fitness {start['fitness']:.4f}")
+        print(f"starting mean (generation -1): validation fitness {start['fitness']:.4f}{_on_models(start)}")
     if best and start and best["generation"] == -1:
         evolved = "no evolved CMA mean was validated yet" if not summary.get("evolved_validations") else \
             "no evolved CMA mean beat the start on validation"
@@ -102,12 +102,18 @@ def run(args) -> int:
         # validation sets differ between stages: a gain is only read within one
         same_set = start and best.get("stage", 0) == start.get("stage", 0)
         gain = f" ({best['fitness'] - start['fitness']:+.4f} over the start on the same prompts)" if same_set else ""
-        print(f"best validated CMA mean: fitness {best['fitness']:.4f} at generation {best['generation']}{gain}, "
-              f"retention {best['retention']:.3f} -> {summary['run_dir']}/artifacts/namm_best")
+        print(f"best validated CMA mean: fitness {best['fitness']:.4f}{_on_models(best)} at generation "
+              f"{best['generation']}{gain}, retention {best['retention']:.3f} -> {summary['run_dir']}/artifacts/namm_best")
     print(f"MLflow: {summary['tracking_uri']} (run {summary['mlflow_parent']}); "
           f"`mlflow ui --backend-store-uri {summary['tracking_uri']}`, then open the experiment "
           f"'{cfg.tracking.experiment}' (its runs are under the Runs tab; each stage is a nested run)")
     return 0
+
+
+def _on_models(validation: dict) -> str:
+    """" (smollm2 0.81, gemma3-270m 0.74)": the fitness on each model of a run with transfer models."""
+    parts = [f"{k[len('fitness@'):]} {v:.4f}" for k, v in validation.items() if k.startswith("fitness@")]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def print_plan(args) -> int:

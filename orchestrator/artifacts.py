@@ -25,6 +25,8 @@ def export_artifacts(st: EvolutionState, cfg, out: Path, tracker, final: bool) -
 
     namm_cfg = NAMMConfig.from_spec(st.namm_spec)
     meta = {"run": cfg.name, "model": cfg.model.name, "generation": st.global_generation}
+    if cfg.transfer_models:   # evolved on several models: the fitness was the mean over them
+        meta["transfer_models"] = [m.label if m.tiny_random is not None else m.name for m in cfg.transfer_models]
     NAMM.from_vector(st.es.mean, st.norm, namm_cfg).save_pretrained(
         out / "namm_latest", metadata={**meta, "kind": "cma-mean"})
     if st.best_validation:
@@ -32,7 +34,8 @@ def export_artifacts(st: EvolutionState, cfg, out: Path, tracker, final: bool) -
         NAMM.from_vector(bv["vector"], st.norm, namm_cfg).save_pretrained(
             out / "namm_best", metadata={**meta, "generation": bv["generation"],
                                          "kind": _best_kind(st),
-                                         "validation_fitness": bv["fitness"], "retention": bv["retention"]})
+                                         "validation_fitness": bv["fitness"], "retention": bv["retention"],
+                                         **{f"validation_{k}": v for k, v in bv.items() if k.startswith("fitness@")}})
     write_parquet_atomic(st.history, out / "history.parquet")
     if st.validation:
         write_parquet_atomic(st.validation, out / "validation.parquet")

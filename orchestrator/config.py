@@ -40,7 +40,7 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = None
     tiny_random: Optional[dict] = None    # a tiny randomly initialised model (tests, smoke runs): config kwargs
 
-    def check(self) -> None:
+    def check(self, where: str = "model") -> None:
         import torch
 
         from namm_core.models import pick_dtype
@@ -48,11 +48,21 @@ class ModelConfig:
         try:
             pick_dtype(torch.device("cpu"), self.dtype)
         except ValueError as e:
-            raise ConfigError(f"model.dtype: {e}") from None
+            raise ConfigError(f"{where}.dtype: {e}") from None
         if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
-            raise ConfigError(f"model.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise ConfigError(f"{where}.device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.tiny_random is not None and not isinstance(self.tiny_random, dict):
-            raise ConfigError("model.tiny_random: expected a mapping of config fields")
+            raise ConfigError(f"{where}.tiny_random: expected a mapping of config fields")
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and metric keys: the embedded name, a path's last part, or
+        `tiny-<architecture>-s<seed>-l<layers>-h<hidden size>` for a tiny random model."""
+        if self.tiny_random is not None:
+            t = self.tiny_random
+            return (f"tiny-{t.get('architecture', 'llama')}-s{t.get('seed', 0)}-l{t.get('num_hidden_layers', '')}"
+                    f"-h{t.get('hidden_size', '')}")
+        return Path(str(self.name).rstrip("/")).name or str(self.name)
 
 
 @dataclass
@@ -350,6 +360,10 @@ class RunConfig:
     name: str
     stages: list
     model: ModelConfig = field(default_factory=ModelConfig)
+    # more models every candidate is also evaluated on, each on its own actors (workers.num_actors
+    # per model); a candidate's fitness is the mean over models of its fitness on each. The NAMM's
+    # normalisation statistics and warm start come from `model`, the one it is exported for.
+    transfer_models: list = field(default_factory=list)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     namm: NAMMSpec = field(default_factory=NAMMSpec)
     es: ESConfig = field(default_factory=ESConfig)
@@ -363,6 +377,11 @@ class RunConfig:
         return Path(self.checkpoint.root) / self.name
 
     @property
+    def models(self) -> list:
+        """Every model a candidate runs on: `model` first, then `transfer_models`."""
+        return [self.model, *self.transfer_models]
+
+    @property
     def total_generations(self) -> int:
         return sum(s.generations for s in self.stages)
 
@@ -374,6 +393,13 @@ class RunConfig:
         if not self.name or "/" in self.name:
             raise ConfigError(f"name: must be a non-empty name without '/', got {self.name!r}")
         self.model.check()
+        labels = {self.model.label: "model"}
+        for i, m in enumerate(self.transfer_models):
+            m.check(f"transfer_models[{i}]")
+            if m.label in labels:
+                raise ConfigError(f"transfer_models[{i}]: {m.label!r} is already {labels[m.label]}; every model "
+                                  "a candidate runs on must be a different one")
+            labels[m.label] = f"transfer_models[{i}]"
         self.memory.check()
         _positive(self.namm.stats_prompts, "namm.stats_prompts")
         namm_config = self.namm_config()
@@ -412,7 +438,8 @@ class RunConfig:
 
 
 POOLS = ("ray", "in_process")
-_NESTED = {"stages": StageConfig, "tasks": TaskSpec}
+_NESTED = {"stages": StageConfig, "tasks": TaskSpec, "transfer_models": ModelConfig}
+_MAY_BE_EMPTY = {"transfer_models"}
 
 
 def _build(cls, data: Any, path: str):
@@ -436,8 +463,10 @@ def _build(cls, data: Any, path: str):
 
 def _convert(hint, value, where: str, name: str):
     if name in _NESTED:
-        if not isinstance(value, list) or not value:
-            raise ConfigError(f"{where}: expected a non-empty list")
+        if value is None and name in _MAY_BE_EMPTY:
+            return []
+        if not isinstance(value, list) or (not value and name not in _MAY_BE_EMPTY):
+            raise ConfigError(f"{where}: expected a {'' if name in _MAY_BE_EMPTY else 'non-empty '}list")
         return [_build(_NESTED[name], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
@@ -511,43 +540,57 @@ def check_resources(cfg: RunConfig, num_cpus: Optional[int] = None) -> None:
     import torch
 
     # a local run's actors are on this machine: a GPU it does not have is a config error
-    if str(cfg.model.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device: {cfg.model.device!r}, but this machine has no CUDA device (set auto or "
-                          "cpu, or submit to a GPU cluster: RAY_ADDRESS)")
+    for where, m in _named_models(cfg):
+        if str(m.device).startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"{where}.device: {m.device!r}, but this machine has no CUDA device (set auto or "
+                              "cpu, or submit to a GPU cluster: RAY_ADDRESS)")
     if cfg.workers.pool == "in_process":
-        return   # one model in this process, whatever num_actors says
+        return   # the models in this process, whatever num_actors says
     available = num_cpus or os.cpu_count() or 1
-    needed = cfg.workers.num_actors * cfg.workers.cpus_per_actor
+    models = len(cfg.models)
+    needed = cfg.workers.num_actors * cfg.workers.cpus_per_actor * models
     if needed > available:
+        per_model = f" for each of {models} models" if models > 1 else ""
         raise ConfigError(f"workers.num_actors: {cfg.workers.num_actors} actors x {cfg.workers.cpus_per_actor:g} "
-                          f"CPUs (workers.cpus_per_actor) need {needed:g} CPUs; the local Ray has {available}")
+                          f"CPUs (workers.cpus_per_actor){per_model} need {needed:g} CPUs; the local Ray has {available}")
+
+
+def _named_models(cfg: RunConfig) -> list:
+    """(config path, ModelConfig) of every model of the run, for error messages."""
+    return [("model", cfg.model)] + [(f"transfer_models[{i}]", m) for i, m in enumerate(cfg.transfer_models)]
 
 
 def check_context_lengths(cfg: RunConfig) -> None:
-    """Refuse synthetic prompts longer than the model's window (read from its config, no weights)."""
+    """Refuse synthetic prompts longer than a model's window (read from its config, no weights)."""
+    for where, m in _named_models(cfg):
+        _check_context_lengths(cfg, m, where)
+
+
+def _check_context_lengths(cfg: RunConfig, m: ModelConfig, where: str) -> None:
     from transformers import AutoConfig
 
     from namm_core.files import text_config
     from namm_core.models import resolve_model_path
 
-    if cfg.model.tiny_random is not None:
-        window = int(cfg.model.tiny_random.get("max_position_embeddings", 8192))
+    if m.tiny_random is not None:
+        window = int(m.tiny_random.get("max_position_embeddings", 8192))
     else:
         try:
-            config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name))
+            config = AutoConfig.from_pretrained(resolve_model_path(m.name))
         except (OSError, ValueError) as e:
-            raise ConfigError(f"model.name: cannot read the config of {cfg.model.name!r}: {e}") from None
+            raise ConfigError(f"{where}.name: cannot read the config of {m.name!r}: {e}") from None
         text = text_config(config)
-        window = int(cfg.model.max_position_embeddings or getattr(text, "max_position_embeddings", 0) or 0)
-        if cfg.model.rope_scaling and not cfg.model.max_position_embeddings:
-            window = int(window * float(cfg.model.rope_scaling.get("factor", 1.0)))
+        window = int(m.max_position_embeddings or getattr(text, "max_position_embeddings", 0) or 0)
+        if m.rope_scaling and not m.max_position_embeddings:
+            window = int(window * float(m.rope_scaling.get("factor", 1.0)))
     if not window:
         return
+    beyond = f" of {where} ({m.label})" if where != "model" else ""
     for i, stage in enumerate(cfg.stages):
         for j, task in enumerate(stage.tasks):
             if task.task and task.context_length > window:
                 raise ConfigError(f"stages[{i}].tasks[{j}].context_length: {task.context_length} tokens is beyond "
-                                  f"the model's window of {window}")
+                                  f"the model's window of {window}{beyond}")
 
 
 def load_config(path, check_files: bool = True) -> RunConfig:

@@ -31,10 +31,16 @@ class _InFlight:
 
 
 class ActorPool:
+    """`actor_models[i]`: the model actor i holds (default: all the same); a job goes only to an
+    actor of its `Job.model`."""
+
     def __init__(self, make_actor: Callable[[int], Any], size: int, max_retries: int = 2,
-                 timeout_seconds: float = 1800.0, poll_seconds: float = 0.5):
+                 timeout_seconds: float = 1800.0, poll_seconds: float = 0.5, actor_models: list[int] | None = None):
         self.make_actor = make_actor
         self.actors = [make_actor(i) for i in range(size)]
+        self.actor_models = list(actor_models) if actor_models is not None else [0] * size
+        if len(self.actor_models) != size:
+            raise ValueError(f"actor_models: {len(self.actor_models)} entries for {size} actors")
         self.max_retries, self.timeout, self.poll = max_retries, timeout_seconds, poll_seconds
         self.failures: list[str] = []       # what went wrong, for logs and MLflow
         self.nodes: list = [None] * size      # each actor's Ray node id, as last reported
@@ -72,12 +78,18 @@ class ActorPool:
         probes = self._probes
         idle = [i for i in range(len(self.actors)) if i not in probes.values()]
         in_flight: dict[ray.ObjectRef, _InFlight] = {}
+        unplaceable = sorted({job.model for job in jobs} - set(self.actor_models))
+        if unplaceable:
+            raise ValueError(f"jobs for model(s) {unplaceable}, but no actor holds them")
         while queue or in_flight:
             self._check_nodes(jobs, in_flight, idle, probes, attempts, last_actor, queue)
-            while queue and idle:
-                j = queue.pop(0)
+            for j in list(queue):   # in queue order, each job to an idle actor of its model
+                mine = [a for a in idle if self.actor_models[a] == jobs[j].model]
+                if not mine:
+                    continue
+                queue.remove(j)
                 # retry on another actor than the one that failed it, when there is a choice
-                choice = next((a for a in idle if a != last_actor.get(j)), idle[0])
+                choice = next((a for a in mine if a != last_actor.get(j)), mine[0])
                 idle.remove(choice)
                 ref = getattr(self.actors[choice], jobs[j].method).remote(*jobs[j].args)
                 in_flight[ref] = _InFlight(j, choice, time.monotonic())
@@ -107,7 +119,8 @@ class ActorPool:
                     ray.kill(self.actors[flight.actor_index], no_restart=False)  # Ray restarts it
                     self._failed(jobs, flight, attempts, last_actor, queue, f"timed out after {self.timeout:.0f}s")
                     self._probe(flight.actor_index, probes)
-            if queue and not idle and not in_flight and not probes and not self._reprobe:  # pragma: no cover
+            if queue and not in_flight and not probes and not self._reprobe and \
+                    not any(self.actor_models[a] == jobs[j].model for a in idle for j in queue):  # pragma: no cover
                 raise RuntimeError("no actor left to run the remaining jobs")
         return results
 

@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from .artifacts import export_artifacts
 from .config import RunConfig
 from .es import EvolutionStrategy
-from .pool import Job, in_process_pool
+from .pool import Job, actors_of, in_process_pool
 from .runlock import RunLock
 from .state import EvolutionState
 from .subspace import build_subspace
@@ -62,6 +62,8 @@ def config_hash(cfg: RunConfig) -> str:
     data["stages"] = [{k: v for k, v in s.items()} for s in data["stages"]]
     for name in RESULT_NEUTRAL_WORKER_FIELDS:
         data["workers"].pop(name)
+    if not data.get("transfer_models"):   # added later: a run without them keeps its hash
+        data.pop("transfer_models", None)
     for section, fields in FIELDS_ADDED_LATER.items():
         for name, default in fields.items():
             if data[section].get(name) == default:
@@ -69,21 +71,31 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def task_payload(task, stage, validation: bool = False) -> dict:
+def task_payload(task, stage, validation: bool = False, model: int = 0, model_label: str = "") -> dict:
     """What a worker needs to build a task's prompt pool.
 
     Synthetic tasks: validation prompts are generated from another seed. Task files: the records
     are shuffled with the task's seed and split into disjoint sets, the first
-    `stage.validation_prompts` for validation and the next `pool_size` for training."""
+    `stage.validation_prompts` for validation and the next `pool_size` for training.
+    `model`: the index of the model whose actors run it; the key of a transfer model's task ends
+    in `@<its label>` (its prompts are its own tokenizer's, its references its own)."""
     d = asdict(task)
     d["split"] = "validation" if validation else "train"
     d["holdout"] = stage.validation_prompts if task.file else 0
-    d["key"] = task.key + (f"~{d['holdout']}" if task.file else "") + ("#val" if validation else "")
+    d["key"] = task.key + (f"~{d['holdout']}" if task.file else "") + ("#val" if validation else "") + \
+        (f"@{model_label}" if model else "")
+    d["model"] = model
     if validation:
         d["pool_size"] = stage.validation_prompts
         if not task.file:
             d["seed"] = task.seed + VALIDATION_SEED_OFFSET
     return d
+
+
+def stage_tasks(cfg: RunConfig, stage, validation: bool = False) -> list[dict]:
+    """The stage's task payloads for every model of the run, model by model."""
+    return [task_payload(t, stage, validation, model=m, model_label=model.label)
+            for m, model in enumerate(cfg.models) for t in stage.tasks]
 
 
 class EvolutionRun:
@@ -322,7 +334,7 @@ class EvolutionRun:
         tasks = [task_payload(t, stage) for t in stage.tasks]
         n = self.cfg.namm.stats_prompts
         requests = [(t["key"], i) for t in tasks for i in range(min(n, t["pool_size"]))]
-        chunks = _split(requests, len(pool.actors))
+        chunks = _split(requests, actors_of(pool, 0))
         failures_before = len(pool.failures)
         results = pool.run([Job("collect_statistics", (c, tasks), "statistics") for c in chunks])
         from namm_core.features import RunningMoments
@@ -371,8 +383,8 @@ class EvolutionRun:
         missing = [r for r in dict.fromkeys(requests) if f"{r[0]}|{r[1]}" not in refs]
         if not missing:
             return
-        chunks = _split(missing, len(pool.actors))
-        results = pool.run([Job("reference", (c, tasks), "reference") for c in chunks])
+        chunks, models = split_by_model(missing, tasks, pool)
+        results = pool.run([Job("reference", (c, tasks), "reference", model=m) for c, m in zip(chunks, models)])
         for chunk, scores in zip(chunks, results):
             if scores is None:
                 raise RuntimeError("full-cache reference failed on every retry: " + "; ".join(pool.failures[-3:]))
@@ -380,7 +392,7 @@ class EvolutionRun:
                 refs[f"{r[0]}|{r[1]}"] = float(s)
 
     def _sample_prompts(self, stage) -> tuple[list, list]:
-        tasks = [task_payload(t, stage) for t in stage.tasks]
+        tasks = stage_tasks(self.cfg, stage)
         rng = self.state.sampler
         requests = []
         for t in tasks:
@@ -388,18 +400,26 @@ class EvolutionRun:
             requests += [(t["key"], int(i)) for i in sorted(idx)]
         return requests, tasks
 
-    def _fitness(self, result: Optional[dict], requests) -> tuple[float, dict]:
+    def _fitness(self, result: Optional[dict], requests, tasks) -> tuple[float, dict, dict]:
+        """A candidate's fitness, its mean score per task, and (with transfer models) its fitness
+        on each model. Several models: the mean over models of the fitness on each."""
         if result is None:
-            return math.nan, {}
+            return math.nan, {}, {}
         refs = self.state.references
-        per_task: dict[str, tuple[list, list]] = {}
+        model_of = {t["key"]: t.get("model", 0) for t in tasks}
+        per_model: dict[int, dict[str, tuple[list, list]]] = {}
         for (key, idx), score in zip(requests, result["scores"]):
-            s, r = per_task.setdefault(key, ([], []))
+            s, r = per_model.setdefault(model_of[key], {}).setdefault(key, ([], []))
             s.append(score)
             r.append(refs[f"{key}|{idx}"])
         fc = self.cfg.fitness
-        fitness = candidate_fitness(fc.kind, per_task, result["retention"], fc.retention_target, fc.retention_weight)
-        return fitness, {k: float(np.mean(s)) for k, (s, _) in per_task.items()}
+        on_model = {m: candidate_fitness(fc.kind, per_task, []) for m, per_task in sorted(per_model.items())}
+        fitness = float(np.mean(list(on_model.values())))
+        if fc.retention_target is not None:
+            fitness -= fc.retention_weight * max(0.0, float(np.mean(result["retention"])) - fc.retention_target)
+        task_means = {k: float(np.mean(s)) for per_task in per_model.values() for k, (s, _) in per_task.items()}
+        labels = [m.label for m in self.cfg.models]
+        return fitness, task_means, ({labels[m]: f for m, f in on_model.items()} if len(labels) > 1 else {})
 
     def _told(self, fitness: list[float], results: list[Optional[dict]], num_prompts: int) -> list[float]:
         """What CMA-ES ranks: the fitness, or (fitness.per_prompt) the candidates compared prompt by prompt."""
@@ -422,8 +442,8 @@ class EvolutionRun:
         t_eval = time.perf_counter()
         results = self._evaluate_candidates(pool, candidates, requests, tasks)
         eval_seconds = time.perf_counter() - t_eval
-        scored = [self._fitness(r, requests) for r in results]
-        fitness = [f for f, _ in scored]   # logged, and what the best candidate is chosen by
+        scored = [self._fitness(r, requests, tasks) for r in results]
+        fitness = [f for f, _, _ in scored]   # logged, and what the best candidate is chosen by
         t_tell = time.perf_counter()
         es.tell(self._told(fitness, results, len(requests)))
         tell_seconds = time.perf_counter() - t_tell
@@ -435,10 +455,12 @@ class EvolutionRun:
         best_i = int(np.nanargmax(fitness))
         if st.best is None or fitness[best_i] > st.best["fitness"]:
             st.best = {"fitness": fitness[best_i], "vector": candidates[best_i].copy(), "generation": g}
-        task_means = {}
-        for _, per_task in scored:
+        task_means, model_fitness = {}, {}
+        for _, per_task, per_model in scored:
             for k, v in per_task.items():
                 task_means.setdefault(k, []).append(v)
+            for k, v in per_model.items():
+                model_fitness.setdefault(k, []).append(v)
         ok_results = [r for r in results if r is not None]
         metrics = {
             "fitness_best": max(finite), "fitness_mean": float(np.mean(finite)),
@@ -448,6 +470,10 @@ class EvolutionRun:
             "es_seconds": ask_seconds + tell_seconds, "failures": len(pool.failures) - failures_before,
             "failed_candidates": sum(1 for r in results if r is None), "stage": st.stage, **_node_metrics(pool),
             **{f"score/{_metric_key(k)}": float(np.mean(v)) for k, v in task_means.items()},
+            # with transfer models: each model's fitness, mean over the candidates and of the best one
+            **{f"fitness_mean/{_metric_key(k)}": float(np.mean(v)) for k, v in model_fitness.items()},
+            **{f"fitness_best_candidate/{_metric_key(k)}": v[best_i] for k, v in model_fitness.items()
+               if len(v) == len(fitness)},
         }
         for i, (x, f, r) in enumerate(zip(candidates, fitness, results)):
             st.history.append({
@@ -465,6 +491,8 @@ class EvolutionRun:
         stage_done = st.stage_generation >= stage.generations
         if st.stage_generation % stage.validation_every == 0 or stage_done:
             metrics["validation_fitness"] = self._validate(pool, stage)
+            metrics.update({f"validation_fitness/{_metric_key(k[len('fitness@'):])}": v
+                            for k, v in st.validation[-1].items() if k.startswith("fitness@")})
             metrics["failures"] = len(pool.failures) - failures_before   # the validation's too
         self._checkpoint()            # the run is safe from here on
         self._log(g, metrics)
@@ -479,7 +507,9 @@ class EvolutionRun:
         prompts whose results are put back together in prompt order (None if any part failed)."""
         jobs, sizes = candidate_jobs(candidates, self.state.norm, requests, tasks, self.cfg.workers.prompts_per_job)
         results = pool.run(jobs)
-        return [_merge_parts(results[i * len(sizes):(i + 1) * len(sizes)], sizes) for i in range(len(candidates))]
+        models = [j.model for j in jobs[:len(sizes)]]
+        return [_merge_parts(results[i * len(sizes):(i + 1) * len(sizes)], sizes, models)
+                for i in range(len(candidates))]
 
     def _validate_start(self, pool) -> None:
         """The starting mean on the first stage's validation set, as generation -1."""
@@ -497,27 +527,31 @@ class EvolutionRun:
     def _validate(self, pool, stage) -> float:
         """Fitness of the CMA mean on a fixed validation set; export it when it is the best."""
         st = self.state
-        tasks = [task_payload(t, stage, validation=True) for t in stage.tasks]
+        tasks = stage_tasks(self.cfg, stage, validation=True)
         requests = [(t["key"], i) for t in tasks for i in range(stage.validation_prompts)]
         self._ensure_references(pool, requests, tasks)
         mean = st.es.mean.astype(np.float32)
-        chunks = _split(requests, len(pool.actors))
-        results = pool.run([Job("evaluate", (mean, st.norm, c, tasks), "validation") for c in chunks])
+        chunks, models = split_by_model(requests, tasks, pool)
+        results = pool.run([Job("evaluate", (mean, st.norm, c, tasks), "validation", model=m)
+                            for c, m in zip(chunks, models)])
         if any(r is None for r in results):
             log.error("validation failed on every retry; skipped")
             return math.nan
         merged = {"scores": [s for r in results for s in r["scores"]],
                   "retention": [x for r in results for x in r["retention"]]}
-        fitness, _ = self._fitness(merged, [r for c in chunks for r in c])
+        fitness, _, per_model = self._fitness(merged, [r for c in chunks for r in c], tasks)
         g = st.global_generation - 1
         stage_index = st.stage     # the start is validated before stage 0's first generation
         st.validation.append({"generation": g, "fitness": fitness, "stage": stage_index,
-                                 "retention": float(np.mean(merged["retention"]))})
+                              "retention": float(np.mean(merged["retention"])),
+                              **{f"fitness@{k}": v for k, v in per_model.items()}})
         if st.best_validation is None or fitness > st.best_validation["fitness"]:
             st.best_validation = {"fitness": fitness, "vector": mean.copy(), "generation": g, "stage": stage_index,
-                                     "retention": float(np.mean(merged["retention"]))}
-        log.info("generation %d: validation fitness of the mean %.4f (retention %.3f)", g, fitness,
-                 float(np.mean(merged["retention"])))
+                                  "retention": float(np.mean(merged["retention"])),
+                                  **{f"fitness@{k}": v for k, v in per_model.items()}}
+        on_models = "".join(f", {k} {v:.4f}" for k, v in per_model.items())
+        log.info("generation %d: validation fitness of the mean %.4f (retention %.3f%s)", g, fitness,
+                 float(np.mean(merged["retention"])), on_models)
         return fitness
 
     # ------------------------------------------------------------------------------------
@@ -565,33 +599,65 @@ def default_pool_factory(cfg: RunConfig, actor_class=None):
     gpus = cfg.workers.gpus_per_actor
     if gpus == "auto":
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    init = dict(model=asdict(cfg.model), memory=asdict(cfg.memory), namm=cfg.namm_spec(),
-                torch_threads=cfg.workers.torch_threads, fitness=asdict(cfg.fitness))
+    per_model = cfg.workers.num_actors
+    actor_models = [m for m in range(len(cfg.models)) for _ in range(per_model)]
 
     def make(i):
+        init = dict(model=asdict(cfg.models[actor_models[i]]), memory=asdict(cfg.memory), namm=cfg.namm_spec(),
+                    torch_threads=cfg.workers.torch_threads, fitness=asdict(cfg.fitness))
         # spread over the nodes: a lost node takes as few actors with it as it can
         options = dict(num_cpus=cfg.workers.cpus_per_actor, num_gpus=gpus, scheduling_strategy="SPREAD")
         return actor.options(**options).remote(**init)
 
-    pool = ActorPool(make, cfg.workers.num_actors, cfg.workers.max_retries, cfg.workers.timeout_seconds)
+    pool = ActorPool(make, len(actor_models), cfg.workers.max_retries, cfg.workers.timeout_seconds,
+                     actor_models=actor_models)
     pids = pool.wait_ready()
-    log.info("%d actors ready (pids %s), %s GPU each", len(pids), pids, gpus)
+    each = f" ({per_model} per model: {', '.join(m.label for m in cfg.models)})" if len(cfg.models) > 1 else ""
+    log.info("%d actors ready (pids %s)%s, %s GPU each", len(pids), pids, each, gpus)
     return pool
 
 
 def candidate_jobs(candidates, norm, requests, tasks, prompts_per_job: Optional[int] = None
                    ) -> tuple[list[Job], list[int]]:
-    """The jobs that evaluate every candidate on the same prompts: one per candidate, or one per
-    `prompts_per_job` prompts of it (candidate-major), and the number of prompts in each part.
-    A job's cost is its prompts' tokens, so the pool starts the longest parts first."""
-    size = prompts_per_job or len(requests)
-    parts = [requests[i:i + size] for i in range(0, len(requests), size)]
+    """The jobs that evaluate every candidate on the same prompts: per candidate, one job per model
+    (its prompts on that model's actors), or one per `prompts_per_job` prompts of it, candidate-major,
+    and the number of prompts in each part (the parts cover `requests` in order). A job's cost is
+    its prompts' tokens, so the pool starts the longest parts first."""
+    model_of = {t["key"]: t.get("model", 0) for t in tasks}
+    parts = []
+    for run in _runs_of_one_model(requests, model_of):
+        size = prompts_per_job or len(run)
+        parts += [run[i:i + size] for i in range(0, len(run), size)]
     tokens = {t["key"]: t.get("context_length") or 1 for t in tasks}
+    starts = np.cumsum([0] + [len(p) for p in parts])
     jobs = [Job("evaluate", (x.astype(np.float32), norm, part, tasks),
-                f"candidate {i}" + (f" prompts {p * size}-{p * size + len(part) - 1}" if len(parts) > 1 else ""),
-                cost=sum(tokens.get(key, 1) for key, _ in part))
+                f"candidate {i}" + (f" prompts {starts[p]}-{starts[p] + len(part) - 1}" if len(parts) > 1 else ""),
+                cost=sum(tokens.get(key, 1) for key, _ in part), model=model_of[part[0][0]])
             for i, x in enumerate(candidates) for p, part in enumerate(parts)]
     return jobs, [len(part) for part in parts]
+
+
+def _runs_of_one_model(requests, model_of: dict) -> list[list]:
+    """`requests` cut where the model changes (a job runs on one model's actors)."""
+    runs: list[list] = []
+    for r in requests:
+        if runs and model_of[runs[-1][-1][0]] == model_of[r[0]]:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return runs
+
+
+def split_by_model(requests, tasks, pool) -> tuple[list[list], list[int]]:
+    """Requests in chunks, each for one model and spread over that model's actors; and the model of each."""
+    model_of = {t["key"]: t.get("model", 0) for t in tasks}
+    chunks, models = [], []
+    for m in sorted(set(model_of[key] for key, _ in requests)):
+        mine = [r for r in requests if model_of[r[0]] == m]
+        for chunk in _split(mine, actors_of(pool, m)):
+            chunks.append(chunk)
+            models.append(m)
+    return chunks, models
 
 
 def _node_metrics(pool) -> dict:
@@ -603,13 +669,17 @@ def _node_metrics(pool) -> dict:
             "nodes_lost": len(report["nodes_lost"])}
 
 
-def _merge_parts(results: list[Optional[dict]], sizes: list[int]) -> Optional[dict]:
-    """One candidate's results from the jobs of its prompts, in prompt order."""
+def _merge_parts(results: list[Optional[dict]], sizes: list[int], models: Optional[list[int]] = None
+                 ) -> Optional[dict]:
+    """One candidate's results from the jobs of its prompts, in prompt order. The retention per
+    layer is the first model's (models differ in their layers)."""
     if len(results) == 1:
         return results[0]
     if any(r is None for r in results):
         return None
-    per_layer = np.average([r["retention_per_layer"] for r in results], axis=0, weights=sizes)
+    first = [i for i, m in enumerate(models or [0] * len(results)) if m == (models or [0])[0]]
+    per_layer = np.average([results[i]["retention_per_layer"] for i in first], axis=0,
+                           weights=[sizes[i] for i in first])
     return {"scores": [s for r in results for s in r["scores"]],
             "retention": [x for r in results for x in r["retention"]],
             "retention_per_layer": per_layer.tolist(), "seconds": sum(r["seconds"] for r in results),

@@ -208,3 +208,53 @@ def test_smoke_job_logs_to_an_mlflow_tracking_server(ray_cluster, tmp_path):
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_a_two_model_run_on_ray_routes_each_model_to_its_actors_and_equals_the_in_process_run(ray_cluster, tmp_path):
+    """transfer_models on real actors (two per model): the same run as in process, per-model metrics in MLflow."""
+    from test_transfer_models import smoke_data
+
+    from orchestrator.config import config_from_dict
+
+    data = smoke_data(tmp_path, "two-ray")
+    data["workers"] = {**data["workers"], "pool": "ray", "num_actors": 2}
+    on_ray = EvolutionRun(config_from_dict(data, base_dir=tmp_path)).run()
+    data = smoke_data(tmp_path, "two-local")
+    data["workers"] = {**data["workers"], "num_actors": 2}
+    cfg = config_from_dict(data, base_dir=tmp_path)
+    local = EvolutionRun(cfg).run()
+    assert np.array_equal(on_ray["mean"], local["mean"])
+    client = _client(tmp_path)
+    for m in cfg.models:
+        key = f"fitness_mean/{m.label}"
+        assert len(client.get_metric_history(on_ray["mlflow_parent"], key)) == 2, key
+        assert client.get_metric_history(on_ray["mlflow_parent"], f"validation_fitness/{m.label}")
+
+
+def test_the_ray_pool_sends_each_job_to_an_actor_of_its_model(ray_cluster):
+    import ray
+
+    from orchestrator.dispatch import ActorPool
+    from orchestrator.pool import Job
+
+    @ray.remote(num_cpus=0)
+    class Holder:
+        def __init__(self, model):
+            self.model = model
+
+        def location(self):
+            return {"pid": os.getpid(), "node": None}
+
+        def which(self, _):
+            return self.model
+
+    models = [0, 0, 1]
+    pool = ActorPool(lambda i: Holder.remote(models[i]), 3, actor_models=models)
+    pool.wait_ready()
+    jobs = [Job("which", (i,), model=m) for i, m in enumerate([1, 0, 1, 1, 0, 1])]
+    try:
+        assert pool.run(jobs) == [1, 0, 1, 1, 0, 1]
+        with pytest.raises(ValueError, match=r"model\(s\) \[2\]"):
+            pool.run([Job("which", (0,), model=2)])
+    finally:
+        pool.shutdown()

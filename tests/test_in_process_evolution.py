@@ -123,9 +123,9 @@ class StartValidatesBest(EvolutionRun):
         finally:
             self._boost = False
 
-    def _fitness(self, result, requests):
-        fitness, per_task = super()._fitness(result, requests)
-        return fitness + (100.0 if getattr(self, "_boost", False) else 0.0), per_task
+    def _fitness(self, result, requests, tasks):
+        fitness, per_task, per_model = super()._fitness(result, requests, tasks)
+        return fitness + (100.0 if getattr(self, "_boost", False) else 0.0), per_task, per_model
 
 
 def test_a_run_whose_evolved_means_never_validate_better_exports_its_start(tmp_path, capsys):
