@@ -43,6 +43,8 @@ def run_facts(config_path: str) -> dict:
     seconds = sum(m["metrics"]["generation_seconds"] for m in state.metrics_log)
     space = state.es.subspace.describe() if state.es.subspace is not None else "every parameter"
     fitness = cfg.fitness.kind + ("" if cfg.fitness.per_prompt == "none" else f", per prompt: {cfg.fitness.per_prompt}")
+    if cfg.transfer_models:
+        fitness += f", mean over {', '.join(m.label for m in cfg.models)}"
     warm = state.warm_start or {}
     start = (f"es.start {shown(cfg.es.start)}" if cfg.es.start else
              f"distilled from {warm['imitate']} ({warm.get('total_seconds', warm.get('seconds', 0)) / 60:.0f} min)"
@@ -50,9 +52,14 @@ def run_facts(config_path: str) -> dict:
     return {"config": config_path, "start": start,
             "search": f"{space} ({state.es.search_dim} dims), sigma0 {cfg.es.sigma0}",
             "fitness": fitness, "candidates": len(state.history), "minutes": seconds / 60,
-            "validation": ", ".join(f"{v['fitness']:.3f} (gen {v['generation']})" for v in state.validation),
-            "start_validation": next((f"{v['fitness']:.3f} (gen -1)" for v in state.validation
-                                      if v["generation"] == -1), "")}
+            "validation": ", ".join(validated(v) for v in state.validation),
+            "start_validation": next((validated(v) for v in state.validation if v["generation"] == -1), "")}
+
+
+def validated(v: dict) -> str:
+    """"0.650 (gen 2)", or with transfer models "0.650 (gen 2; smollm2 0.700, gemma3-270m 0.600)"."""
+    on = "".join(f", {k[len('fitness@'):]} {x:.3f}" for k, x in v.items() if k.startswith("fitness@"))
+    return f"{v['fitness']:.3f} (gen {v['generation']}{'; ' + on[2:] if on else ''})"
 
 
 def shown(path: str) -> str:
@@ -88,7 +95,8 @@ def fmt(diff: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--board", required=True, help="the held-out board's parquet (bench/namm_board.py)")
+    p.add_argument("--board", required=True, action="append",
+                   help="the held-out board's parquet (bench/namm_board.py); repeatable: boards of other cells")
     p.add_argument("--warm-start", required=True, help="the warm start's NAMM directory as the board names it")
     p.add_argument("--lever", action="append", default=[], help="CONFIG=NAMM_DIR, one per lever")
     p.add_argument("--reference", action="append", default=[], help="a NAMM directory evolved elsewhere")
@@ -97,27 +105,29 @@ def main(argv=None) -> int:
 
     import pyarrow.parquet as pq
 
-    rows = [r for r in pq.read_table(args.board).to_pylist() if (r.get("kind") or "score") == "score"]
+    rows = [r for board in args.board for r in pq.read_table(board).to_pylist() if (r.get("kind") or "score") == "score"]
     seeds = sorted({r["seed"] for r in rows})
-    table, cells = [], None
+    table, cells = [], []
     entries = [(None, ref) for ref in args.reference] + [tuple(x.split("=", 1)) for x in args.lever]
+    diffs_of = {namm_dir: held_out(rows, namm_dir, args.warm_start) for _, namm_dir in entries}
+    for diffs in diffs_of.values():   # every cell any NAMM was run in, in board order
+        cells += [c for c in diffs if c not in cells]
     for config, namm_dir in entries:
         facts = run_facts(config) if config else {"config": f"{namm_dir}/README.md (its model card)"}
         if config and is_start_export(namm_dir):   # the run's start: no search, its own validation only
             facts = {"config": facts["config"], "start": facts["start"], "search": "none (the starting mean)",
                      "fitness": "", "candidates": 0, "validation": facts["start_validation"]}
-        diffs = held_out(rows, namm_dir, args.warm_start)
-        cells = cells or list(diffs)
+        diffs = diffs_of[namm_dir]
         table.append([namm_dir, facts["config"], facts.get("start", ""), facts.get("search", ""),
                       facts.get("fitness", ""),
                       str(facts.get("candidates", "")),
                       f"{facts['minutes']:.0f}" if "minutes" in facts else "",
                       facts.get("validation", "")] + [fmt(diffs[c]) if c in diffs else "" for c in cells])
     header = ["NAMM", "config", "start", "search", "fitness", "candidates", "minutes", "validation fitness of the CMA mean"]
-    header += [f"vs warm start, {c}" for c in cells or []]
+    header += [f"vs warm start, {c}" for c in cells]
     text = (f"Each lever's evolved NAMM (its best validated CMA mean; for a lever with a start of its own, "
             f"that start too) against the shipped warm start, "
-            f"paired on the same held-out prompts (board `{args.board}`, seed {', '.join(map(str, seeds))}; tie: "
+            f"paired on the same held-out prompts (board {', '.join(f'`{b}`' for b in args.board)}, seed {', '.join(map(str, seeds))}; tie: "
             f"the 95% interval holds 0). Candidates: evaluated by CMA-ES; minutes: the generations' wall time "
             f"on 2 CPU cores.\n\n" + markdown_table(header, table))
     write_result(Path(args.out), text)

@@ -6,8 +6,10 @@
 # start, the shipped NAMM and every lever run on one board of prompts from seed 31415 (fixed here
 # before any lever ran; used for the lever comparison only, never by evolution, distillation or the
 # held-out board), at 1k tokens and half and a quarter of the cache, and the levers table is
-# written. ~30 min per lever and ~1 h for the board on 2 CPU cores; run it again to resume (a
-# finished run is not rerun, the board keeps its rows).
+# written. A lever evolved on several models (transfer_models) is also run, with the warm start and
+# the shipped NAMM, on each other model's 1k cell at half the cache (levers_transfer_board). ~30 min
+# per lever and ~1 h for the board on 2 CPU cores; run it again to resume (a finished run is not
+# rerun, the board keeps its rows).
 #   bash scripts/evolution_levers.sh                                   # every lever
 #   bash scripts/evolution_levers.sh jobs/levers/per_prompt_rank.yaml  # some of them
 set -euo pipefail
@@ -19,12 +21,22 @@ configs=("$@")
 [ ${#configs[@]} -gt 0 ] || configs=(jobs/levers/*.yaml)
 also=(--also namms/smollm2-warm-start)
 levers=()
+transfer_also=(--also namms/smollm2-warm-start)   # levers evolved on several models (transfer_models)
+transfer_cells=()
 for config in "${configs[@]}"; do
     name="$(.venv/bin/python -c "import sys; from orchestrator.config import load_config; print(load_config(sys.argv[1]).name)" "$config")"
     .venv/bin/namm evolve "$config"
     .venv/bin/namm export "runs/$name/checkpoints" "namms/levers/$name" --which best-validated
     also+=(--also "namms/levers/$name")
     levers+=(--lever "$config=namms/levers/$name")
+    transfer="$(.venv/bin/python -c "import sys; from orchestrator.config import load_config; print(' '.join(m.name for m in load_config(sys.argv[1]).transfer_models))" "$config")"
+    if [ -n "$transfer" ]; then
+        transfer_also+=(--also "namms/levers/$name")
+        for model in $transfer; do
+            cell="$model:1024:0.5:12"
+            [[ " ${transfer_cells[*]} " == *" --cell $cell "* ]] || transfer_cells+=(--cell "$cell")
+        done
+    fi
     own_start="$(.venv/bin/python -c "import sys; from orchestrator.config import load_config; print(load_config(sys.argv[1]).es.warm_start is not None)" "$config")"
     if [ "$own_start" = True ]; then      # a start of its own (a new teacher): on the board too
         .venv/bin/namm export "runs/$name/checkpoints" "namms/levers/$name-start" --which start
@@ -35,5 +47,13 @@ done
 .venv/bin/python bench/namm_board.py --name levers_board --seed 31415 \
     --tasks passkey,niah_single,niah_multikey,qa,niah_multiquery,vt,cwe \
     "${also[@]}" --baselines streamingllm --controls '' --cell smollm2:1024:0.5,0.25:12
-.venv/bin/python bench/evolution_levers.py --board bench/results/levers_board.parquet \
+boards=(--board bench/results/levers_board.parquet)
+if [ ${#transfer_cells[@]} -gt 0 ]; then
+    # the other models' cells, zero-shot for the warm start and the shipped NAMM, for those levers only
+    .venv/bin/python bench/namm_board.py --name levers_transfer_board --seed 31415 \
+        --tasks passkey,niah_single,niah_multikey,qa,niah_multiquery,vt,cwe \
+        "${transfer_also[@]}" --baselines streamingllm --controls '' --no-fastgen "${transfer_cells[@]}"
+    boards+=(--board bench/results/levers_transfer_board.parquet)
+fi
+.venv/bin/python bench/evolution_levers.py "${boards[@]}" \
     --warm-start namms/smollm2-warm-start --reference namms/smollm2 "${levers[@]}"

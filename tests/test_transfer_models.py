@@ -1,16 +1,18 @@
 """Evolution on several models at once (`transfer_models`): every candidate runs on each model's
 own actors, on that model's own prompts and references, and its fitness is the mean over models."""
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from orchestrator.config import ConfigError, check_resources, config_from_dict
+from orchestrator.config import ConfigError, check_resources, config_from_dict, load_config
 from orchestrator.driver import EvolutionRun, candidate_jobs, config_hash, split_by_model
 from orchestrator.pool import in_process_pool
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))   # bench/
 # another architecture and another tokenizer, as SmolLM2 -> Gemma 3
 TRANSFER = {"tiny_random": {"architecture": "gemma3", "seed": 1, "hidden_size": 32, "num_hidden_layers": 3,
                             "tokenizer": "gemma3-270m", "head_dim": 8}}
@@ -92,7 +94,9 @@ def test_a_run_on_two_models_evaluates_each_candidate_on_both_and_averages_their
         pool.run = lambda batch: jobs.extend(batch) or run(batch)
         return pool
 
-    cfg = config_from_dict(budgeted(smoke_data(tmp_path, "two")), base_dir=tmp_path)
+    config_file = tmp_path / "two.yaml"
+    config_file.write_text(yaml.safe_dump(budgeted(smoke_data(tmp_path, "two"))))
+    cfg = load_config(config_file)
     run = EvolutionRun(cfg, pool_factory=recording_pool)
     summary = run.run()
     st = run.state
@@ -113,6 +117,13 @@ def test_a_run_on_two_models_evaluates_each_candidate_on_both_and_averages_their
     assert best.metadata["transfer_models"] == [label]
     assert set(k for k in best.metadata if k.startswith("validation_fitness@")) == {
         f"validation_fitness@{m.label}" for m in cfg.models}
+
+    # the levers table names the models and the validation fitness on each
+    from bench import evolution_levers
+
+    facts = evolution_levers.run_facts(str(config_file))
+    assert facts["fitness"] == f"task_score, mean over {cfg.model.label}, {label}"
+    assert f"; {cfg.model.label} " in facts["start_validation"] and f", {label} " in facts["start_validation"]
 
     # the first model's share equals the same run without the transfer model: same statistics,
     # same starting mean, same validation prompts and references
