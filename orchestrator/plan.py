@@ -175,6 +175,9 @@ def make_plan(cfg: RunConfig, gpus: Optional[GPUs], arch: Architecture,
     actors_per_gpu = max(1, int(1 / gpus_per_actor)) if 0 < gpus_per_actor < 1 else 1
     lines = [("model", f"{cfg.model.name}: {arch.params / 1e9:.2f}B parameters, {arch.layers} layers, "
                        f"{arch.kv_heads} KV heads x {arch.head_dim}"),
+             *([("transfer models", f"{', '.join(m.label for m in cfg.transfer_models)}: each on actors of its "
+                                   "own, not in this plan (plan each with a config where it is `model`)")]
+               if cfg.transfer_models else []),
              ("longest context", f"{tokens} tokens (chunks of {chunk}, a NAMM update every {cfg.memory.update_every})"),
              ("weights per actor", _gib(weights) + f" ({dtype_bytes} bytes per parameter)"),
              ("KV cache, full", _gib(kv_full)),
