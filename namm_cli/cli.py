@@ -5,9 +5,9 @@ import argparse
 import logging
 import sys
 
-from . import cmd_eval, cmd_evolve, cmd_export, cmd_generate, cmd_import
+from . import cmd_adapt, cmd_eval, cmd_evolve, cmd_export, cmd_generate, cmd_import
 
-COMMANDS = [cmd_evolve, cmd_eval, cmd_export, cmd_generate, cmd_import]
+COMMANDS = [cmd_evolve, cmd_eval, cmd_export, cmd_generate, cmd_import, cmd_adapt]
 
 # Which optional dependency group (pyproject.toml) brings each module a command may import.
 EXTRA_OF_MODULE = {"ray": "evolve", "mlflow": "evolve", "cma": "evolve",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -89,12 +88,9 @@ class EvolutionWorker:
 
     def collect_statistics(self, requests: list[Request], tasks: Optional[list[dict]] = None) -> dict:
         """Normalisation moments of a zero NAMM's features over these prompts (Chan merge-able)."""
-        namm = NAMM(replace(self.namm_config, budget=None, selection="threshold", scope="head"))
-        samples = self._samples(requests, tasks)
-        with namm.collecting_statistics():
-            for sample in samples:
-                self.evaluator.run_sample(sample, namm)
-        return {"mean": namm.norm_mean.numpy(), "var": namm.norm_var.numpy(), "count": namm.norm_count}
+        from namm_eval.statistics import feature_statistics
+
+        return feature_statistics(self.evaluator, self.namm_config, self._samples(requests, tasks))
 
     def evaluate(self, vector: np.ndarray, norm: Optional[dict], requests: list[Request],
                  tasks: Optional[list[dict]] = None) -> dict:
