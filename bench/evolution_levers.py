@@ -13,7 +13,7 @@ validation fitness, and its paired difference with the warm start on the board, 
 
 `--lever CONFIG=NAMM_DIR` (the run directory comes from the config; a NAMM exported with
 `--which start` is the run's starting mean, a row without search); `--reference NAMM_DIR`
-adds a NAMM without a run here (its row names its model card). Writes
+adds a NAMM without a run here (its row names its model card, or the `namm adapt` that wrote it). Writes
 bench/results/evolution_levers.md.
 """
 from __future__ import annotations
@@ -68,6 +68,20 @@ def shown(path: str) -> str:
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
+def adapted_facts(namm_dir: str) -> dict | None:
+    """A NAMM written by `namm adapt` (statistics collected again on another model): its row's facts."""
+    import json
+
+    config = Path(namm_dir) / "namm_config.json"
+    stats = json.loads(config.read_text()).get("metadata", {}).get("statistics") if config.exists() else None
+    if not stats:
+        return None
+    return {"config": f"`namm adapt {stats['adapted_from']} --model {stats['model']}`",
+            "start": shown(stats["adapted_from"]),
+            "search": f"none: statistics from {stats['prompts_per_task']} prompts per task on {stats['model']}",
+            "candidates": 0}
+
+
 def is_start_export(namm_dir: str) -> bool:
     """A NAMM exported with `namm export --which start`: the run's starting mean, before evolution."""
     import json
@@ -113,7 +127,8 @@ def main(argv=None) -> int:
     for diffs in diffs_of.values():   # every cell any NAMM was run in, in board order
         cells += [c for c in diffs if c not in cells]
     for config, namm_dir in entries:
-        facts = run_facts(config) if config else {"config": f"{namm_dir}/README.md (its model card)"}
+        facts = run_facts(config) if config else (adapted_facts(namm_dir) or
+                                                  {"config": f"{namm_dir}/README.md (its model card)"})
         if config and is_start_export(namm_dir):   # the run's start: no search, its own validation only
             facts = {"config": facts["config"], "start": facts["start"], "search": "none (the starting mean)",
                      "fitness": "", "candidates": 0, "validation": facts["start_validation"]}

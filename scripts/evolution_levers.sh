@@ -7,7 +7,8 @@
 # before any lever ran; used for the lever comparison only, never by evolution, distillation or the
 # held-out board), at 1k tokens and half and a quarter of the cache, and the levers table is
 # written. A lever evolved on several models (transfer_models) is also run, with the warm start and
-# the shipped NAMM, on each other model's 1k cell at half the cache (levers_transfer_board). ~30 min
+# the shipped NAMM, on each other model's 1k cell at half the cache (levers_transfer_board), beside
+# both with their normalisation statistics collected again on that model (`namm adapt`). ~30 min
 # per lever and ~1 h for the board on 2 CPU cores; run it again to resume (a finished run is not
 # rerun, the board keeps its rows).
 #   bash scripts/evolution_levers.sh                                   # every lever
@@ -23,6 +24,7 @@ also=(--also namms/smollm2-warm-start)
 levers=()
 transfer_also=(--also namms/smollm2-warm-start)   # levers evolved on several models (transfer_models)
 transfer_cells=()
+adapted_refs=()
 for config in "${configs[@]}"; do
     name="$(.venv/bin/python -c "import sys; from orchestrator.config import load_config; print(load_config(sys.argv[1]).name)" "$config")"
     .venv/bin/namm evolve "$config"
@@ -34,7 +36,16 @@ for config in "${configs[@]}"; do
         transfer_also+=(--also "namms/levers/$name")
         for model in $transfer; do
             cell="$model:1024:0.5:12"
-            [[ " ${transfer_cells[*]} " == *" --cell $cell "* ]] || transfer_cells+=(--cell "$cell")
+            if [[ " ${transfer_cells[*]} " != *" --cell $cell "* ]]; then
+                transfer_cells+=(--cell "$cell")
+                # the other lever for that model: no evolution, the statistics collected on it
+                for source in smollm2-warm-start smollm2; do
+                    adapted="namms/levers/$source-on-$model"
+                    [ -d "$adapted" ] || .venv/bin/namm adapt "namms/$source" "$adapted" --model "$model" --dtype bfloat16
+                    transfer_also+=(--also "$adapted")
+                    adapted_refs+=(--reference "$adapted")
+                done
+            fi
         done
     fi
     own_start="$(.venv/bin/python -c "import sys; from orchestrator.config import load_config; print(load_config(sys.argv[1]).es.warm_start is not None)" "$config")"
@@ -56,4 +67,4 @@ if [ ${#transfer_cells[@]} -gt 0 ]; then
     boards+=(--board bench/results/levers_transfer_board.parquet)
 fi
 .venv/bin/python bench/evolution_levers.py "${boards[@]}" \
-    --warm-start namms/smollm2-warm-start --reference namms/smollm2 "${levers[@]}"
+    --warm-start namms/smollm2-warm-start --reference namms/smollm2 "${adapted_refs[@]}" "${levers[@]}"
