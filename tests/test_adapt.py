@@ -39,6 +39,16 @@ def test_adapting_on_the_run_s_own_model_and_prompts_gives_back_the_run_s_statis
     assert adapted.metadata["statistics"]["model"] == "tiny-random"
     assert adapted.metadata["run"] == "adapt"          # what the NAMM said of itself is kept
 
+    # the levers table names how such a NAMM was made
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from bench import evolution_levers
+
+    facts = evolution_levers.adapted_facts(str(out))
+    assert facts["config"] == f"`namm adapt {evolved} --model tiny-random`" and facts["candidates"] == 0
+    assert evolution_levers.adapted_facts(str(evolved)) is None
+
     # other prompts: other statistics, the same scorer
     other = tmp_path / "other"
     assert namm_main(["adapt", str(evolved), str(other), "--model", "tiny-random", "--tasks", "passkey",
