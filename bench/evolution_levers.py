@@ -140,9 +140,10 @@ def main(argv=None) -> int:
                       facts.get("validation", "")] + [fmt(diffs[c]) if c in diffs else "" for c in cells])
     header = ["NAMM", "config", "start", "search", "fitness", "candidates", "minutes", "validation fitness of the CMA mean"]
     header += [f"vs warm start, {c}" for c in cells]
+    boards = ", ".join(f"`{b}`" for b in args.board)
     text = (f"Each lever's evolved NAMM (its best validated CMA mean; for a lever with a start of its own, "
             f"that start too) against the shipped warm start, "
-            f"paired on the same held-out prompts (board {', '.join(f'`{b}`' for b in args.board)}, seed {', '.join(map(str, seeds))}; tie: "
+            f"paired on the same held-out prompts (board {boards}, seed {', '.join(map(str, seeds))}; tie: "
             f"the 95% interval holds 0). Candidates: evaluated by CMA-ES; minutes: the generations' wall time "
             f"on 2 CPU cores.\n\n" + markdown_table(header, table))
     write_result(Path(args.out), text)

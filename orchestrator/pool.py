@@ -5,8 +5,9 @@ results back in job order, None for a job that failed every attempt. Two pools d
 `dispatch.ActorPool` (Ray actors, one model each, with restarts and timeouts) and
 `InProcessPool` here: the same `EvolutionWorker` code in the driver's own process, one worker
 per model, jobs run one after another. A job names the model it runs on (`Job.model`, an index
-into the run's models) and only an actor holding that model takes it. It needs no Ray, so an evolution runs in a notebook, a debugger or a
-test; for the same config and seed it gives the same checkpoints and the same CMA mean.
+into the run's models) and only an actor holding that model takes it. The in-process pool needs
+no Ray, so an evolution runs in a notebook, a debugger or a test; for the same config and seed it
+gives the same checkpoints and the same CMA mean.
 """
 from __future__ import annotations
 
