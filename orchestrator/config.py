@@ -392,14 +392,13 @@ class RunConfig:
         """Every section checks its own fields; the NAMM's are checked by NAMMConfig itself."""
         if not self.name or "/" in self.name:
             raise ConfigError(f"name: must be a non-empty name without '/', got {self.name!r}")
-        self.model.check()
-        labels = {self.model.label: "model"}
-        for i, m in enumerate(self.transfer_models):
-            m.check(f"transfer_models[{i}]")
+        labels = {}
+        for where, m in _named_models(self):
+            m.check(where)
             if m.label in labels:
-                raise ConfigError(f"transfer_models[{i}]: {m.label!r} is already {labels[m.label]}; every model "
+                raise ConfigError(f"{where}: {m.label!r} is already {labels[m.label]}; every model "
                                   "a candidate runs on must be a different one")
-            labels[m.label] = f"transfer_models[{i}]"
+            labels[m.label] = where
         self.memory.check()
         _positive(self.namm.stats_prompts, "namm.stats_prompts")
         namm_config = self.namm_config()

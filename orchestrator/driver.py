@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from namm_core.namm import FIELDS_ADDED_LATER as NAMM_FIELDS_ADDED_LATER
-from workers.fitness import candidate_fitness, per_prompt_fitness
+from workers.fitness import memory_charge, per_prompt_fitness, task_fitness
 
 from . import checkpoint as ckpt
 from .artifacts import export_artifacts
@@ -90,6 +90,11 @@ def task_payload(task, stage, validation: bool = False, model: int = 0, model_la
         if not task.file:
             d["seed"] = task.seed + VALIDATION_SEED_OFFSET
     return d
+
+
+def models_of_tasks(tasks: list[dict]) -> dict[str, int]:
+    """Task key -> the index of the model whose actors run it (payloads without one: the first)."""
+    return {t["key"]: t.get("model", 0) for t in tasks}
 
 
 def stage_tasks(cfg: RunConfig, stage, validation: bool = False) -> list[dict]:
@@ -406,17 +411,16 @@ class EvolutionRun:
         if result is None:
             return math.nan, {}, {}
         refs = self.state.references
-        model_of = {t["key"]: t.get("model", 0) for t in tasks}
+        model_of = models_of_tasks(tasks)
         per_model: dict[int, dict[str, tuple[list, list]]] = {}
         for (key, idx), score in zip(requests, result["scores"]):
             s, r = per_model.setdefault(model_of[key], {}).setdefault(key, ([], []))
             s.append(score)
             r.append(refs[f"{key}|{idx}"])
         fc = self.cfg.fitness
-        on_model = {m: candidate_fitness(fc.kind, per_task, []) for m, per_task in sorted(per_model.items())}
-        fitness = float(np.mean(list(on_model.values())))
-        if fc.retention_target is not None:
-            fitness -= fc.retention_weight * max(0.0, float(np.mean(result["retention"])) - fc.retention_target)
+        on_model = {m: task_fitness(fc.kind, per_task) for m, per_task in sorted(per_model.items())}
+        fitness = float(np.mean(list(on_model.values()))) - memory_charge(
+            result["retention"], fc.retention_target, fc.retention_weight)
         task_means = {k: float(np.mean(s)) for per_task in per_model.values() for k, (s, _) in per_task.items()}
         labels = [m.label for m in self.cfg.models]
         return fitness, task_means, ({labels[m]: f for m, f in on_model.items()} if len(labels) > 1 else {})
@@ -623,7 +627,7 @@ def candidate_jobs(candidates, norm, requests, tasks, prompts_per_job: Optional[
     (its prompts on that model's actors), or one per `prompts_per_job` prompts of it, candidate-major,
     and the number of prompts in each part (the parts cover `requests` in order). A job's cost is
     its prompts' tokens, so the pool starts the longest parts first."""
-    model_of = {t["key"]: t.get("model", 0) for t in tasks}
+    model_of = models_of_tasks(tasks)
     parts = []
     for run in _runs_of_one_model(requests, model_of):
         size = prompts_per_job or len(run)
@@ -650,7 +654,7 @@ def _runs_of_one_model(requests, model_of: dict) -> list[list]:
 
 def split_by_model(requests, tasks, pool) -> tuple[list[list], list[int]]:
     """Requests in chunks, each for one model and spread over that model's actors; and the model of each."""
-    model_of = {t["key"]: t.get("model", 0) for t in tasks}
+    model_of = models_of_tasks(tasks)
     chunks, models = [], []
     for m in sorted(set(model_of[key] for key, _ in requests)):
         mine = [r for r in requests if model_of[r[0]] == m]

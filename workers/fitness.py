@@ -76,15 +76,26 @@ def fitness_kind(name: str) -> FitnessKind:
     return FITNESS[name]
 
 
+def task_fitness(kind: str, per_task: dict[str, tuple[list[float], list[float]]]) -> float:
+    """The mean over tasks of the candidate-to-full-cache ratio; per_task: task -> (candidate values,
+    full-cache values), prompt by prompt. No charge for memory (see `memory_charge`)."""
+    ratio = fitness_kind(kind).ratio
+    return float(np.mean([ratio(s, r) for s, r in per_task.values()]))
+
+
+def memory_charge(retentions: Sequence[float], retention_target: Optional[float] = None,
+                  retention_weight: float = 1.0) -> float:
+    """What a candidate loses for keeping more than the target: weight x (mean retention - target), or 0."""
+    if retention_target is None:
+        return 0.0
+    return retention_weight * max(0.0, float(np.mean(retentions)) - retention_target)
+
+
 def candidate_fitness(kind: str, per_task: dict[str, tuple[list[float], list[float]]],
                       retentions: Sequence[float], retention_target: Optional[float] = None,
                       retention_weight: float = 1.0) -> float:
     """per_task: task -> (candidate values, full-cache values), prompt by prompt."""
-    ratio = fitness_kind(kind).ratio
-    fitness = float(np.mean([ratio(s, r) for s, r in per_task.values()]))
-    if retention_target is not None:
-        fitness -= retention_weight * max(0.0, float(np.mean(retentions)) - retention_target)
-    return fitness
+    return task_fitness(kind, per_task) - memory_charge(retentions, retention_target, retention_weight)
 
 
 PER_PROMPT = ("none", "rank", "zscore")
