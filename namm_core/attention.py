@@ -47,18 +47,11 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     observing = cache.observer is not None and (cache.observed_layers is None
                                                  or module.layer_idx in cache.observed_layers)
     if not observing and softcap is None:
-        if layer.heads_uniform:  # one mask for all heads
-            mask = memory_mask(layer, cache.chunk_positions, cache.chunk_valid, window, heads=slice(0, 1))
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                                 enable_gqa=n_rep > 1)
-        else:  # per KV head: each group of query heads with its own mask (broadcast, not copied)
-            mask = memory_mask(layer, cache.chunk_positions, cache.chunk_valid, window)
-            out = torch.cat([
-                F.scaled_dot_product_attention(query[:, h * n_rep:(h + 1) * n_rep], key[:, h:h + 1],
-                                               value[:, h:h + 1], attn_mask=mask[:, h:h + 1], scale=scaling,
-                                               enable_gqa=n_rep > 1)
-                for h in range(key.shape[1])], dim=1)
-        return out.transpose(1, 2).contiguous(), None
+        return _fused(layer, cache, query, key, value, window, scaling, n_rep).transpose(1, 2).contiguous(), None
+    # rows before `observe_from` are not captured: fused there, eager after (softcapping: eager everywhere)
+    skip = min(cache.observe_from, query.shape[2]) if observing and softcap is None else 0
+    fused = _fused(layer, cache, query[:, :, :skip], key, value, window, scaling, n_rep, rows=slice(0, skip)) \
+        if skip else None
 
     # eager path: the probabilities are needed (or softcapping is). Query heads are grouped
     # by their KV head, so keys are never copied per query head. Rows are processed in
@@ -70,10 +63,13 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     grouped = query.view(B, Hkv, n_rep, Q, D)
     keys_t = key.transpose(-1, -2).reshape(B * Hkv, D, S)
     out = query.new_empty(B, Q, Hkv, n_rep, value.shape[-1])
-    observed = cache.attention_rows(B, Hkv, Q, S, query.device) if observing else None
+    if fused is not None:
+        out[:, :skip] = fused.transpose(1, 2).reshape(B, skip, Hkv, n_rep, -1)
+    captured = min(cache.observe_from, Q) if observing else 0    # first row handed to the observer
+    observed = cache.attention_rows(B, Hkv, Q - captured, S, query.device) if observing else None
     first = first_masked_slot(layer, cache.chunk_positions, cache.chunk_valid, window)
-    step = rows_per_block(B * Hq * S * 4, Q, query.device)
-    for r0 in range(0, Q, step):
+    step = rows_per_block(B * Hq * S * 4, Q - skip, query.device)
+    for r0 in range(skip, Q, step):
         r1 = min(Q, r0 + step)
         n = r1 - r0
         q_block = grouped[:, :, :, r0:r1].reshape(B * Hkv, n_rep * n, D)
@@ -90,13 +86,29 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         block = torch.matmul(probs.view(B, Hkv, n_rep * n, S).to(value.dtype), value)
         out[:, r0:r1] = block.view(B, Hkv, n_rep, n, -1).permute(0, 3, 1, 2, 4)
-        if observed is not None:
-            torch.mean(probs, dim=2, out=observed[:, :, r0:r1])   # one row per KV head (GQA)
+        if observed is not None and r1 > captured:
+            lo = max(r0, captured)                                 # one row per KV head (GQA)
+            torch.mean(probs[:, :, :, lo - r0:], dim=2, out=observed[:, :, lo - captured:r1 - captured])
     if observed is not None:
-        if not bool(cache.chunk_valid.all()):
-            observed.mul_(cache.chunk_valid[:, None, :, None])    # padding queries observe nothing
+        valid = cache.chunk_valid[:, captured:]
+        if not bool(valid.all()):
+            observed.mul_(valid[:, None, :, None])                 # padding queries observe nothing
         cache.observer(module.layer_idx, layer, observed)
     return out.view(B, Q, Hq, -1), None
+
+
+def _fused(layer, cache, query, key, value, window, scaling, n_rep, rows=slice(None)) -> torch.Tensor:
+    """[B, H_q, Q, D] attention of the chunk's query `rows` on torch's fused kernel."""
+    positions, valid = cache.chunk_positions[:, rows], cache.chunk_valid[:, rows]
+    if layer.heads_uniform:  # one mask for all heads
+        mask = memory_mask(layer, positions, valid, window, heads=slice(0, 1))
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=n_rep > 1)
+    # per KV head: each group of query heads with its own mask (broadcast, not copied)
+    mask = memory_mask(layer, positions, valid, window)
+    return torch.cat([
+        F.scaled_dot_product_attention(query[:, h * n_rep:(h + 1) * n_rep], key[:, h:h + 1], value[:, h:h + 1],
+                                       attn_mask=mask[:, h:h + 1], scale=scaling, enable_gqa=n_rep > 1)
+        for h in range(key.shape[1])], dim=1)
 
 
 def first_masked_slot(layer, query_positions, query_valid, sliding_window=None) -> int:

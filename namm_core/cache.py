@@ -171,6 +171,9 @@ class MemoryCache(Cache):
         self.query_observer = None
         # layers the observer wants (None: all); only they hold the policy's per-token statistics
         self.observed_layers: Optional[set[int]] = None
+        # the first row of the chunk the observer gets (set by the generation loop; rows before it
+        # attend with the fused kernel and are not captured)
+        self.observe_from = 0
         self._rows_storage: Optional[torch.Tensor] = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

@@ -380,6 +380,10 @@ class MemoryManagedLM:
         # attention seen after the run's last update feeds no decision: not captured (the forward
         # runs on the fused kernel) when the policy's observations only feed its updates
         wasted = policy.observations_feed_updates_only and state.next_update > state.last_column
+        # a policy that reads only the rows just before its update: the chunk's earlier rows are not captured
+        first_read = policy.first_observed_column(state.next_update)
+        cache.observe_from = 0 if first_read is None else min(Q, max(0, first_read - first_column))
+        wasted = wasted or cache.observe_from >= Q
         if policy.needs_queries and not wasted:
             def query_observer(layer_idx, layer, query, scaling):
                 tp = time.perf_counter()

@@ -45,7 +45,7 @@ SELECTIONS = ("threshold", "top_k")
 SCOPES = ("head", "global")
 # config fields added after NAMMs, runs and board rows were recorded, at their defaults: a config
 # holding them at these values is the one recorded before (run hashes, board fingerprints)
-FIELDS_ADDED_LATER = {"score_layers": None, "bam_window": None, "bam_window_keys": "recent"}
+FIELDS_ADDED_LATER = {"score_layers": None, "bam_window": None, "bam_window_keys": "recent", "observe_rows": None}
 
 
 @dataclass
@@ -82,6 +82,10 @@ class NAMMConfig:
     # ("band"); the S^2 cost of an update becomes S x window (scorers.backward_attention)
     bam_window: Optional[int] = None
     bam_window_keys: str = "recent"
+    # the attention an update reads: the rows of the last `observe_rows` queries before it (rounded
+    # out to whole hops), the earlier rows counting as zero attention; None: every query since the
+    # last update (the paper). The queries not read attend with the fused kernel (cheaper)
+    observe_rows: Optional[int] = None
     # the memory settings the NAMM was evolved with; MemoryManagedLM uses them unless told otherwise
     update_every: Optional[int] = None
     chunk_size: Optional[int] = None
@@ -122,6 +126,12 @@ class NAMMConfig:
                 raise ValueError(f"NAMM bam_window applies to the BAM scorer only (scorer is {self.scorer!r})")
         if self.bam_window_keys not in WINDOW_KEYS:
             raise ValueError(f"NAMM bam_window_keys {self.bam_window_keys!r}: expected one of {', '.join(WINDOW_KEYS)}")
+        if self.observe_rows is not None:
+            hop = self.spectrogram.hop
+            if isinstance(self.observe_rows, bool) or not isinstance(self.observe_rows, int) \
+                    or self.observe_rows < hop or self.observe_rows % hop:
+                raise ValueError(f"NAMM observe_rows must be a positive multiple of the spectrogram hop ({hop}), "
+                                 f"got {self.observe_rows!r}")
         for name in ("update_every", "chunk_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -243,12 +253,47 @@ class NAMM(MemoryPolicy):
                 self.norm_count = float(moments.count)
 
     # --- policy ------------------------------------------------------------------------
+    def first_observed_column(self, next_update: int) -> Optional[int]:
+        """With `observe_rows`: the first column whose attention row the update at `next_update` reads
+        (a whole hop); rows before it are not captured and count as zero attention."""
+        if self.config.observe_rows is None:
+            return None
+        hop = self.spec.hop
+        return max(0, (next_update - self.config.observe_rows) // hop * hop)
+
     def observe(self, layer_idx, layer, attn, step: StepInfo):
         """Fold every complete hop block of attention rows into the keys' EMA spectrogram.
 
         aux["namm_rows"] [B, H, S, carry + pending] holds the carry rows of the previous
         window and any rows still short of a full hop (decoding adds one row at a time).
+        Rows that were not captured (`observe_rows`) count as zero attention.
         """
+        first_column = step.processed - attn.shape[-2]
+        gap = first_column - getattr(layer, "namm_rows_end", 0)
+        if gap > 0:
+            self._skip_rows(layer, gap, first_column)
+        self._fold(layer, attn, step.processed)
+        layer.namm_rows_end = step.processed
+
+    def _skip_rows(self, layer, gap: int, first_column: int) -> None:
+        """Fold `gap` rows of zero attention ending at `first_column`, cheaply: zero rows are
+        folded only until the carry holds no captured row; after that every frame is zero, so
+        the EMA just decays by one frame per hop."""
+        spec = self.spec
+        held = layer.aux["namm_rows"]                      # [B, H, S, carry + pending]
+        pending = held.shape[-1] - spec.carry
+        flush = (spec.hop - pending) % spec.hop + -(-spec.carry // spec.hop) * spec.hop
+        lead = min(gap, flush)
+        B, H, S = held.shape[:3]
+        self._fold(layer, held.new_zeros(B, H, lead, S), first_column - gap + lead)
+        rest = gap - lead
+        if rest >= spec.hop:                               # whole zero frames: decay only
+            frames = rest // spec.hop
+            layer.aux["namm_ema"] = layer.aux["namm_ema"] * spec.frame_decay ** frames
+        if rest % spec.hop:                                # the start of a hop: held as pending rows
+            self._fold(layer, held.new_zeros(B, H, rest % spec.hop, S), first_column)
+
+    def _fold(self, layer, attn, processed: int) -> None:
         spec = self.spec
         held = layer.aux["namm_rows"]
         pending = held.shape[-1] - spec.carry
@@ -260,7 +305,7 @@ class NAMM(MemoryPolicy):
         k = rows.shape[-2] // spec.hop
         if k > 0:
             used = k * spec.hop
-            first_col = step.processed - rows.shape[-2]  # column of the first new row
+            first_col = processed - rows.shape[-2]  # column of the first new row
             first_frame = torch.div(layer.columns - first_col, spec.hop, rounding_mode="floor")
             layer.aux["namm_ema"] = fold_rows(layer.aux["namm_ema"], prefix, rows[..., :used, :], first_frame, spec)
             consumed = rows[..., :used, :] if used >= spec.carry else torch.cat([prefix, rows[..., :used, :]], -2)
@@ -359,6 +404,12 @@ class NAMM(MemoryPolicy):
         other.config = replace(self.config, bam_window=window, bam_window_keys=keys)
         return other
 
+    def reading_rows(self, rows: Optional[int]) -> "NAMM":
+        """This NAMM reading only the last `rows` attention rows before each update (`NAMMConfig.observe_rows`)."""
+        other = copy.copy(self)
+        other.config = replace(self.config, observe_rows=rows)
+        return other
+
     def memory_settings(self) -> dict:
         """The update interval and chunk size the NAMM was evolved with (those recorded)."""
         return {k: v for k, v in (("update_every", self.config.update_every),
@@ -367,8 +418,10 @@ class NAMM(MemoryPolicy):
     def prefix_key(self) -> tuple:
         # observe() depends only on the spectrogram settings, never on the scorer's parameters
         # which layers are observed matters too: unobserved layers keep no spectrogram
+        # and so do the rows it reads (`observe_rows`)
         layers = self.config.score_layers
-        return ("namm", tuple(sorted(asdict(self.spec).items())), tuple(layers) if isinstance(layers, list) else layers)
+        key = ("namm", tuple(sorted(asdict(self.spec).items())), tuple(layers) if isinstance(layers, list) else layers)
+        return key if self.config.observe_rows is None else key + (("observe_rows", self.config.observe_rows),)
 
     def describe(self) -> str:
         budget = "" if self.config.budget is None else f"@{self.config.budget}"
@@ -379,6 +432,8 @@ class NAMM(MemoryPolicy):
             budget += f"/window={self.config.bam_window}"
             if self.config.bam_window_keys != "recent":
                 budget += f"/keys={self.config.bam_window_keys}"
+        if self.config.observe_rows is not None:
+            budget += f"/rows={self.config.observe_rows}"
         return f"namm:{self.source}{budget}"
 
     # --- persistence -------------------------------------------------------------------

@@ -100,6 +100,11 @@ class MemoryPolicy:
         the others attend with the fused kernel."""
         return None
 
+    def first_observed_column(self, next_update: int) -> Optional[int]:
+        """The first column whose attention the update at `next_update` needs (None: every column
+        since the last update); the rows before it are not captured."""
+        return None
+
     def prefix_key(self) -> Optional[tuple]:
         """Policies with equal keys build identical state before their first update (so
         that state can be computed once and shared); None: no sharing."""

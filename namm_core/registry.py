@@ -102,7 +102,9 @@ STRUCTURE_HELP = ("options of every policy with a budget, after '/': head (each 
                   "A model-wide NAMM takes layers=K after its budget (namm@0.25/layers=6: it scores from six layers "
                   "evenly spaced, or from the listed ones, layers=0,10,20; the others attend with the fused kernel). "
                   "A BAM NAMM takes window=W (namm@0.25/window=256: each token's backward attention sees itself and "
-                  "the W newest tokens, S x W work instead of S^2/2) and keys=band (the W - 1 tokens right after it)")
+                  "the W newest tokens, S x W work instead of S^2/2) and keys=band (the W - 1 tokens right after it). "
+                  "Any NAMM takes rows=R (namm@0.25/rows=64: each update reads the attention rows of the R queries "
+                  "before it, earlier rows count as zero; the others attend with the fused kernel)")
 
 
 def policy_listing() -> str:
@@ -231,6 +233,8 @@ def _parse_namm(spec: str) -> NAMM:
             namm = namm.scoring_from(_layers_option(options["layers"]))
         if "window" in options or "keys" in options:
             namm = namm.with_bam_window(*_window_options(options, namm))
+        if "rows" in options:
+            namm = namm.reading_rows(_rows_option(options["rows"]))
     except ValueError as e:
         raise ValueError(f"policy {spec!r}: {e}") from None
     return namm
@@ -244,7 +248,15 @@ def _is_budget(text: str) -> bool:
         return False
 
 
-NAMM_OPTIONS = ("layers", "window", "keys")
+NAMM_OPTIONS = ("layers", "window", "keys", "rows")
+
+
+def _rows_option(text) -> int:
+    """`rows=64`: each update reads the attention of the 64 queries before it (`NAMMConfig.observe_rows`)."""
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"option rows={text!r}: expected a number of query rows like 64") from None
 
 
 def _window_options(options: dict, namm: NAMM) -> tuple:

@@ -146,3 +146,81 @@ def test_unscored_layers_hold_no_namm_statistics_and_decide_the_same():
         cache_module.MemoryCache.update = update
     assert torch.equal(out.logits, other.logits)
     assert torch.equal(out.stats.kept_per_layer_head, other.stats.kept_per_layer_head)
+
+
+def _first_read(rows, next_update, hop=16):
+    return max(0, (next_update - rows) // hop * hop)
+
+
+def _record_ema(namm):
+    """Wraps select_all: the spectrogram EMA of every layer at each update."""
+    seen, original = [], namm.select_all
+
+    def select_all(layers, step):
+        seen.append([layer.aux["namm_ema"].clone() for layer in layers])
+        return original(layers, step)
+    namm.select_all = select_all
+    return seen
+
+
+GLOBAL = dict(selection="top_k", budget="0.5", scope="global", pool=3, sinks=2)
+
+
+@pytest.mark.parametrize("config, update_every, chunk, rows", [(GLOBAL, 40, 16, 16), ({}, 48, 24, 32)])
+def test_reading_the_last_rows_equals_zero_attention_before_them(config, update_every, chunk, rows):
+    """`observe_rows`: the rows an update does not read are not computed (the fused kernel runs
+    there) and count as zero attention: the same features, decisions and tokens as the NAMM that
+    reads every row with those rows zeroed. Updates every 40 tokens leave rows pending mid-hop."""
+    model = tiny_model(seed=7)
+    ids = torch.randint(0, 97, (2, 100), generator=torch.Generator().manual_seed(8))
+
+    def run_with(namm, zero_before):
+        if zero_before:
+            inner = namm.observe
+
+            def observe(layer_idx, layer, attn, step):
+                unread = _first_read(rows, step.next_update) - (step.processed - attn.shape[-2])
+                if unread > 0:
+                    attn = attn.clone()
+                    attn[..., :unread, :] = 0
+                inner(layer_idx, layer, attn, step)
+            namm.observe = observe
+        emas = _record_ema(namm)
+        out = MemoryManagedLM(model, namm, update_every=update_every, chunk_size=chunk).generate(
+            ids, max_new_tokens=50, return_logits=True)
+        return out, emas
+
+    reading, ema_reading = run_with(random_namm(seed=9, observe_rows=rows, **config), zero_before=False)
+    zeroed, ema_zeroed = run_with(random_namm(seed=9, **config), zero_before=True)
+    assert len(ema_reading) == len(ema_zeroed) >= 3          # updates in the prompt and while decoding
+    for a, b in zip(ema_reading, ema_zeroed):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    assert torch.equal(reading.sequences, zeroed.sequences)
+    assert torch.equal(reading.stats.kept_per_layer_head, zeroed.stats.kept_per_layer_head)
+    torch.testing.assert_close(reading.logits, zeroed.logits, rtol=0, atol=1e-4)
+    # and the NAMM that reads every row decides otherwise (the test can tell the two apart)
+    full, ema_full = run_with(random_namm(seed=9, **config), zero_before=False)
+    assert not torch.allclose(ema_full[1][0], ema_reading[1][0], atol=1e-5)
+
+
+def test_reading_as_many_rows_as_the_interval_changes_nothing():
+    model = tiny_model(seed=7)
+    ids = torch.randint(0, 97, (1, 90), generator=torch.Generator().manual_seed(4))
+    outs = [MemoryManagedLM(model, random_namm(seed=2, **extra), update_every=32, chunk_size=16).generate(
+        ids, max_new_tokens=40, return_logits=True) for extra in ({}, {"observe_rows": 32})]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert torch.equal(outs[0].logits, outs[1].logits)
+    assert torch.equal(outs[0].stats.kept_per_layer_head, outs[1].stats.kept_per_layer_head)
+
+
+def test_rows_option_in_a_policy_spec(tmp_path):
+    namm = random_namm(selection="top_k", budget="0.5", scope="global")
+    namm.save_pretrained(tmp_path / "n")
+    policy = parse_policy(f"namm:{tmp_path / 'n'}@0.25/rows=64")
+    assert policy.config.observe_rows == 64 and policy.describe().endswith("@0.25/rows=64")
+    assert policy.prefix_key() != parse_policy(f"namm:{tmp_path / 'n'}@0.25").prefix_key()
+    with pytest.raises(ValueError, match="observe_rows must be a positive multiple of the spectrogram hop"):
+        parse_policy(f"namm:{tmp_path / 'n'}@0.25/rows=40")
+    with pytest.raises(ValueError, match="rows='many'"):
+        parse_policy(f"namm:{tmp_path / 'n'}@0.25/rows=many")
