@@ -130,3 +130,11 @@ def test_namm_variants_take_lists_of_layers_and_the_plan_names_them():
     namm.source = "namms/x"
     assert namm_board.namm_at_b(namm.scoring_from([5, 12, 28])) == "namms/x@B/layers=5,12,28"
     assert namm_board.namm_at_b(namm) == "namms/x@B"
+
+
+def test_a_namm_variant_keeps_every_option_of_its_spec():
+    namm = NAMM(NAMMConfig(selection="top_k", budget="0.5", scope="global"))
+    namm.source = "namms/x"
+    both = namm_board.variant(namm, "rows=64/window=256")
+    assert (both.config.observe_rows, both.config.bam_window) == (64, 256)
+    assert namm_board.namm_at_b(both) == "namms/x@B/window=256/rows=64"
