@@ -15,7 +15,10 @@ prompts, not the candidates. This bench measures that on the run a config descri
    (from the per-prompt variance components), and whether selection finds anything: the best
    candidate of each set, measured on the other sets, against the start.
 
-    .venv/bin/python bench/fitness_noise.py jobs/levers/per_prompt_rank.yaml --sigma 0.03 --sigma 0.1 --sigma 0.3
+    .venv/bin/python bench/fitness_noise.py jobs/levers/per_prompt_rank.yaml --sigma 0.03 --sigma 0.1 --kinds loglik
+    .venv/bin/python bench/fitness_noise.py jobs/levers/per_prompt_rank.yaml --sigma 0.03 --kinds loglik,task_score
+
+(the second reuses the first's log-likelihood rows; ~20 and ~30 minutes on 2 cores)
 
 Writes bench/results/fitness_noise.md and fitness_noise.parquet (one row per candidate and prompt).
 """
@@ -133,6 +136,7 @@ def analyse(kind: str, sigma: float, values: np.ndarray, refs: np.ndarray, sets:
 
 def measure(cfg, x0, norm, vectors: dict, tasks, requests) -> dict:
     """The full cache's values, the start's and every candidate's on `requests`, on the run's Ray actors."""
+    init_ray(num_cpus=cfg.workers.num_actors * cfg.workers.cpus_per_actor)
     pool = default_pool_factory(cfg)
     try:
         chunks, models = split_by_model(requests, tasks, pool)
@@ -245,7 +249,6 @@ def main(argv=None) -> int:
     subspace = build_subspace(cfg.es.subspace, slices, len(x0), seed=cfg.es.seed)
     out = Path(args.out)
 
-    init_ray(num_cpus=cfg.workers.num_actors * cfg.workers.cpus_per_actor)
     sigmas = args.sigma or [cfg.es.sigma0]
     vectors = {sigma: EvolutionStrategy(len(x0), replace(cfg.es, sigma0=sigma), x0=x0, subspace=subspace).ask()
                [:args.candidates] for sigma in sigmas}
@@ -270,11 +273,15 @@ def main(argv=None) -> int:
                         requests)
     search = subspace.describe() if subspace is not None else f"every parameter ({len(x0)} dims)"
     kinds = ", ".join(measured)
-    notes = (f"Run config `{args.config}`: start `{cfg.es.start}`, search {search}, fitness {kinds}, "
+    start_name = Path(cfg.es.start).resolve()
+    start_name = start_name.relative_to(ROOT) if start_name.is_relative_to(ROOT) else start_name
+    notes = (f"Run config `{args.config}`: start `{start_name}`, search {search}, fitness {kinds}, "
              f"first stage `{stage.name}` ({len(tasks)} tasks x {stage.prompts_per_task} prompts per generation), "
              f"model {cfg.model.label}, {cfg.workers.num_actors} Ray actors. Candidates: the first of generation "
              f"0's draw (es.seed {cfg.es.seed}) at each sigma; prompt sets: disjoint draws from the task pools "
-             f"(seed {args.seed}); every candidate and the start on every prompt.\n\n"
+             f"(seed {args.seed}); every candidate and the start on every prompt. Rows measured by an earlier "
+             f"run on the same prompts are read back from `{out.with_suffix('.parquet').name}` (every sigma and "
+             "fitness kind found there is shown).\n\n"
              "Columns: the start's fitness per set (mean, range); the candidates' standard deviation within a "
              "set (what one generation ranks), of the set means (how much a generation's prompts move every "
              "candidate alike) and the residual (candidate x prompt set); ICC: the share of a set's fitness "
