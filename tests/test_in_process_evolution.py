@@ -39,6 +39,11 @@ def test_candidates_split_into_jobs_of_one_prompt_give_the_same_run(tmp_path):
     # each candidate went out as two jobs of one prompt (2 prompts per generation, 6 candidates)
     candidate_jobs = [j for j in jobs if j.label.startswith("candidate")]
     assert len(candidate_jobs) == 3 * 6 * 2 and all(len(j.args[2]) == 1 for j in candidate_jobs)
+    # common random numbers: within a generation every candidate runs the same prompts
+    for g in range(3):
+        generation = candidate_jobs[g * 12:(g + 1) * 12]
+        per_candidate = [[tuple(r) for j in generation[i * 2:(i + 1) * 2] for r in j.args[2]] for i in range(6)]
+        assert all(prompts == per_candidate[0] for prompts in per_candidate)
 
 
 def test_an_in_process_run_resumes_to_the_uninterrupted_run(tmp_path):
