@@ -49,8 +49,9 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", nargs="+", default=["0.25", "0.5"])
     p.add_argument("--policies", nargs="*", default=[], help="baselines besides StreamingLLM, at each budget")
     p.add_argument("--namm", default="namm", help="the NAMM (a policy spec without budget: namm, namm:DIR)")
-    p.add_argument("--namm-variants", nargs="*", default=["layers=6"],
-                   help="options of the NAMM for extra rows, e.g. layers=6 (namm@B/layers=6)")
+    p.add_argument("--namm-variants", nargs="*", default=["window=256"],
+                   help="options of the NAMM for extra rows, e.g. window=256 (namm@B/window=256, the "
+                        "variant that ties the NAMM on the design seed's board), layers=6, rows=64")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="weights (default: bfloat16 where the CPU has bf16 instructions or on CUDA, else float32, "
                         "as the board)")
