@@ -182,21 +182,28 @@ def cross_kinds(measured: dict, sigmas, requests) -> list[list]:
     return rows
 
 
-def save_raw(out: Path, measured: dict, requests, sets) -> None:
+def repo_path(path) -> str:
+    """A path as the tables and raw rows name it: relative to the repo when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+def save_raw(out: Path, config: str, measured: dict, requests, sets) -> None:
     """One row per fitness kind, sigma, candidate and prompt (the start's and the full cache's value beside it)."""
     import pandas as pd
 
     set_of = [i for i, st in enumerate(sets) for _ in st]
-    rows = [{"kind": kind, "sigma": sigma, "candidate": c, "set": set_of[j], "task": key, "prompt": idx,
+    rows = [{"config": config, "kind": kind, "sigma": sigma, "candidate": c, "set": set_of[j], "task": key, "prompt": idx,
              "value": float(x), "reference": float(m["refs"][j]), "start": float(m["start"][j])}
             for kind, m in measured.items() for sigma, values in m["values"].items() for c, v in enumerate(values)
             for j, (x, (key, idx)) in enumerate(zip(v, requests))]
     pd.DataFrame(rows).to_parquet(out.with_suffix(".parquet"), index=False)
 
 
-def load_raw(out: Path, requests, candidates: int) -> dict:
-    """The values an earlier run of this bench saved for the same prompts (kind -> refs, start,
-    values per sigma); a run on other prompts or with fewer candidates is not reused."""
+def load_raw(out: Path, config: str, requests, candidates: int) -> dict:
+    """The values an earlier run of this bench saved for the same run config and prompts (kind ->
+    refs, start, values per sigma); a run of another config, on other prompts or with fewer
+    candidates is not reused."""
     path = out.with_suffix(".parquet")
     if not path.exists():
         return {}
@@ -205,15 +212,15 @@ def load_raw(out: Path, requests, candidates: int) -> dict:
     raw = pd.read_parquet(path)
     measured: dict = {}
     for (kind, sigma), rows in raw.groupby(["kind", "sigma"]):
-        table = rows.pivot(index="candidate", columns=["task", "prompt"], values="value")
-        first = rows[rows.candidate == rows.candidate.min()]
-        if list(zip(first.task, first.prompt)) != [tuple(r) for r in requests] or len(table) < candidates:
-            log.info("%s: %s sigma %g was measured on other prompts or fewer candidates; not reused", path, kind, sigma)
+        first = rows[rows.candidate == 0]
+        if list(zip(first.task, first.prompt)) != [tuple(r) for r in requests] or rows.candidate.nunique() < candidates \
+                or set(rows.config) != {config}:
+            log.info("%s: %s sigma %g was measured for another run config, other prompts or fewer candidates; "
+                     "not reused", path, kind, sigma)
             continue
-        values = np.array([[rows[(rows.candidate == c)].value.to_numpy()] for c in sorted(rows.candidate.unique())])
         m = measured.setdefault(kind, {"refs": first.reference.to_numpy(), "start": first.start.to_numpy(),
                                        "values": {}})
-        m["values"][float(sigma)] = values[:candidates, 0]
+        m["values"][float(sigma)] = np.stack([rows[rows.candidate == c].value.to_numpy() for c in range(candidates)])
     return measured
 
 
@@ -252,7 +259,8 @@ def main(argv=None) -> int:
     sigmas = args.sigma or [cfg.es.sigma0]
     vectors = {sigma: EvolutionStrategy(len(x0), replace(cfg.es, sigma0=sigma), x0=x0, subspace=subspace).ask()
                [:args.candidates] for sigma in sigmas}
-    measured = load_raw(out, requests, args.candidates)   # what an earlier run measured on these prompts
+    config_name = repo_path(args.config)
+    measured = load_raw(out, config_name, requests, args.candidates)   # what an earlier run measured on these prompts
     for kind in args.kinds or [cfg.fitness.kind]:
         todo = {sigma: v for sigma, v in vectors.items() if sigma not in measured.get(kind, {}).get("values", {})}
         if not todo:
@@ -264,7 +272,7 @@ def main(argv=None) -> int:
             measured[kind]["values"].update(done["values"])
         else:
             measured[kind] = done
-        save_raw(out, measured, requests, sets)   # kept even if a later fitness kind fails
+        save_raw(out, config_name, measured, requests, sets)   # kept even if a later fitness kind fails
 
     all_sigmas = sorted({sigma for m in measured.values() for sigma in m["values"]})
     rows = [analyse(kind, sigma, m["values"][sigma], m["refs"], sets, m["start"])
@@ -273,8 +281,7 @@ def main(argv=None) -> int:
                         requests)
     search = subspace.describe() if subspace is not None else f"every parameter ({len(x0)} dims)"
     kinds = ", ".join(measured)
-    start_name = Path(cfg.es.start).resolve()
-    start_name = start_name.relative_to(ROOT) if start_name.is_relative_to(ROOT) else start_name
+    start_name = repo_path(cfg.es.start)
     notes = (f"Run config `{args.config}`: start `{start_name}`, search {search}, fitness {kinds}, "
              f"first stage `{stage.name}` ({len(tasks)} tasks x {stage.prompts_per_task} prompts per generation), "
              f"model {cfg.model.label}, {cfg.workers.num_actors} Ray actors. Candidates: the first of generation "

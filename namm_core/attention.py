@@ -49,7 +49,8 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     if not observing and softcap is None:
         return _fused(layer, cache, query, key, value, window, scaling, n_rep).transpose(1, 2).contiguous(), None
     # rows before `observe_from` are not captured: fused there, eager after (softcapping: eager everywhere)
-    skip = min(cache.observe_from, query.shape[2]) if observing and softcap is None else 0
+    captured = min(cache.observe_from, query.shape[2]) if observing else 0    # first row handed to the observer
+    skip = captured if softcap is None else 0
     fused = _fused(layer, cache, query[:, :, :skip], key, value, window, scaling, n_rep, rows=slice(0, skip)) \
         if skip else None
 
@@ -65,7 +66,6 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     out = query.new_empty(B, Q, Hkv, n_rep, value.shape[-1])
     if fused is not None:
         out[:, :skip] = fused.transpose(1, 2).reshape(B, skip, Hkv, n_rep, -1)
-    captured = min(cache.observe_from, Q) if observing else 0    # first row handed to the observer
     observed = cache.attention_rows(B, Hkv, Q - captured, S, query.device) if observing else None
     first = first_masked_slot(layer, cache.chunk_positions, cache.chunk_valid, window)
     step = rows_per_block(B * Hq * S * 4, Q - skip, query.device)

@@ -47,3 +47,20 @@ def test_analyse_tells_candidates_from_prompt_noise(candidate_sd, expect_reliabl
         assert icc > 0.8 and rho > 0.7
     else:
         assert icc < 0.3 and abs(rho) < 0.5
+
+
+def test_raw_rows_are_reused_only_for_the_same_config_prompts_and_candidates(tmp_path):
+    from bench.fitness_noise import load_raw, save_raw
+
+    sets = _sets(2, 4)
+    requests = [r for s in sets for r in s]
+    values = np.arange(3 * len(requests), dtype=float).reshape(3, len(requests))
+    measured = {"loglik": {"refs": np.zeros(len(requests)), "start": np.ones(len(requests)), "values": {0.03: values}}}
+    out = tmp_path / "noise.md"
+    save_raw(out, "jobs/a.yaml", measured, requests, sets)
+    back = load_raw(out, "jobs/a.yaml", requests, candidates=3)
+    assert np.array_equal(back["loglik"]["values"][0.03], values)
+    assert np.array_equal(back["loglik"]["start"], measured["loglik"]["start"])
+    assert load_raw(out, "jobs/b.yaml", requests, candidates=3) == {}
+    assert load_raw(out, "jobs/a.yaml", requests[::-1], candidates=3) == {}
+    assert load_raw(out, "jobs/a.yaml", requests, candidates=4) == {}
