@@ -319,7 +319,7 @@ def variant(namm: NAMM, option: str) -> NAMM:
     """The NAMM with one option of its policy spec (`layers=6`), under its own source name."""
     parsed = parse_policy(f"namm@0.5/{option}").config
     return namm.scoring_from(parsed.score_layers).with_bam_window(parsed.bam_window, parsed.bam_window_keys) \
-        .reading_rows(parsed.observe_rows)
+        .reading_rows(parsed.observe_rows).observing_in(parsed.observe_dtype)
 
 
 def family(label: str) -> str:

@@ -68,6 +68,7 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
         out[:, :skip] = fused.transpose(1, 2).reshape(B, skip, Hkv, n_rep, -1)
     observed = cache.attention_rows(B, Hkv, Q - captured, S, query.device) if observing else None
     first = first_masked_slot(layer, cache.chunk_positions, cache.chunk_valid, window)
+    low_precision = observed is not None and observed.dtype != torch.float32
     step = rows_per_block(B * Hq * S * 4, Q - skip, query.device)
     for r0 in range(skip, Q, step):
         r1 = min(Q, r0 + step)
@@ -83,12 +84,18 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
             # an additive bias is ~10x cheaper than a broadcast masked_fill on CPU
             bias = torch.zeros(allowed.shape, dtype=scores.dtype, device=scores.device)
             scores[..., first:] += bias.masked_fill_(~allowed, float("-inf")).unsqueeze(2)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if low_precision and scores.dtype == observed.dtype:
+            # the fp32 softmax rounded to the scores' dtype (bit for bit the same on CPU), with no
+            # fp32 copy of the probabilities: what a bf16 model multiplies the values with anyway
+            probs = torch.softmax(scores, dim=-1)
+        else:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         block = torch.matmul(probs.view(B, Hkv, n_rep * n, S).to(value.dtype), value)
         out[:, r0:r1] = block.view(B, Hkv, n_rep, n, -1).permute(0, 3, 1, 2, 4)
         if observed is not None and r1 > captured:
             lo = max(r0, captured)                                 # one row per KV head (GQA)
-            torch.mean(probs[:, :, :, lo - r0:], dim=2, out=observed[:, :, lo - captured:r1 - captured])
+            torch.mean(probs[:, :, :, lo - r0:].to(observed.dtype), dim=2,
+                       out=observed[:, :, lo - captured:r1 - captured])
     if observed is not None:
         valid = cache.chunk_valid[:, captured:]
         if not bool(valid.all()):

@@ -164,7 +164,7 @@ class MemoryCache(Cache):
         self.chunk_positions: Optional[torch.Tensor] = None
         self.chunk_valid: Optional[torch.Tensor] = None
         self.chunk_columns: Optional[torch.Tensor] = None
-        # observer(layer_idx, layer, attn [B, H_kv, Q, S] float32) receives the attention the
+        # observer(layer_idx, layer, attn [B, H_kv, Q, S], observe_dtype) receives the attention the
         # chunk's queries paid to the cache; None keeps attention on the fast sdpa path
         self.observer = None
         # query_observer(layer_idx, layer, query [B, H_q, Q, D] post-RoPE, scaling): the chunk's queries
@@ -174,6 +174,8 @@ class MemoryCache(Cache):
         # the first row of the chunk the observer gets (set by the generation loop; rows before it
         # attend with the fused kernel and are not captured)
         self.observe_from = 0
+        # the dtype of the rows handed to the observer (set by the generation loop from the policy)
+        self.observe_dtype = torch.float32
         self._rows_storage: Optional[torch.Tensor] = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -188,13 +190,14 @@ class MemoryCache(Cache):
         return sum(layer.kv_bytes() for layer in self.layers)
 
     def attention_rows(self, B: int, H: int, Q: int, S: int, device) -> torch.Tensor:
-        """A [B, H, Q, S] float32 buffer for the attention handed to the observer, reused by
-        every layer and chunk (a fresh tensor this large costs page faults on each forward);
+        """A [B, H, Q, S] buffer (`observe_dtype`) for the attention handed to the observer, reused
+        by every layer and chunk (a fresh tensor this large costs page faults on each forward);
         valid only until the next call."""
         n = B * H * Q * S
         storage = self._rows_storage
-        if storage is None or storage.numel() < n or storage.device != torch.device(device):
-            self._rows_storage = storage = torch.empty(n, dtype=torch.float32, device=device)
+        if storage is None or storage.numel() < n or storage.device != torch.device(device) \
+                or storage.dtype != self.observe_dtype:
+            self._rows_storage = storage = torch.empty(n, dtype=self.observe_dtype, device=device)
         return storage[:n].view(B, H, Q, S)
 
     def release_buffers(self) -> None:

@@ -383,6 +383,7 @@ class MemoryManagedLM:
         # a policy that reads only the rows just before its update: the chunk's earlier rows are not captured
         first_read = policy.first_observed_column(state.next_update)
         cache.observe_from = 0 if first_read is None else min(Q, max(0, first_read - first_column))
+        cache.observe_dtype = policy.observation_dtype
         wasted = wasted or cache.observe_from >= Q
         if policy.needs_queries and not wasted:
             def query_observer(layer_idx, layer, query, scaling):

@@ -45,7 +45,11 @@ SELECTIONS = ("threshold", "top_k")
 SCOPES = ("head", "global")
 # config fields added after NAMMs, runs and board rows were recorded, at their defaults: a config
 # holding them at these values is the one recorded before (run hashes, board fingerprints)
-FIELDS_ADDED_LATER = {"score_layers": None, "bam_window": None, "bam_window_keys": "recent", "observe_rows": None}
+FIELDS_ADDED_LATER = {"score_layers": None, "bam_window": None, "bam_window_keys": "recent", "observe_rows": None,
+                      "observe_dtype": "float32"}
+# precisions the attention rows can be read and folded in (NAMMConfig.observe_dtype)
+OBSERVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+OBSERVE_SPEC_NAMES = {"float32": "fp32", "bfloat16": "bf16"}      # `namm@0.25/obs=bf16`
 
 
 @dataclass
@@ -86,6 +90,12 @@ class NAMMConfig:
     # out to whole hops), the earlier rows counting as zero attention; None: every query since the
     # last update (the paper). The queries not read attend with the fused kernel (cheaper)
     observe_rows: Optional[int] = None
+    # the precision the attention rows are read and folded in: "float32" (the paper's full-precision
+    # attention) or "bfloat16" (the probabilities rounded to bfloat16, as a bf16 model multiplies
+    # them with the values; the spectrogram's matmul in bfloat16, its EMA state kept in float32).
+    # On a bf16 model the latter needs no float32 copy of the probabilities, which is most of the
+    # cost of reading them (bench/results/memory_obs.md)
+    observe_dtype: str = "float32"
     # the memory settings the NAMM was evolved with; MemoryManagedLM uses them unless told otherwise
     update_every: Optional[int] = None
     chunk_size: Optional[int] = None
@@ -132,6 +142,8 @@ class NAMMConfig:
                     or self.observe_rows < hop or self.observe_rows % hop:
                 raise ValueError(f"NAMM observe_rows must be a positive multiple of the spectrogram hop ({hop}), "
                                  f"got {self.observe_rows!r}")
+        if self.observe_dtype not in OBSERVE_DTYPES:
+            raise ValueError(f"NAMM observe_dtype {self.observe_dtype!r}: expected one of {', '.join(OBSERVE_DTYPES)}")
         for name in ("update_every", "chunk_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -285,17 +297,18 @@ class NAMM(MemoryPolicy):
         flush = (spec.hop - pending) % spec.hop + -(-spec.carry // spec.hop) * spec.hop
         lead = min(gap, flush)
         B, H, S = held.shape[:3]
-        self._fold(layer, held.new_zeros(B, H, lead, S), first_column - gap + lead)
+        zeros = lambda n: held.new_zeros(B, H, n, S, dtype=self.observation_dtype)  # noqa: E731
+        self._fold(layer, zeros(lead), first_column - gap + lead)
         rest = gap - lead
         if rest >= spec.hop:                               # whole zero frames: decay only
             frames = rest // spec.hop
             layer.aux["namm_ema"] = layer.aux["namm_ema"] * spec.frame_decay ** frames
         if rest % spec.hop:                                # the start of a hop: held as pending rows
-            self._fold(layer, held.new_zeros(B, H, rest % spec.hop, S), first_column)
+            self._fold(layer, zeros(rest % spec.hop), first_column)
 
     def _fold(self, layer, attn, processed: int) -> None:
         spec = self.spec
-        held = layer.aux["namm_rows"]
+        held = layer.aux["namm_rows"].to(attn.dtype)   # the carry starts as float32 zeros
         pending = held.shape[-1] - spec.carry
         if pending == 0 and attn.shape[-2] % spec.hop == 0:
             prefix, rows = held.transpose(-1, -2), attn          # fast path: no copy of attn
@@ -410,6 +423,16 @@ class NAMM(MemoryPolicy):
         other.config = replace(self.config, observe_rows=rows)
         return other
 
+    def observing_in(self, dtype: str) -> "NAMM":
+        """This NAMM reading and folding the attention rows in `dtype` (`NAMMConfig.observe_dtype`)."""
+        other = copy.copy(self)
+        other.config = replace(self.config, observe_dtype=dtype)
+        return other
+
+    @property
+    def observation_dtype(self) -> torch.dtype:
+        return OBSERVE_DTYPES[self.config.observe_dtype]
+
     def memory_settings(self) -> dict:
         """The update interval and chunk size the NAMM was evolved with (those recorded)."""
         return {k: v for k, v in (("update_every", self.config.update_every),
@@ -421,7 +444,10 @@ class NAMM(MemoryPolicy):
         # and so do the rows it reads (`observe_rows`)
         layers = self.config.score_layers
         key = ("namm", tuple(sorted(asdict(self.spec).items())), tuple(layers) if isinstance(layers, list) else layers)
-        return key if self.config.observe_rows is None else key + (("observe_rows", self.config.observe_rows),)
+        for name in ("observe_rows", "observe_dtype"):
+            if getattr(self.config, name) != FIELDS_ADDED_LATER[name]:
+                key += ((name, getattr(self.config, name)),)
+        return key
 
     def describe(self) -> str:
         budget = "" if self.config.budget is None else f"@{self.config.budget}"
@@ -434,6 +460,8 @@ class NAMM(MemoryPolicy):
                 budget += f"/keys={self.config.bam_window_keys}"
         if self.config.observe_rows is not None:
             budget += f"/rows={self.config.observe_rows}"
+        if self.config.observe_dtype != "float32":
+            budget += f"/obs={OBSERVE_SPEC_NAMES[self.config.observe_dtype]}"
         return f"namm:{self.source}{budget}"
 
     # --- persistence -------------------------------------------------------------------

@@ -85,6 +85,8 @@ class MemoryPolicy:
     # True when observe / observe_queries only prepare later selections: forwards after which no
     # update will run are then not observed (a recorder of attention for analysis sets False)
     observations_feed_updates_only = False
+    # the dtype `observe` gets its attention rows in (the NAMM can read them in bfloat16)
+    observation_dtype = torch.float32
 
     def new_sequence(self) -> None:
         """Called before each new batch of prompts."""

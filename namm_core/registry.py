@@ -17,7 +17,7 @@ import namms
 
 from .expected_attention import ExpectedAttention
 from .kvzip import KVzip
-from .namm import NAMM
+from .namm import NAMM, OBSERVE_SPEC_NAMES
 from .policies import H2O, TOVA, FastGen, FullCache, L2Norm, MemoryPolicy, SnapKV, StreamingLLM
 from .selection import SCOPES, parse_structure_options
 
@@ -104,7 +104,8 @@ STRUCTURE_HELP = ("options of every policy with a budget, after '/': head (each 
                   "A BAM NAMM takes window=W (namm@0.25/window=256: each token's backward attention sees itself and "
                   "the W newest tokens, S x W work instead of S^2/2) and keys=band (the W - 1 tokens right after it). "
                   "Any NAMM takes rows=R (namm@0.25/rows=64: each update reads the attention rows of the R queries "
-                  "before it, earlier rows count as zero; the others attend with the fused kernel)")
+                  "before it, earlier rows count as zero; the others attend with the fused kernel) and obs=bf16 (the attention "
+                  "rows read and folded in bfloat16: on a bf16 model no float32 copy of the probabilities)")
 
 
 def policy_listing() -> str:
@@ -235,6 +236,8 @@ def _parse_namm(spec: str) -> NAMM:
             namm = namm.with_bam_window(*_window_options(options, namm))
         if "rows" in options:
             namm = namm.reading_rows(_rows_option(options["rows"]))
+        if "obs" in options:
+            namm = namm.observing_in(_obs_option(options["obs"]))
     except ValueError as e:
         raise ValueError(f"policy {spec!r}: {e}") from None
     return namm
@@ -248,7 +251,7 @@ def _is_budget(text: str) -> bool:
         return False
 
 
-NAMM_OPTIONS = ("layers", "window", "keys", "rows")
+NAMM_OPTIONS = ("layers", "window", "keys", "rows", "obs")
 
 
 def _rows_option(text) -> int:
@@ -257,6 +260,14 @@ def _rows_option(text) -> int:
         return int(text)
     except (TypeError, ValueError):
         raise ValueError(f"option rows={text!r}: expected a number of query rows like 64") from None
+
+
+def _obs_option(text) -> str:
+    """`obs=bf16`: the attention rows read and folded in bfloat16 (`NAMMConfig.observe_dtype`)."""
+    names = {short: dtype for dtype, short in OBSERVE_SPEC_NAMES.items()}
+    if text not in names:
+        raise ValueError(f"option obs={text!r}: expected one of {', '.join(names)}")
+    return names[text]
 
 
 def _window_options(options: dict, namm: NAMM) -> tuple:
