@@ -4,6 +4,11 @@ from 1k to 16k tokens on the embedded model, as ratios measured in one run.
     .venv/bin/python bench/memory_bench.py                          # 1k-16k tokens (~40 min on 2 CPU cores)
     .venv/bin/python bench/memory_bench.py --lengths 2048 4096      # quicker
     .venv/bin/python bench/memory_bench.py --policies h2o tova      # more baselines beside StreamingLLM
+    .venv/bin/python bench/memory_bench.py --repeats 3              # the median of 3 rounds per row
+
+On a shared machine one generation's time can move by 10-20% from run to run. With `--repeats R`
+every length runs R rounds of all its policies, each round in another order (rotated), and each
+row reports the round with the median time and the spread of the R times beside it.
 
 Each run is a prefill of N tokens plus 64 greedy decoded tokens, every policy with the shipped
 NAMM's memory settings (an update and a chunk every 256 tokens). Rows: the full cache; at each
@@ -42,6 +47,18 @@ def make_ids(tokenizer, n_tokens: int, seed: int = 0) -> torch.Tensor:
     return ids
 
 
+def rotated(items: list, by: int) -> list:
+    """`items` starting at position `by` (mod its length): round r of a repeated bench runs the
+    policies in this order, so no policy always runs first or last."""
+    k = by % len(items)
+    return items[k:] + items[:k]
+
+
+def median_run(stats: list):
+    """The run with the median time (the lower middle one of an even count)."""
+    return sorted(stats, key=lambda s: s.seconds)[(len(stats) - 1) // 2]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2")
@@ -56,6 +73,8 @@ def main(argv=None) -> int:
                    help="weights (default: bfloat16 where the CPU has bf16 instructions or on CUDA, else float32, "
                         "as the board)")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds per length (each in another policy order); rows report the median round")
     p.add_argument("--update-every", type=int, default=256)
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.md")
@@ -72,37 +91,46 @@ def main(argv=None) -> int:
     settings = dict(update_every=args.update_every, chunk_size=args.chunk_size, tokenizer=tok)
     MemoryManagedLM(model, policies[runs[-1][0]], **settings).generate(make_ids(tok, 600), max_new_tokens=2)  # warm-up
     rows = []
-    bar = tqdm(total=len(args.lengths) * len(runs), desc="bench")
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    bar = tqdm(total=len(args.lengths) * len(runs) * args.repeats, desc="bench")
     for n in args.lengths:
         ids = make_ids(tok, n)
-        results = {}
-        for label, _ in runs:
-            bar.set_postfix_str(f"{n} tokens, {label}")
-            out = MemoryManagedLM(model, policies[label], **settings).generate(ids, max_new_tokens=args.new_tokens)
-            results[label] = out.stats
-            bar.update(1)
-        full = results["full"]
+        results: dict = {label: [] for label, _ in runs}
+        for round_ in range(args.repeats):
+            for label, _ in rotated(runs, round_):
+                bar.set_postfix_str(f"{n} tokens, {label}" + (f", round {round_ + 1}" if args.repeats > 1 else ""))
+                out = MemoryManagedLM(model, policies[label], **settings).generate(ids, max_new_tokens=args.new_tokens)
+                results[label].append(out.stats)
+                bar.update(1)
+        median = {label: median_run(stats) for label, stats in results.items()}
+        full = median["full"]
         for label, budget in runs:
-            s = results[label]
-            streaming = results.get(f"streamingllm:{budget}")
+            s = median[label]
+            streaming = median.get(f"streamingllm:{budget}")
             forward = max(s.seconds - s.policy_seconds, 1e-9)   # everything but the policy's own code
-            rows.append((n, label, f"{s.mean_retention:.3f}", f"{s.seconds:.1f}", f"{s.prefill_seconds:.1f}",
+            spread = [f"{min(r.seconds for r in results[label]):.1f}-{max(r.seconds for r in results[label]):.1f}"] \
+                if args.repeats > 1 else []
+            rows.append((n, label, f"{s.mean_retention:.3f}", f"{s.seconds:.1f}", *spread, f"{s.prefill_seconds:.1f}",
                          f"{args.new_tokens / max(s.decode_seconds, 1e-9):.1f}", f"{s.seconds / full.seconds:.2f}",
                          f"{s.seconds / streaming.seconds:.2f}" if streaming else "",
                          f"{s.peak_kv_bytes / 2**20:.1f}", f"{s.peak_kv_bytes / full.peak_kv_bytes:.2f}",
                          f"{s.peak_kv_bytes / full.peak_kv_bytes / s.mean_retention:.2f}",
                          f"{100 * s.policy_seconds / forward:.1f}%"))
     bar.close()
-    header = ("tokens", "policy", "retention", "seconds", "prefill s", "decode tok/s", "time / full",
+    header = ("tokens", "policy", "retention", "seconds", *(["seconds (all rounds)"] if args.repeats > 1 else []),
+              "prefill s", "decode tok/s", "time / full",
               "time / streamingllm", "peak KV MiB", "peak KV / full", "peak KV / retention", "policy share")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    rounds = (f" Each row: the median of {args.repeats} rounds (each round runs every policy, in an order "
+              "rotated from round to round); ratios between medians." if args.repeats > 1 else "")
     table = (f"Model `{args.model}` ({dtype}), {device}, {torch.get_num_threads()} threads; prefill + {args.new_tokens} "
              f"decoded tokens; every policy with an update and a chunk every {args.update_every} / "
              f"{args.chunk_size} tokens. `time / streamingllm`: over StreamingLLM at the same budget. "
              "`peak KV / retention`: the peak over the full cache's, divided by the final retention "
              "(1.00: the cache never held more than what is kept). `policy share`: the policy's own code "
-             "(observe + select) over the rest of the same run.\n\n"
+             "(observe + select) over the rest of the same run." + rounds + "\n\n"
              + markdown_table(header, rows) + "\n")
     write_result(args.out, table)
     return 0

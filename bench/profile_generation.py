@@ -69,13 +69,16 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="", help="a name for this version of the code, for the table")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile.md")
     p.add_argument("--append", action="store_true", help="add the rows to an existing table in --out")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the model's weights (float32, as the tables in bench/results/profile*.md; memory_bench "
+                        "runs bfloat16 where the CPU has bf16 instructions)")
     args = p.parse_args(argv)
     seconds = collections.Counter()
     instrument(seconds)
     import namm_core
     code = args.label or str(Path(namm_core.__file__).parent.parent)
     print(f"profiling the code in {Path(namm_core.__file__).parent}")
-    model, tok = load_model("smollm2")
+    model, tok = load_model("smollm2", dtype=args.dtype)
     MemoryManagedLM(model, NAMM()).generate(make_ids(tok, 600), max_new_tokens=2)  # warm-up
     rows = []
     for n in args.tokens:
@@ -93,7 +96,8 @@ def main(argv=None) -> int:
     if args.append and args.out.is_file():
         text = args.out.read_text() + "\n".join(table.splitlines()[2:]) + "\n"
     else:
-        text = "SmolLM2 on CPU, prefill + 32 decoded tokens, one run each; seconds per part.\n\n" + table + "\n"
+        text = (f"SmolLM2 ({args.dtype}) on CPU, prefill + 32 decoded tokens, one run each; seconds per part.\n\n"
+                + table + "\n")
     write_result(args.out, text)
     return 0
 

@@ -99,3 +99,19 @@ def test_the_obs_option_in_specs_configs_and_shared_prefixes():
         NAMMConfig(observe_dtype="float16")
     with pytest.raises(ValueError, match=r"obs='fp16': expected one of fp32, bf16"):
         parse_policy("namm@0.25/obs=fp16")
+
+
+def test_memory_bench_rounds_rotate_and_report_the_median_run():
+    from types import SimpleNamespace
+
+    from bench.memory_bench import median_run, rotated
+
+    runs = ["full", "streamingllm:0.25", "namm@0.25"]
+    orders = [rotated(runs, r) for r in range(3)]
+    assert orders[0] == runs and orders[1][0] == "streamingllm:0.25" and orders[2][0] == "namm@0.25"
+    assert {tuple(sorted(o)) for o in orders} == {tuple(sorted(runs))}
+    assert [o.index("full") for o in orders] == [0, 2, 1]        # each policy once in every position
+    stats = [SimpleNamespace(seconds=t, tag=i) for i, t in enumerate([9.0, 7.0, 8.0])]
+    assert median_run(stats).tag == 2
+    assert median_run(stats[:2]).tag == 1                        # even count: the lower middle
+    assert median_run(stats[:1]).tag == 0
