@@ -47,9 +47,6 @@ SCOPES = ("head", "global")
 # holding them at these values is the one recorded before (run hashes, board fingerprints)
 FIELDS_ADDED_LATER = {"score_layers": None, "bam_window": None, "bam_window_keys": "recent", "observe_rows": None,
                       "observe_dtype": "float32"}
-# token rows (KV heads x cached tokens) the scorer is run on at once across layers: bounds the
-# BAM's activations (~1 KB per row) at ~1 GB
-SCORER_BATCH_TOKENS = 1 << 20
 # precisions the attention rows can be read and folded in (NAMMConfig.observe_dtype)
 OBSERVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 OBSERVE_SPEC_NAMES = {"float32": "fp32", "bfloat16": "bf16"}      # `namm@0.25/obs=bf16`
@@ -355,28 +352,6 @@ class NAMM(MemoryPolicy):
                                      layer.valid.reshape(B * H, S).to(device))
         return scores.view(B, H, S).to(x.device)
 
-    def score_all(self, layers) -> list[torch.Tensor]:
-        """`[self.score(layer) for layer in layers]` with the scorer run once for all layers of the
-        same shape (in groups of at most SCORER_BATCH_TOKENS token rows): one call over 90 rows
-        instead of 30 calls over 3 is ~3x faster on CPU, with the same result (rows never mix)."""
-        features = [self.token_features(layer) for layer in layers]
-        device = next(self.scorer.parameters()).device
-        scores: list = [None] * len(layers)
-        groups: dict = {}
-        for i, x in enumerate(features):
-            groups.setdefault(tuple(x.shape), []).append(i)
-        for (B, H, S, D), members in groups.items():
-            per_call = max(1, SCORER_BATCH_TOKENS // max(B * H * S, 1))
-            for start in range(0, len(members), per_call):
-                part = members[start:start + per_call]
-                x = torch.cat([features[i].reshape(B * H, S, D) for i in part]).to(device)
-                positions = torch.cat([layers[i].positions.reshape(B * H, S) for i in part]).to(device)
-                valid = torch.cat([layers[i].valid.reshape(B * H, S) for i in part]).to(device)
-                out = self.score_features(x, positions, valid).view(len(part), B, H, S)
-                for j, i in enumerate(part):
-                    scores[i] = out[j].to(features[i].device)
-        return scores
-
     def score_features(self, x: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The scorer on features [N, S, 25] as this NAMM runs it (its BAM window included): the
         one call the memory, distillation and imitation share, so a fit trains what runs."""
@@ -402,11 +377,8 @@ class NAMM(MemoryPolicy):
             return super().select_all(layers, step)
         # one decision per token; the pooling runs over the model-wide scores
         scored = self.observed_layers(len(layers))
-        chosen = [i for i in range(len(layers)) if scored is None or i in scored]
-        scores: list = [None] * len(layers)
-        for i, score in zip(chosen, self.score_all([layers[i] for i in chosen])):
-            scores[i] = score
-        return shared_selection(layers, scores,
+        return shared_selection(layers, [self.score(layer) if scored is None or i in scored else None
+                                         for i, layer in enumerate(layers)],
                                 [self.protected(layer) for layer in layers],
                                 self._budget.tokens(step.seen), kernel=self.config.pool)
 

@@ -237,36 +237,3 @@ def test_score_layers_in_specs_configs_and_saved_namms(tmp_path):
         NAMMConfig(score_layers=2)
     namm.save_pretrained(tmp_path / "n")
     assert NAMM.from_pretrained(tmp_path / "n").config.score_layers == 6
-
-
-class ScoreAllChecker(NAMM):
-    """At every update, scores the layers together (`score_all`) and one by one, and records both."""
-
-    def select_all(self, layers, step):
-        self.together.append(self.score_all(layers))
-        self.one_by_one.append([self.score(layer) for layer in layers])
-        self.shapes.append({tuple(layer.valid.shape) for layer in layers})
-        return super().select_all(layers, step)
-
-
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
-@pytest.mark.parametrize("rows_per_call", [None, 40])
-def test_scoring_all_layers_at_once_equals_scoring_each(monkeypatch, kind, rows_per_call):
-    """One scorer call over every layer of a shape (or several, when a call is capped) gives each
-    layer exactly the scores it gets alone; Gemma 3's sliding-window layers hold fewer slots."""
-    from namm_core import namm as namm_module
-
-    if rows_per_call is not None:
-        monkeypatch.setattr(namm_module, "SCORER_BATCH_TOKENS", rows_per_call)
-    model = tiny_model(kind)
-    namm = ScoreAllChecker(NAMMConfig(selection="top_k", budget="0.5", scope="global", bam_window=8))
-    namm.set_params(torch.randn(namm.num_params, generator=torch.Generator().manual_seed(3)) * 0.3)
-    namm.together, namm.one_by_one, namm.shapes = [], [], []
-    ids = torch.randint(3, 97, (2, 80), generator=torch.Generator().manual_seed(5))
-    MemoryManagedLM(model, namm, update_every=16, chunk_size=16).generate(ids, max_new_tokens=4)
-    assert len(namm.together) >= 4
-    if kind == "gemma3":
-        assert any(len(shapes) > 1 for shapes in namm.shapes)   # layers of two shapes at some update
-    for together, alone in zip(namm.together, namm.one_by_one):
-        assert len(together) == len(alone) == model.config.num_hidden_layers
-        assert all(torch.equal(a, b) for a, b in zip(together, alone))
