@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory.md")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
 
     if args.dtype is None:
         args.dtype = "bfloat16" if cpu_has_bf16() or torch.cuda.is_available() else "float32"
@@ -91,8 +93,6 @@ def main(argv=None) -> int:
     settings = dict(update_every=args.update_every, chunk_size=args.chunk_size, tokenizer=tok)
     MemoryManagedLM(model, policies[runs[-1][0]], **settings).generate(make_ids(tok, 600), max_new_tokens=2)  # warm-up
     rows = []
-    if args.repeats < 1:
-        p.error(f"--repeats must be at least 1, got {args.repeats}")
     bar = tqdm(total=len(args.lengths) * len(runs) * args.repeats, desc="bench")
     for n in args.lengths:
         ids = make_ids(tok, n)

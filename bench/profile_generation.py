@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile.md")
     p.add_argument("--append", action="store_true", help="add the rows to an existing table in --out")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="the model's weights (float32, as the tables in bench/results/profile*.md; memory_bench "
+                   help="the model's weights (default float32, as profile.md and profile_rows.md; memory_bench "
                         "runs bfloat16 where the CPU has bf16 instructions)")
     args = p.parse_args(argv)
     seconds = collections.Counter()

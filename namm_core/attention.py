@@ -68,7 +68,6 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
         out[:, :skip] = fused.transpose(1, 2).reshape(B, skip, Hkv, n_rep, -1)
     observed = cache.attention_rows(B, Hkv, Q - captured, S, query.device) if observing else None
     first = first_masked_slot(layer, cache.chunk_positions, cache.chunk_valid, window)
-    low_precision = observed is not None and observed.dtype != torch.float32
     step = rows_per_block(B * Hq * S * 4, Q - skip, query.device)
     for r0 in range(skip, Q, step):
         r1 = min(Q, r0 + step)
@@ -84,9 +83,9 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
             # an additive bias is ~10x cheaper than a broadcast masked_fill on CPU
             bias = torch.zeros(allowed.shape, dtype=scores.dtype, device=scores.device)
             scores[..., first:] += bias.masked_fill_(~allowed, float("-inf")).unsqueeze(2)
-        if low_precision and scores.dtype == observed.dtype:
-            # the fp32 softmax rounded to the scores' dtype (bit for bit the same on CPU), with no
-            # fp32 copy of the probabilities: what a bf16 model multiplies the values with anyway
+        if observed is not None and observed.dtype == scores.dtype:
+            # an observer reading the scores' dtype (bf16) gets the softmax written straight in it: on
+            # CPU bit for bit the fp32 softmax rounded, what the model multiplies the values with
             probs = torch.softmax(scores, dim=-1)
         else:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32)

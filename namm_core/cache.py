@@ -164,7 +164,7 @@ class MemoryCache(Cache):
         self.chunk_positions: Optional[torch.Tensor] = None
         self.chunk_valid: Optional[torch.Tensor] = None
         self.chunk_columns: Optional[torch.Tensor] = None
-        # observer(layer_idx, layer, attn [B, H_kv, Q, S], observe_dtype) receives the attention the
+        # observer(layer_idx, layer, attn [B, H_kv, Q, S] in `observe_dtype`) receives the attention the
         # chunk's queries paid to the cache; None keeps attention on the fast sdpa path
         self.observer = None
         # query_observer(layer_idx, layer, query [B, H_q, Q, D] post-RoPE, scaling): the chunk's queries

@@ -93,8 +93,8 @@ class NAMMConfig:
     # the precision the attention rows are read and folded in: "float32" (the paper's full-precision
     # attention) or "bfloat16" (the probabilities rounded to bfloat16, as a bf16 model multiplies
     # them with the values; the spectrogram's matmul in bfloat16, its EMA state kept in float32).
-    # On a bf16 model the latter needs no float32 copy of the probabilities, which is most of the
-    # cost of reading them (bench/results/memory_obs.md)
+    # On a bf16 model the latter writes no float32 copy of the probabilities: 5-10% less time at
+    # 4k-16k tokens (bench/results/memory_obs.md)
     observe_dtype: str = "float32"
     # the memory settings the NAMM was evolved with; MemoryManagedLM uses them unless told otherwise
     update_every: Optional[int] = None
@@ -297,14 +297,14 @@ class NAMM(MemoryPolicy):
         flush = (spec.hop - pending) % spec.hop + -(-spec.carry // spec.hop) * spec.hop
         lead = min(gap, flush)
         B, H, S = held.shape[:3]
-        zeros = lambda n: held.new_zeros(B, H, n, S, dtype=self.observation_dtype)  # noqa: E731
-        self._fold(layer, zeros(lead), first_column - gap + lead)
+        dtype = self.observation_dtype
+        self._fold(layer, held.new_zeros(B, H, lead, S, dtype=dtype), first_column - gap + lead)
         rest = gap - lead
         if rest >= spec.hop:                               # whole zero frames: decay only
             frames = rest // spec.hop
             layer.aux["namm_ema"] = layer.aux["namm_ema"] * spec.frame_decay ** frames
         if rest % spec.hop:                                # the start of a hop: held as pending rows
-            self._fold(layer, zeros(rest % spec.hop), first_column)
+            self._fold(layer, held.new_zeros(B, H, rest % spec.hop, S, dtype=dtype), first_column)
 
     def _fold(self, layer, attn, processed: int) -> None:
         spec = self.spec

@@ -63,6 +63,7 @@ def first_update_spectrograms(model, ids, namm):
         if len(seen) < len(model.model.layers):
             seen.append(layer.aux["namm_ema"].clone())
             assert layer.aux["namm_ema"].dtype == torch.float32
+            assert layer.aux["namm_rows"].dtype == namm.observation_dtype   # the carry rows: as read
         return real(layer)
     namm.token_features = recording
     MemoryManagedLM(model, namm, update_every=32, chunk_size=16).generate(ids, max_new_tokens=3)
