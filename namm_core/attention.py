@@ -3,7 +3,11 @@
 It builds each layer's mask from the cache itself (per KV head validity, absolute positions,
 the layer's sliding window), so layers and heads of different lengths are attended to
 correctly, and it hands the attention rows to the policy when the policy asks for them.
-Policies that need no attention values run on torch's fused sdpa kernel.
+Policies that need no attention values run on torch's fused sdpa kernel. Rows a policy reads
+are captured either inline (an eager attention whose probabilities are also handed over: on
+CPU as fast as the fused kernel) or separately (every output from the fused kernel, the read
+rows' probabilities computed on their own: for GPUs, where the fused kernel is far faster);
+`MemoryCache.row_capture`, chosen by `MemoryManagedLM(row_capture=...)`.
 Outside a memory-managed forward it behaves exactly like transformers' "sdpa".
 """
 from __future__ import annotations
@@ -48,9 +52,12 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
                                                  or module.layer_idx in cache.observed_layers)
     if not observing and softcap is None:
         return _fused(layer, cache, query, key, value, window, scaling, n_rep).transpose(1, 2).contiguous(), None
-    # rows before `observe_from` are not captured: fused there, eager after (softcapping: eager everywhere)
+    # rows before `observe_from` are not captured: fused there, eager after (softcapping: eager everywhere).
+    # With a separate capture (GPUs) every row's output is fused and the captured rows' probabilities
+    # are computed on their own, without multiplying them with the values.
     captured = min(cache.observe_from, query.shape[2]) if observing else 0    # first row handed to the observer
-    skip = captured if softcap is None else 0
+    separate = observing and softcap is None and cache.row_capture == "separate"
+    skip = query.shape[2] if separate else captured if softcap is None else 0  # rows whose output is fused
     fused = _fused(layer, cache, query[:, :, :skip], key, value, window, scaling, n_rep, rows=slice(0, skip)) \
         if skip else None
 
@@ -68,8 +75,9 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
         out[:, :skip] = fused.transpose(1, 2).reshape(B, skip, Hkv, n_rep, -1)
     observed = cache.attention_rows(B, Hkv, Q - captured, S, query.device) if observing else None
     first = first_masked_slot(layer, cache.chunk_positions, cache.chunk_valid, window)
-    step = rows_per_block(B * Hq * S * 4, Q - skip, query.device)
-    for r0 in range(skip, Q, step):
+    start = captured if separate else skip                     # the first row whose probabilities are needed
+    step = rows_per_block(B * Hq * S * 4, Q - start, query.device)
+    for r0 in range(start, Q, step):
         r1 = min(Q, r0 + step)
         n = r1 - r0
         q_block = grouped[:, :, :, r0:r1].reshape(B * Hkv, n_rep * n, D)
@@ -78,8 +86,10 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
         if first < S:  # slots before `first` are visible to every query: no mask to apply there
+            # heads holding the same slots share one mask, broadcast over them
+            heads = slice(0, 1) if layer.heads_uniform else slice(None)
             allowed = memory_mask(layer, cache.chunk_positions[:, r0:r1], cache.chunk_valid[:, r0:r1], window,
-                                  slots=slice(first, None))
+                                  heads=heads, slots=slice(first, None))
             # an additive bias is ~10x cheaper than a broadcast masked_fill on CPU
             bias = torch.zeros(allowed.shape, dtype=scores.dtype, device=scores.device)
             scores[..., first:] += bias.masked_fill_(~allowed, float("-inf")).unsqueeze(2)
@@ -89,18 +99,37 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
             probs = torch.softmax(scores, dim=-1)
         else:
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        block = torch.matmul(probs.view(B, Hkv, n_rep * n, S).to(value.dtype), value)
-        out[:, r0:r1] = block.view(B, Hkv, n_rep, n, -1).permute(0, 3, 1, 2, 4)
+        if not separate:
+            block = torch.matmul(probs.view(B, Hkv, n_rep * n, S).to(value.dtype), value)
+            out[:, r0:r1] = block.view(B, Hkv, n_rep, n, -1).permute(0, 3, 1, 2, 4)
         if observed is not None and r1 > captured:
             lo = max(r0, captured)                                 # one row per KV head (GQA)
-            torch.mean(probs[:, :, :, lo - r0:].to(observed.dtype), dim=2,
-                       out=observed[:, :, lo - captured:r1 - captured])
+            mean_over_group(probs[:, :, :, lo - r0:], out=observed[:, :, lo - captured:r1 - captured])
     if observed is not None:
         valid = cache.chunk_valid[:, captured:]
         if not bool(valid.all()):
             observed.mul_(valid[:, None, :, None])                 # padding queries observe nothing
         cache.observer(module.layer_idx, layer, observed)
     return out.view(B, Q, Hq, -1), None
+
+
+def mean_over_group(probs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = probs.to(out.dtype).mean(dim=2), the same values, about twice as fast on CPU (where a
+    reduction over a strided dim is slow) for groups of up to 4 query heads: torch's mean sums those
+    in order in float32 and divides, as done here; larger groups take torch.mean itself."""
+    n = probs.shape[2]
+    if n > 4:
+        return torch.mean(probs.to(out.dtype), dim=2, out=out)
+    if n == 1:
+        return out.copy_(probs[:, :, 0])
+    if out.dtype == probs.dtype == torch.float32:
+        acc = torch.add(probs[:, :, 0], probs[:, :, 1], out=out)
+    else:
+        acc = probs[:, :, 0].to(out.dtype).float().add_(probs[:, :, 1].to(out.dtype))
+    for i in range(2, n):
+        acc.add_(probs[:, :, i].to(out.dtype))
+    acc.div_(n)
+    return acc if acc is out else out.copy_(acc)
 
 
 def _fused(layer, cache, query, key, value, window, scaling, n_rep, rows=slice(None)) -> torch.Tensor:

@@ -121,8 +121,14 @@ class MemoryLayer(CacheLayerMixin):
         length = int(keep.sum(-1).max()) if S else 0
         # kept slots first, each row in its original (position) order
         order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[..., :length]
-        gather = lambda t: t.gather(2, order.view(*order.shape, *([1] * (t.dim() - 3))).expand(  # noqa: E731
-            *order.shape, *t.shape[3:]))
+        if bool((order == order[:1, :1]).all()):
+            # one kept set for every row and head (a model-wide memory, batch 1): index_select is
+            # ~4x faster than gather on CPU for the keys and values, and gives the same tensors
+            index = order[0, 0]
+            gather = lambda t: t.index_select(2, index)  # noqa: E731
+        else:
+            gather = lambda t: t.gather(2, order.view(*order.shape, *([1] * (t.dim() - 3))).expand(  # noqa: E731
+                *order.shape, *t.shape[3:]))
         self.keys, self.values = gather(self.keys), gather(self.values)
         self.valid = keep.gather(2, order)
         self.positions = self.positions.gather(2, order)
@@ -176,6 +182,8 @@ class MemoryCache(Cache):
         self.observe_from = 0
         # the dtype of the rows handed to the observer (set by the generation loop from the policy)
         self.observe_dtype = torch.float32
+        # how observed rows are captured (see namm_core.attention): "inline" or "separate"
+        self.row_capture = "inline"
         self._rows_storage: Optional[torch.Tensor] = None
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

@@ -155,7 +155,7 @@ def fold_rows(
     spec = rows.new_empty(*batch, 2 * F, S)
     re, im = spec[..., :F, :], spec[..., F:, :]
     acc = ema.new_zeros(*batch, F, S)        # the sum in the EMA's precision, whatever the rows'
-    masks = _late_key_masks(first_frame_of_key)
+    masks = _late_key_masks(first_frame_of_key, k)
     g = cfg.frame_decay
     for j in range(k):
         start = j * cfg.hop - carry          # first row of frame j, counted in `rows`
@@ -179,7 +179,7 @@ class _late_key_masks:
     appended by the cache), frame j's masked keys are a suffix: a plain slice fill.
     """
 
-    def __init__(self, first_frame_of_key: torch.Tensor):
+    def __init__(self, first_frame_of_key: torch.Tensor, frames: int):
         S = first_frame_of_key.shape[-1]
         late = (first_frame_of_key > 0).reshape(-1, S).any(0).nonzero()
         self.lo = int(late[0]) if late.numel() else S
@@ -187,15 +187,18 @@ class _late_key_masks:
         flat = tail.reshape(-1, S - self.lo) if self.lo < S else tail
         self.suffix = None
         if self.lo < S and bool((flat == flat[:1]).all()) and bool((flat[0, 1:] >= flat[0, :-1]).all()):
-            self.suffix = flat[0].contiguous()          # ascending first frames of the late keys
+            # ascending first frames of the late keys: frame j zeroes the slots from starts[j] on,
+            # found for every frame at once (one searchsorted per frame cost ~10% of a fold)
+            ends = torch.searchsorted(flat[0].contiguous(), torch.arange(frames, device=flat.device), right=True)
+            self.suffix = (ends + self.lo).tolist()
         self.tail = tail.unsqueeze(-2)
 
     def apply(self, magnitudes: torch.Tensor, j: int) -> None:
         if self.tail.shape[-1] == 0:
             return
         if self.suffix is not None:
-            start = self.lo + int(torch.searchsorted(self.suffix, j, right=True))
-            magnitudes[..., start:].zero_()
+            if self.suffix[j] < magnitudes.shape[-1]:
+                magnitudes[..., self.suffix[j]:].zero_()
         else:
             magnitudes[..., self.lo:].masked_fill_(self.tail > j, 0.0)
 
