@@ -4,10 +4,12 @@ It builds each layer's mask from the cache itself (per KV head validity, absolut
 the layer's sliding window), so layers and heads of different lengths are attended to
 correctly, and it hands the attention rows to the policy when the policy asks for them.
 Policies that need no attention values run on torch's fused sdpa kernel. Rows a policy reads
-are captured either inline (an eager attention whose probabilities are also handed over: on
-CPU as fast as the fused kernel) or separately (every output from the fused kernel, the read
-rows' probabilities computed on their own: for GPUs, where the fused kernel is far faster);
-`MemoryCache.row_capture`, chosen by `MemoryManagedLM(row_capture=...)`.
+are captured either inline (an eager attention whose probabilities are also handed over; the
+default) or separately (every output from torch's sdpa, the read rows' probabilities computed on
+their own, without the multiplication with the values; meant for GPUs, where which sdpa kernel
+runs with a mask and grouped heads decides whether it pays, and not measured on one). Models with
+softcapped attention (Gemma 2) are always eager. `MemoryCache.row_capture`, chosen by
+`MemoryManagedLM(row_capture=...)`.
 Outside a memory-managed forward it behaves exactly like transformers' "sdpa".
 """
 from __future__ import annotations
@@ -77,7 +79,7 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     first = first_masked_slot(layer, cache.chunk_positions, cache.chunk_valid, window)
     start = captured if separate else skip                     # the first row whose probabilities are needed
     step = rows_per_block(B * Hq * S * 4, Q - start, query.device)
-    for r0 in range(start, Q, step):
+    for r0 in range(start, Q, max(step, 1)):   # no rows to capture (start == Q): no step
         r1 = min(Q, r0 + step)
         n = r1 - r0
         q_block = grouped[:, :, :, r0:r1].reshape(B * Hkv, n_rep * n, D)
@@ -115,10 +117,11 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
 
 def mean_over_group(probs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = probs.to(out.dtype).mean(dim=2), the same values, about twice as fast on CPU (where a
-    reduction over a strided dim is slow) for groups of up to 4 query heads: torch's mean sums those
-    in order in float32 and divides, as done here; larger groups take torch.mean itself."""
+    reduction over a strided dim is slow) for groups of up to 4 query heads: torch's CPU mean sums
+    those in order in float32 and divides, as done here. Larger groups, other devices and other
+    dtypes take torch.mean itself."""
     n = probs.shape[2]
-    if n > 4:
+    if n > 4 or out.device.type != "cpu" or out.dtype not in _SUMMED_IN_FLOAT32:
         return torch.mean(probs.to(out.dtype), dim=2, out=out)
     if n == 1:
         return out.copy_(probs[:, :, 0])
@@ -130,6 +133,9 @@ def mean_over_group(probs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         acc.add_(probs[:, :, i].to(out.dtype))
     acc.div_(n)
     return acc if acc is out else out.copy_(acc)
+
+
+_SUMMED_IN_FLOAT32 = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _fused(layer, cache, query, key, value, window, scaling, n_rep, rows=slice(None)) -> torch.Tensor:

@@ -127,7 +127,7 @@ def resolve_memory_settings(policy: MemoryPolicy, update_every: Optional[int] = 
     return chosen["update_every"], chosen["chunk_size"]
 
 
-ROW_CAPTURES = ("auto", "inline", "separate")
+ROW_CAPTURES = ("inline", "separate")
 
 
 class MemoryManagedLM:
@@ -138,11 +138,13 @@ class MemoryManagedLM:
     """
 
     def __init__(self, model, policy: Optional[MemoryPolicy] = None, update_every: Optional[int] = None,
-                 chunk_size: Optional[int] = None, tokenizer=None, row_capture: str = "auto"):
+                 chunk_size: Optional[int] = None, tokenizer=None, row_capture: str = "inline"):
         """`row_capture`: how the attention rows a policy reads are taken (namm_core.attention):
-        "inline" (an eager attention hands its probabilities over; the fastest on CPU), "separate"
-        (outputs from the fused kernel, the read rows' probabilities computed apart; for GPUs), or
-        "auto" (separate on CUDA, inline elsewhere). The rows are the same either way."""
+        "inline" (an eager attention hands its probabilities over; on CPU no slower than the fused
+        kernel) or "separate" (every output from torch's fused sdpa, the read rows' probabilities
+        computed apart: meant for GPUs, not measured on one). Given the same inputs an attention
+        call hands over the same rows either way; over a run they differ by the two kernels'
+        rounding of the outputs later layers read."""
         check_supported(model)
         if row_capture not in ROW_CAPTURES:
             raise ValueError(f"row_capture {row_capture!r}: expected one of {', '.join(ROW_CAPTURES)}")
@@ -394,8 +396,7 @@ class MemoryManagedLM:
         first_read = policy.first_observed_column(state.next_update)
         cache.observe_from = 0 if first_read is None else min(Q, max(0, first_read - first_column))
         cache.observe_dtype = policy.observation_dtype
-        cache.row_capture = self.row_capture if self.row_capture != "auto" else \
-            "separate" if self.device.type == "cuda" else "inline"
+        cache.row_capture = self.row_capture
         wasted = wasted or cache.observe_from >= Q
         if policy.needs_queries and not wasted:
             def query_observer(layer_idx, layer, query, scaling):
