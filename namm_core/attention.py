@@ -116,8 +116,8 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
 
 
 def mean_over_group(probs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = probs.to(out.dtype).mean(dim=2), the same values, about twice as fast on CPU (where a
-    reduction over a strided dim is slow) for groups of up to 4 query heads: torch's CPU mean sums
+    """out = probs.to(out.dtype).mean(dim=2), the same values, faster on CPU (where a reduction over
+    a strided dim is slow; bench/bookkeeping_bench.py) for groups of up to 4 query heads: torch's CPU mean sums
     those in order in float32 and divides, as done here. Larger groups, other devices and other
     dtypes take torch.mean itself."""
     n = probs.shape[2]
