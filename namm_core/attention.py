@@ -72,9 +72,12 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     Hkv, S = key.shape[1], key.shape[2]
     grouped = query.view(B, Hkv, n_rep, Q, D)
     keys_t = key.transpose(-1, -2).reshape(B * Hkv, D, S)
-    out = query.new_empty(B, Q, Hkv, n_rep, value.shape[-1])
-    if fused is not None:
-        out[:, :skip] = fused.transpose(1, 2).reshape(B, skip, Hkv, n_rep, -1)
+    if skip == Q:                                              # every output from the fused kernel
+        out = fused.transpose(1, 2).contiguous().view(B, Q, Hkv, n_rep, -1)
+    else:
+        out = query.new_empty(B, Q, Hkv, n_rep, value.shape[-1])
+        if fused is not None:
+            out[:, :skip] = fused.transpose(1, 2).reshape(B, skip, Hkv, n_rep, -1)
     observed = cache.attention_rows(B, Hkv, Q - captured, S, query.device) if observing else None
     first = first_masked_slot(layer, cache.chunk_positions, cache.chunk_valid, window)
     start = captured if separate else skip                     # the first row whose probabilities are needed
