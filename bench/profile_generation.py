@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--policies", nargs="+", default=["full", "namm-zero", "namm"],
                    help="policy specs; namm-zero is a zero NAMM, namm the shipped one")
     p.add_argument("--label", default="", help="a name for this version of the code, for the table")
+    p.add_argument("--update-every", type=int, default=256, help="every policy's update interval (as memory_bench.py)")
+    p.add_argument("--chunk-size", type=int, default=256, help="every policy's prefill chunk (as memory_bench.py)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile.md")
     p.add_argument("--append", action="store_true", help="add the rows to an existing table in --out")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     for n in args.tokens:
         ids = make_ids(tok, n)
         for spec in args.policies:
-            lm = MemoryManagedLM(model, build(spec))
+            lm = MemoryManagedLM(model, build(spec), update_every=args.update_every, chunk_size=args.chunk_size)
             seconds.clear()
             t = time.perf_counter()
             lm.generate(ids, max_new_tokens=32)
@@ -96,7 +98,8 @@ def main(argv=None) -> int:
     if args.append and args.out.is_file():
         text = args.out.read_text() + "\n".join(table.splitlines()[2:]) + "\n"
     else:
-        text = (f"SmolLM2 ({args.dtype}) on CPU, prefill + 32 decoded tokens, one run each; seconds per part.\n\n"
+        text = (f"SmolLM2 ({args.dtype}) on CPU, prefill + 32 decoded tokens, an update and a chunk every "
+                f"{args.update_every} / {args.chunk_size} tokens, one run each; seconds per part.\n\n"
                 + table + "\n")
     write_result(args.out, text)
     return 0

@@ -160,7 +160,39 @@ def result_header(argv: Optional[list[str]] = None) -> str:
     if script.is_absolute() and script.is_relative_to(root):
         script = script.relative_to(root)
     command = " ".join(shlex.quote(a) for a in [str(script), *argv[1:]])
-    return (f"Command: `{command}`  \nCommit: `{commit}`{' (with uncommitted changes)' if dirty else ''}\n")
+    return (f"Command: `{command}`  \nCommit: `{commit}`{' (with uncommitted changes)' if dirty else ''}  \n"
+            f"Machine: {machine_description()}\n")
+
+
+# CPU instruction sets that decide how fast bf16 matmuls and attention run
+_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def machine_description() -> str:
+    """What a timing depends on: the CPU (model, cores, its bf16 instructions), the GPU if any, torch.
+    The ratio of a memory's cost to the full cache's changes with these (docs/memory.md)."""
+    import os
+    import platform
+
+    import torch
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    listed = [f for f in _CPU_FLAGS if f in flags]
+    text = f"{model}, {cpus} CPUs ({', '.join(listed) if listed else 'flags unknown'}), {torch.get_num_threads()} torch threads"
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    return text + f", torch {torch.__version__}"
 
 
 def _plot_family(policy: str) -> str:

@@ -291,3 +291,15 @@ def test_result_header_ignores_result_files_but_not_code(tmp_path):
     assert "uncommitted" not in copy.result_header(["bench/x.py"])
     (repo / "namm_eval" / "report.py").write_text((repo / "namm_eval" / "report.py").read_text() + "\n# changed\n")
     assert "(with uncommitted changes)" in copy.result_header(["bench/x.py"])
+
+
+def test_result_header_names_the_machine():
+    """Timings depend on the CPU's bf16 instructions: every result file says what it ran on."""
+    import torch
+
+    from namm_eval import report
+
+    header = report.result_header(["bench/x.py"])
+    machine = [line for line in header.splitlines() if line.startswith("Machine: ")]
+    assert len(machine) == 1
+    assert f"{torch.get_num_threads()} torch threads" in machine[0] and torch.__version__ in machine[0]
