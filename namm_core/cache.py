@@ -36,6 +36,9 @@ class MemoryLayer(CacheLayerMixin):
         # True while every KV head holds the same slots (no per-head eviction yet): attention
         # can then use one mask broadcast over heads, which is about 2x faster on CPU
         self.heads_uniform = True
+        # the column up to which a policy has read this layer's attention rows (NAMM: rows not
+        # captured before the next read are folded as zero attention)
+        self.rows_read_until = 0
         self._buffers: dict[str, torch.Tensor] = {}   # field name -> buffer its view lives in
 
     # slots reserved when a single token is appended: decoding writes in place for this many
@@ -69,6 +72,7 @@ class MemoryLayer(CacheLayerMixin):
         self.aux = {}
         self._buffers = {}
         self.heads_uniform = True
+        self.rows_read_until = 0
         self.is_initialized = False
 
     # --- memory operations -------------------------------------------------------------

@@ -299,7 +299,7 @@ class MemoryManagedLM:
         stats.prefill_seconds = time.perf_counter() - t0
         cache.release_buffers()  # a stored prefix holds only its state
         return SharedPrefix(key=key, input_ids=input_ids[:, :stop].cpu(), update_every=self.update_every,
-                            cache=cache, state=state, stats=stats, end=stop, last_logits=last_logits)
+                            row_capture=self.row_capture, cache=cache, state=state, stats=stats, end=stop, last_logits=last_logits)
 
     @_with_memory_attention
     @torch.inference_mode()
@@ -492,6 +492,7 @@ class SharedPrefix:
     key: tuple
     input_ids: torch.Tensor
     update_every: int
+    row_capture: str
     cache: MemoryCache
     state: "_LoopState"
     stats: MemoryStats
@@ -503,6 +504,10 @@ class SharedPrefix:
             raise ValueError(f"shared prefix was computed for {self.key}, not {lm.policy.prefix_key()}")
         if lm.update_every != self.update_every:
             raise ValueError(f"shared prefix was computed with update_every={self.update_every}")
+        if lm.row_capture != self.row_capture:
+            # the two captures round the outputs differently: a prefix continues only its own
+            raise ValueError(f"shared prefix was computed with row_capture={self.row_capture!r}, "
+                             f"not {lm.row_capture!r}")
         head = input_ids[:, :self.end].cpu()
         if head.shape != self.input_ids.shape or not torch.equal(head, self.input_ids):
             raise ValueError("shared prefix belongs to a different prompt")

@@ -281,11 +281,11 @@ class NAMM(MemoryPolicy):
         Rows that were not captured (`observe_rows`) count as zero attention.
         """
         first_column = step.processed - attn.shape[-2]
-        gap = first_column - getattr(layer, "namm_rows_end", 0)
+        gap = first_column - layer.rows_read_until
         if gap > 0:
             self._skip_rows(layer, gap, first_column)
         self._fold(layer, attn, step.processed)
-        layer.namm_rows_end = step.processed
+        layer.rows_read_until = step.processed
 
     def _skip_rows(self, layer, gap: int, first_column: int) -> None:
         """Fold `gap` rows of zero attention ending at `first_column`, cheaply: zero rows are

@@ -354,6 +354,9 @@ def test_shared_prefix_refuses_another_prompt_or_policy():
         MemoryManagedLM(model, NAMM(), update_every=32).generate(ids, prefix=prefix)
     with pytest.raises(ValueError, match="shared prefix was computed for"):
         MemoryManagedLM(model, H2O(0.5), update_every=16).generate(ids, prefix=prefix)
+    # the two row captures round the outputs differently: a prefix continues only its own
+    with pytest.raises(ValueError, match="row_capture='inline', not 'separate'"):
+        MemoryManagedLM(model, NAMM(), update_every=16, row_capture="separate").generate(ids, prefix=prefix)
     with pytest.raises(ValueError, match="does not support"):
         MemoryManagedLM(model, H2O(0.5), update_every=16).shared_prefix(ids)
 
@@ -454,3 +457,30 @@ def test_running_moments_merge_equals_one_pass():
     assert merged.count == whole.count == 357
     assert torch.allclose(merged.mean, whole.mean, atol=1e-5) and torch.allclose(merged.var, whole.var, rtol=1e-5)
     assert merged.merge(RunningMoments(17)).count == 357    # merging nothing changes nothing
+
+
+def test_a_reset_layer_reads_rows_as_a_fresh_one():
+    """Rows not captured before a read count as zero attention; after `reset` a layer must not
+    remember how far rows were read in its earlier life (or it would skip that zero fold)."""
+    torch.manual_seed(0)
+    Q = 128
+    attn = torch.rand(Q, Q).tril()
+    attn = attn / attn.sum(-1, keepdim=True)
+    namm = NAMM()
+
+    def read_last_rows(layer):
+        kv = torch.zeros(1, 1, Q, 4)
+        cols = torch.arange(Q).view(1, Q)
+        layer.append(kv, kv, cols, torch.ones(1, Q, dtype=torch.bool), cols, namm.aux_shapes)
+        rows = attn[64:].reshape(1, 1, 64, Q)           # only the last 64 rows were captured
+        namm.observe(0, layer, rows, StepInfo(seen=torch.tensor([Q]), processed=Q, query_positions=cols[:, 64:],
+                                              query_valid=torch.ones(1, 64, dtype=torch.bool), next_update=10**9))
+        return layer.aux["namm_ema"].clone()
+
+    fresh = read_last_rows(MemoryLayer())
+    # a layer that read 50 rows before: remembered, a read from column 64 would fold only 14 zero
+    # rows, and the frames of the rows read would start mid-hop
+    used = _stream_features(attn, [50], namm)
+    used.reset()
+    assert used.rows_read_until == 0
+    assert torch.equal(read_last_rows(used), fresh)
