@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# namm_core.generation.ROW_CAPTURES, written out so that --help needs no torch (a test keeps them equal)
+ROW_CAPTURE_CHOICES = ("inline", "separate")
 HELP = "evaluate memory policies (NAMMs and baselines) on long-context tasks at equal cache size"
 EPILOG = """examples:
   namm eval --policy full --policy h2o:0.25 --policy namm:namms/smollm2 --tasks passkey,vt --num-prompts 20
@@ -52,6 +54,11 @@ def add_parser(sub) -> None:
                    help="run the memory every N tokens (default: the first NAMM's recorded interval, else 512)")
     p.add_argument("--chunk-size", type=int, default=None,
                    help="prefill chunk size (default: the first NAMM's recorded size, else 512)")
+    p.add_argument("--row-capture", choices=ROW_CAPTURE_CHOICES, default="inline",
+                   help="how the attention rows a NAMM (or another policy reading attention) gets are taken: "
+                        "inline (an eager attention hands its probabilities over; the faster on CPU) or separate "
+                        "(every output from torch's fused kernel, the rows computed apart; meant for GPUs, "
+                        "unmeasured there)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", type=Path, default=Path("results/eval.parquet"),
@@ -93,7 +100,8 @@ def run(args) -> int:
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     samples = load_tasks(args.tasks.split(","), tokenizer, args.num_prompts, args.context_length, args.seed,
                          templates_file=args.templates, metric=args.metric)
-    evaluator = Evaluator(model, tokenizer, update_every=update_every, chunk_size=chunk_size)
+    evaluator = Evaluator(model, tokenizer, update_every=update_every, chunk_size=chunk_size,
+                          row_capture=args.row_capture)
 
     rows = []
     baselines = budgeted_baselines() if args.baselines_at_namm_retention else []

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .cmd_eval import ROW_CAPTURE_CHOICES
+
 HELP = "generate from prompts under one or more memory policies, with memory statistics"
 EPILOG = """examples:
   namm generate --prompt-file doc.txt --policy full --policy namm --policy snapkv:0.25
@@ -42,6 +44,11 @@ def add_parser(sub) -> None:
     p.add_argument("--stream", action="store_true", help="print tokens as they are made (one prompt at a time)")
     p.add_argument("--update-every", type=int, default=None, help="run the memory every N tokens")
     p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk size")
+    p.add_argument("--row-capture", choices=ROW_CAPTURE_CHOICES, default="inline",
+                   help="how the attention rows a NAMM (or another policy reading attention) gets are taken: "
+                        "inline (an eager attention hands its probabilities over; the faster on CPU) or separate "
+                        "(every output from torch's fused kernel, the rows computed apart; meant for GPUs, "
+                        "unmeasured there)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompts raw")
@@ -82,7 +89,7 @@ def run(args) -> int:
     rows, answers = [], []
     for policy in policies:
         lm = MemoryManagedLM(model, policy, update_every=args.update_every, chunk_size=args.chunk_size,
-                             tokenizer=tokenizer)
+                             tokenizer=tokenizer, row_capture=args.row_capture)
         if args.stream:   # one prompt at a time: a streamer takes one sequence
             outs = []
             for i in range(len(texts)):

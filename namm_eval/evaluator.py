@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from namm_core import FullCache, MemoryManagedLM, MemoryPolicy
 from namm_core.files import text_config
+from namm_core.generation import ROW_CAPTURES
 
 from .metrics import score_prediction
 from .prompts import encode_prompt
@@ -65,9 +66,13 @@ class SampleResult:
 
 class Evaluator:
     def __init__(self, model, tokenizer, update_every: Optional[int] = None, chunk_size: Optional[int] = None,
-                 max_context: Optional[int] = None, fidelity_kl: bool = True, share_prefixes: int = 0):
+                 max_context: Optional[int] = None, fidelity_kl: bool = True, share_prefixes: int = 0,
+                 row_capture: str = "inline"):
         self.model, self.tokenizer = model, tokenizer
         self.update_every, self.chunk_size = update_every, chunk_size
+        if row_capture not in ROW_CAPTURES:
+            raise ValueError(f"row_capture {row_capture!r}: expected one of {', '.join(ROW_CAPTURES)}")
+        self.row_capture = row_capture   # how rows a policy reads are taken (MemoryManagedLM)
         self.max_context = max_context or int(getattr(text_config(model), "max_position_embeddings", 8192))
         self._encoded: dict[str, tuple[torch.Tensor, int]] = {}
         self._reference: dict[str, SampleResult] = {}
@@ -125,7 +130,7 @@ class Evaluator:
         ids, cropped = self.encode(sample)
         compress_at = self.compress_at(sample, protocol)
         lm = MemoryManagedLM(self.model, policy, update_every=self.update_every, chunk_size=self.chunk_size,
-                             tokenizer=self.tokenizer)
+                             tokenizer=self.tokenizer, row_capture=self.row_capture)
         t = time.perf_counter()
         if sample.metric == FIDELITY_METRIC:
             return self._run_fidelity(sample, lm, ids, t)
@@ -149,7 +154,7 @@ class Evaluator:
         reply = self.reply_ids(sample, target)
         compress_at = self.compress_at(sample, protocol)
         lm = MemoryManagedLM(self.model, policy, update_every=self.update_every, chunk_size=self.chunk_size,
-                             tokenizer=self.tokenizer)
+                             tokenizer=self.tokenizer, row_capture=self.row_capture)
         t = time.perf_counter()
         prefix = self._prefix(sample, lm, ids) if compress_at is None else None
         logp, stats = lm.continuation_logprobs(ids, reply, prefix=prefix, compress_at=compress_at)

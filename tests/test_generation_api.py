@@ -148,3 +148,34 @@ def test_generate_batch_rows_have_their_own_retention_and_whole_answers(tmp_path
     assert len(rows[0]) == 6 and len(rows[1]) == 4, rows          # the batch's peak KV and seconds once
     answers = [line for line in out.splitlines() if line.startswith("[streamingllm:16, prompt")]
     assert len(answers) == 2 and max(len(a) for a in answers) > 80   # not cut to 60 characters
+
+
+def test_row_capture_from_the_command_line(capsys, monkeypatch):
+    """`--row-capture separate` reaches the memory: every output of an observed chunk comes from
+    the fused kernel (counted), where inline takes the eager path for them; a bad value is refused."""
+    from namm_cli.cmd_eval import ROW_CAPTURE_CHOICES
+    from namm_core import attention
+    from namm_core.generation import ROW_CAPTURES
+    from namm_eval.evaluator import Evaluator
+
+    assert ROW_CAPTURE_CHOICES == ROW_CAPTURES
+    fused_queries = []
+    real_fused = attention._fused
+
+    def counting(layer, cache, query, *args, **kwargs):
+        if cache.observer is not None:
+            fused_queries.append(query.shape[2])
+        return real_fused(layer, cache, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "_fused", counting)
+    base = ["generate", "--model", "tiny-random", "--prompt", "Hello there, how are you doing on this fine day",
+            "--policy", "namm@0.5", "--max-new-tokens", "3", "--update-every", "8", "--chunk-size", "8"]
+    assert cli(base + ["--row-capture", "inline"]) == 0
+    assert fused_queries == []                       # observed chunks: eager, outputs and rows together
+    assert cli(base + ["--row-capture", "separate"]) == 0
+    assert fused_queries and all(n > 0 for n in fused_queries)
+    with pytest.raises(SystemExit):
+        cli(base + ["--row-capture", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="row_capture 'fast'"):
+        Evaluator(None, None, row_capture="fast")
