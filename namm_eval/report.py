@@ -176,23 +176,36 @@ def machine_description() -> str:
 
     import torch
 
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    listed = [f for f in _CPU_FLAGS if f in flags]
-    text = f"{model}, {cpus} CPUs ({', '.join(listed) if listed else 'flags unknown'}), {torch.get_num_threads()} torch threads"
-    if torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name(0)}"
-    return text + f", torch {torch.__version__}"
+    try:   # a result is written at the end of a long run: describing the machine must not fail it
+        try:
+            model, flags = cpu_from_cpuinfo(Path("/proc/cpuinfo").read_text())
+        except OSError:
+            model, flags = "", set()
+        model = model or platform.processor() or platform.machine()
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        listed = [f for f in _CPU_FLAGS if f in flags]
+        text = (f"{model}, {cpus} CPUs ({', '.join(listed) if listed else 'flags unknown'}), "
+                f"{torch.get_num_threads()} torch threads")
+        if torch.cuda.is_available():
+            # the name only where CUDA is already up: asking for it would start a context here
+            name = torch.cuda.get_device_name(0) if torch.cuda.is_initialized() else "not initialised"
+            text += f", {torch.cuda.device_count()} CUDA device(s) ({name})"
+        return text + f", torch {torch.__version__}"
+    except Exception as error:   # noqa: BLE001
+        return f"unknown ({type(error).__name__}: {error})"
+
+
+def cpu_from_cpuinfo(text: str) -> tuple[str, set]:
+    """(model name, instruction flags) of the first processor in /proc/cpuinfo's text."""
+    model, flags = "", set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break
+    return model, flags
 
 
 def _plot_family(policy: str) -> str:
