@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     instrument(seconds)
     import namm_core
     code = args.label or str(Path(namm_core.__file__).parent.parent)
+    # rows appended to a table made with other settings must say which they ran with
+    code += f" (every {args.update_every}/{args.chunk_size})"
     print(f"profiling the code in {Path(namm_core.__file__).parent}")
     model, tok = load_model("smollm2", dtype=args.dtype)
     MemoryManagedLM(model, NAMM()).generate(make_ids(tok, 600), max_new_tokens=2)  # warm-up

@@ -14,6 +14,8 @@ Outside a memory-managed forward it behaves exactly like transformers' "sdpa".
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -64,10 +66,11 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
         if skip else None
 
     # eager path: the probabilities are needed (or softcapping is). Query heads are grouped
-    # by their KV head, so keys are never copied per query head. Rows are processed in
-    # blocks small enough to stay in the CPU cache: materialising all Q x S probabilities
-    # at once costs ~2x more on CPU, mostly in page faults and memory traffic. The policy
-    # gets the chunk's GQA-averaged rows at once, gathered in a buffer reused across layers.
+    # by their KV head, so keys are never copied per query head. Rows are processed in blocks
+    # of ~8 MB of probabilities whose scores and probabilities live in scratch buffers reused by
+    # every block and layer: a fresh tensor of that size costs page faults each time, and blocks
+    # of 8-16 MB ran fastest (bench/row_capture_bench.py; all rows at once was slower). The
+    # policy gets the chunk's GQA-averaged rows at once, gathered in a buffer reused across layers.
     B, Hq, Q, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]
     grouped = query.view(B, Hkv, n_rep, Q, D)
@@ -86,8 +89,9 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
         r1 = min(Q, r0 + step)
         n = r1 - r0
         q_block = grouped[:, :, :, r0:r1].reshape(B * Hkv, n_rep * n, D)
-        scores = torch.baddbmm(q_block.new_empty(B * Hkv, n_rep * n, S), q_block, keys_t, beta=0.0, alpha=scaling)
-        scores = scores.view(B, Hkv, n_rep, n, S)
+        # scores and probabilities live in buffers reused by every block and layer (cache.scratch)
+        scores = cache.scratch("scores", (B * Hkv, n_rep * n, S), query.dtype, query.device)
+        scores = scores.baddbmm_(q_block, keys_t, beta=0.0, alpha=scaling).view(B, Hkv, n_rep, n, S)
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
         if first < S:  # slots before `first` are visible to every query: no mask to apply there
@@ -98,18 +102,23 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
             # an additive bias is ~10x cheaper than a broadcast masked_fill on CPU
             bias = torch.zeros(allowed.shape, dtype=scores.dtype, device=scores.device)
             scores[..., first:] += bias.masked_fill_(~allowed, float("-inf")).unsqueeze(2)
-        if observed is not None and observed.dtype == scores.dtype:
-            # an observer reading the scores' dtype (bf16) gets the softmax written straight in it: on
-            # CPU bit for bit the fp32 softmax rounded, what the model multiplies the values with
-            probs = torch.softmax(scores, dim=-1)
-        else:
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        # an observer reading the scores' dtype (bf16) gets the softmax written straight in it: on
+        # CPU bit for bit the fp32 softmax rounded, what the model multiplies the values with
+        probs_dtype = scores.dtype if observed is not None and observed.dtype == scores.dtype else torch.float32
+        probs = torch.softmax(scores, dim=-1, dtype=probs_dtype,
+                              out=cache.scratch("probs", scores.shape, probs_dtype, query.device))
         if not separate:
-            block = torch.matmul(probs.view(B, Hkv, n_rep * n, S).to(value.dtype), value)
+            weights = probs.view(B, Hkv, n_rep * n, S)
+            if weights.dtype != value.dtype:
+                weights = cache.scratch("weights", weights.shape, value.dtype, query.device).copy_(weights)
+            block = torch.matmul(weights, value)
             out[:, r0:r1] = block.view(B, Hkv, n_rep, n, -1).permute(0, 3, 1, 2, 4)
         if observed is not None and r1 > captured:
             lo = max(r0, captured)                                 # one row per KV head (GQA)
-            mean_over_group(probs[:, :, :, lo - r0:], out=observed[:, :, lo - captured:r1 - captured])
+            rows = observed[:, :, lo - captured:r1 - captured]
+            work = None if rows.dtype == torch.float32 else \
+                cache.scratch("group_sum", rows.shape, torch.float32, rows.device)
+            mean_over_group(probs[:, :, :, lo - r0:], out=rows, work=work)
     if observed is not None:
         valid = cache.chunk_valid[:, captured:]
         if not bool(valid.all()):
@@ -118,11 +127,12 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     return out.view(B, Q, Hq, -1), None
 
 
-def mean_over_group(probs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def mean_over_group(probs: torch.Tensor, out: torch.Tensor, work: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out = probs.to(out.dtype).mean(dim=2), the same values, faster on CPU (where a reduction over
     a strided dim is slow; bench/bookkeeping_bench.py) for groups of up to 4 query heads: torch's CPU mean sums
     those in order in float32 and divides, as done here. Larger groups, other devices and other
-    dtypes take torch.mean itself."""
+    dtypes take torch.mean itself. `work`: a float32 tensor of out's shape to sum in when out is not
+    float32 (else one is allocated)."""
     n = probs.shape[2]
     if n > 4 or out.device.type != "cpu" or out.dtype not in _SUMMED_IN_FLOAT32:
         return torch.mean(probs.to(out.dtype), dim=2, out=out)
@@ -130,6 +140,8 @@ def mean_over_group(probs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out.copy_(probs[:, :, 0])
     if out.dtype == probs.dtype == torch.float32:
         acc = torch.add(probs[:, :, 0], probs[:, :, 1], out=out)
+    elif work is not None:
+        acc = work.copy_(probs[:, :, 0].to(out.dtype)).add_(probs[:, :, 1].to(out.dtype))
     else:
         acc = probs[:, :, 0].to(out.dtype).float().add_(probs[:, :, 1].to(out.dtype))
     for i in range(2, n):
@@ -168,14 +180,14 @@ def first_masked_slot(layer, query_positions, query_valid, sliding_window=None) 
 
 
 def rows_per_block(bytes_per_row: int, n_rows: int, device: torch.device) -> int:
-    """Query rows per eager-attention block: ~4 MB of probabilities on CPU (its cache), up to
+    """Query rows per eager-attention block: ~8 MB of probabilities on CPU, up to
     256 MB on accelerators (bounds peak memory at long contexts); a multiple of 16 rows when split."""
     budget = EAGER_BLOCK_BYTES if device.type == "cpu" else EAGER_BLOCK_BYTES_ACCELERATOR
     rows = (budget // max(bytes_per_row, 1)) // 16 * 16
     return n_rows if rows >= n_rows else max(16, rows)
 
 
-EAGER_BLOCK_BYTES = 4 << 20
+EAGER_BLOCK_BYTES = 8 << 20
 EAGER_BLOCK_BYTES_ACCELERATOR = 256 << 20
 
 

