@@ -182,7 +182,7 @@ def test_row_capture_from_the_command_line(capsys, monkeypatch, tmp_path):
     # and through namm eval's Evaluator
     fused_queries.clear()
     evaluate = ["eval", "--model", "tiny-random", "--policy", "namm@0.5", "--tasks", "passkey", "--num-prompts", "1",
-                "--context-length", "96", "--update-every", "16", "--chunk-size", "16", "--out", str(tmp_path / "e.parquet")]
+                "--context-length", "128", "--update-every", "16", "--chunk-size", "16", "--out", str(tmp_path / "e.parquet")]
     assert cli(evaluate) == 0
     assert fused_queries == []
     assert cli(evaluate + ["--row-capture", "separate"]) == 0
