@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.tables import markdown_table, write_result  # noqa: E402
+from namm_core import attention  # noqa: E402
 from namm_core.attention import namm_attention_forward  # noqa: E402
 from namm_core.cache import MemoryCache  # noqa: E402
 from namm_core.features import SpectrogramConfig, fold_rows  # noqa: E402
@@ -118,10 +119,15 @@ def main(argv=None) -> int:
                    help="old slots in the cache before the chunk (a quarter of 4k, 8k, 16k tokens)")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"],
                    help="the model's dtype (queries, keys, values)")
+    p.add_argument("--block-mb", type=float, default=None,
+                   help="the eager attention's block of probabilities on CPU, in MB (default: the library's, "
+                        "attention.EAGER_BLOCK_BYTES)")
     p.add_argument("--calls", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "row_capture.md")
     args = p.parse_args(argv)
+    if args.block_mb is not None:
+        attention.EAGER_BLOCK_BYTES = int(args.block_mb * (1 << 20))
     table = []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
@@ -133,7 +139,8 @@ def main(argv=None) -> int:
             print(f"{dtype_name} S={cached + CHUNK}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in times.items()),
                   flush=True)
     text = (f"One layer, a chunk of {CHUNK} queries ({HEADS_KV * GROUP} query heads over {HEADS_KV} KV heads, head "
-            f"dim {HEAD_DIM}) over S slots, {torch.get_num_threads()} threads; milliseconds per call (median of "
+            f"dim {HEAD_DIM}) over S slots, eager blocks of {attention.EAGER_BLOCK_BYTES / (1 << 20):g} MB of "
+            f"probabilities, {torch.get_num_threads()} threads; milliseconds per call (median of "
             f"{args.repeats} batches of {args.calls}), and over the fused kernel's time on the same inputs. "
             "The fold's rows are the chunk's rows as the NAMM receives them (3 KV heads).\n\n"
             + markdown_table(("model dtype", "S", "way", "ms", "/ fused"), table) + "\n")

@@ -69,7 +69,7 @@ def namm_attention_forward(module, query, key, value, attention_mask, dropout=0.
     # by their KV head, so keys are never copied per query head. Rows are processed in blocks
     # of ~8 MB of probabilities whose scores and probabilities live in scratch buffers reused by
     # every block and layer: a fresh tensor of that size costs page faults each time, and blocks
-    # of 8-16 MB ran fastest (bench/row_capture_bench.py; all rows at once was slower). The
+    # of 8-16 MB ran fastest on a CPU with AMX (bench/row_capture_bench.py --block-mb 4, 8, 16, 64). The
     # policy gets the chunk's GQA-averaged rows at once, gathered in a buffer reused across layers.
     B, Hq, Q, D = query.shape
     Hkv, S = key.shape[1], key.shape[2]

@@ -12,6 +12,7 @@ shrink; heads that keep fewer tokens carry invalid slots that attention masks ou
 from __future__ import annotations
 
 import contextvars
+import math
 from contextlib import contextmanager
 from typing import Optional
 
@@ -188,8 +189,7 @@ class MemoryCache(Cache):
         self.observe_dtype = torch.float32
         # how observed rows are captured (see namm_core.attention): "inline" or "separate"
         self.row_capture = "inline"
-        self._rows_storage: Optional[torch.Tensor] = None
-        self._scratch: dict[str, torch.Tensor] = {}
+        self._scratch: dict[str, torch.Tensor] = {}   # name -> storage (attention_rows, scratch)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         observed = self.observed_layers is None or layer_idx in self.observed_layers
@@ -206,20 +206,13 @@ class MemoryCache(Cache):
         """A [B, H, Q, S] buffer (`observe_dtype`) for the attention handed to the observer, reused
         by every layer and chunk (a fresh tensor this large costs page faults on each forward);
         valid only until the next call."""
-        n = B * H * Q * S
-        storage = self._rows_storage
-        if storage is None or storage.numel() < n or storage.device != torch.device(device) \
-                or storage.dtype != self.observe_dtype:
-            self._rows_storage = storage = torch.empty(n, dtype=self.observe_dtype, device=device)
-        return storage[:n].view(B, H, Q, S)
+        return self.scratch("rows", (B, H, Q, S), self.observe_dtype, device)
 
     def scratch(self, name: str, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
         """An uninitialised tensor of `shape` for intermediate values of one attention block (scores,
         probabilities), reused by every block, layer and chunk: on CPU a fresh tensor of a few MB
         per block costs page faults each time. Valid until the next call with the same name."""
-        n = 1
-        for size in shape:
-            n *= size
+        n = math.prod(shape)
         storage = self._scratch.get(name)
         if storage is None or storage.numel() < n or storage.device != torch.device(device) or storage.dtype != dtype:
             self._scratch[name] = storage = torch.empty(n, dtype=dtype, device=device)
@@ -227,7 +220,6 @@ class MemoryCache(Cache):
 
     def release_buffers(self) -> None:
         """Drop scratch space and decode reserves (before the cache is stored for reuse)."""
-        self._rows_storage = None
         self._scratch = {}
         for layer in self.layers:
             layer._buffers = {}
